@@ -1,0 +1,98 @@
+"""`CondensateSpec`: which keys each query attends to (DESIGN.md §1).
+
+The spec is a frozen, hashable dataclass so it can be a static argument of `jax.jit`.
+Every field is validated at construction; bad values raise `ValueError` naming the field,
+its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+SELECTIONS = ("exact", "bounded", "blocks", "certified")
+
+
+def _check_int(name: str, value, *, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(
+        f"CondensateSpec.{name}={value!r}: expected an int >= {minimum}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CondensateSpec:
+  """The condensate set C_i = anchor ∪ window_i ∪ top-k_i of every query i.
+
+  Attributes:
+    anchor: number of first visible keys always attended (attention sinks).
+    window: number of last visible keys always attended (includes the query itself).
+    top_k: number of highest-scoring "middle" keys attended, per query head. Ties break
+      toward the lower position.
+    selection: how the top-k part is found. "exact" scores every visible key (the paper's
+      set). "bounded", "blocks" and "certified" use block summaries (DESIGN.md §4).
+    block_size: keys per block for the block-summary selection modes.
+    top_blocks: blocks attended (besides anchor and window) in "blocks" mode.
+    epsilon: certified dropped-mass target in "certified" mode.
+    dense_layers: layer indices a model keeps dense (the paper's "pillar" layers).
+  """
+
+  anchor: int = 1
+  window: int = 64
+  top_k: int = 32
+  selection: str = "exact"
+  block_size: int = 64
+  top_blocks: int = 8
+  epsilon: float = 2.0**-24
+  dense_layers: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    _check_int("anchor", self.anchor, minimum=0)
+    _check_int("window", self.window, minimum=0)
+    _check_int("top_k", self.top_k, minimum=0)
+    if self.selection not in SELECTIONS:
+      raise ValueError(
+          f"CondensateSpec.selection={self.selection!r}: expected one of {SELECTIONS}.")
+    _check_int("block_size", self.block_size, minimum=1)
+    _check_int("top_blocks", self.top_blocks, minimum=0)
+    if (isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float))
+        or not math.isfinite(self.epsilon) or not 0.0 < self.epsilon < 1.0):
+      raise ValueError(
+          f"CondensateSpec.epsilon={self.epsilon!r}: expected a float in (0, 1).")
+    try:
+      layers = tuple(self.dense_layers)
+    except TypeError:
+      raise ValueError(
+          f"CondensateSpec.dense_layers={self.dense_layers!r}: expected a tuple of "
+          "non-negative ints.") from None
+    for layer in layers:
+      if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(
+            f"CondensateSpec.dense_layers={self.dense_layers!r}: expected a tuple of "
+            "non-negative ints.")
+    object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+    object.__setattr__(self, "epsilon", float(self.epsilon))
+
+  @property
+  def budget(self) -> int:
+    """Upper bound on |C_i| in "exact" mode: anchor + window + top_k."""
+    return self.anchor + self.window + self.top_k
+
+  def covers(self, n_visible: int) -> bool:
+    """True when a query with `n_visible` visible keys attends all of them."""
+    return n_visible <= self.budget
+
+  def for_layer(self, layer: int) -> Optional["CondensateSpec"]:
+    """The spec a model uses in `layer`: None (dense) for a pillar layer."""
+    return None if layer in self.dense_layers else self
+
+  def replace(self, **changes) -> "CondensateSpec":
+    return dataclasses.replace(self, **changes)
+
+
+def check_spec(spec, name: str = "spec") -> CondensateSpec:
+  if not isinstance(spec, CondensateSpec):
+    raise ValueError(
+        f"{name}={spec!r} (type {type(spec).__name__}): expected a "
+        "condensate_jax.CondensateSpec.")
+  return spec
