@@ -18,6 +18,7 @@ row through 0 * NaN); nothing raises.
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Callable, Optional
 
 import jax
@@ -229,6 +230,13 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 # T * budget * D per head, which exceeds K itself whenever T * budget > S, and both
 # compute every score anyway for the exact top-k.
 _ALIASES = {"xla": "xla_masked"}
+# Implementations that live in optional modules, imported on first use; each module calls
+# `register_implementation` for its names.
+_LAZY = {
+    "pallas": "condensate_jax.pallas_impl",
+    "xla_blocks": "condensate_jax.blocks",
+    "pallas_blocks": "condensate_jax.blocks",
+}
 
 
 def register_implementation(name: str, fn: Callable) -> None:
@@ -274,8 +282,10 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
   """
   check_spec(spec)
   name = _ALIASES.get(implementation, implementation)
+  if name not in IMPLEMENTATIONS and name in _LAZY:
+    importlib.import_module(_LAZY[name])
   if name not in IMPLEMENTATIONS:
-    allowed = sorted(set(IMPLEMENTATIONS) | set(_ALIASES))
+    allowed = sorted(set(IMPLEMENTATIONS) | set(_ALIASES) | set(_LAZY))
     raise ValueError(f"implementation={implementation!r}: expected one of {allowed}.")
   if spec.selection != "exact" and name.startswith("xla"):
     raise ValueError(
