@@ -232,6 +232,9 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 _ALIASES = {"xla": "xla_masked"}
 # Implementations that live in optional modules, imported on first use; each module calls
 # `register_implementation` for its names.
+# spec.selection != "exact": implementation -> block-selection implementation.
+_BLOCK_IMPLEMENTATIONS = {"xla": "xla_blocks", "xla_blocks": "xla_blocks",
+                          "pallas": "pallas_blocks", "pallas_blocks": "pallas_blocks"}
 _LAZY = {
     "pallas": "condensate_jax.pallas_impl",
     "xla_blocks": "condensate_jax.blocks",
@@ -282,15 +285,19 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
   """
   check_spec(spec)
   name = _ALIASES.get(implementation, implementation)
+  if spec.selection != "exact":
+    # Block-summary selection modes (DESIGN.md §4) live in condensate_jax.blocks.
+    if implementation not in _BLOCK_IMPLEMENTATIONS:
+      raise ValueError(
+          f"implementation={implementation!r} with spec.selection={spec.selection!r}: "
+          f"expected one of {sorted(_BLOCK_IMPLEMENTATIONS)} (the masked and gathered XLA "
+          "forms implement selection='exact' only).")
+    name = _BLOCK_IMPLEMENTATIONS[implementation]
   if name not in IMPLEMENTATIONS and name in _LAZY:
     importlib.import_module(_LAZY[name])
   if name not in IMPLEMENTATIONS:
     allowed = sorted(set(IMPLEMENTATIONS) | set(_ALIASES) | set(_LAZY))
     raise ValueError(f"implementation={implementation!r}: expected one of {allowed}.")
-  if spec.selection != "exact" and name.startswith("xla"):
-    raise ValueError(
-        f"spec.selection={spec.selection!r} with implementation={implementation!r}: "
-        "the XLA implementations support selection='exact' only.")
   if not isinstance(return_stats, (bool, np.bool_)):
     raise ValueError(f"return_stats={return_stats!r}: expected True or False.")
   kv_lengths, q_positions, scale = _prepare(

@@ -93,8 +93,10 @@ def test_condensate_specific_validation():
     cj.condensate_attention(q, k, v, SPEC, implementation="cuda")
   with pytest.raises(ValueError, match=r"return_stats='no'"):
     cj.condensate_attention(q, k, v, SPEC, return_stats="no")
-  with pytest.raises(ValueError, match=r"selection='blocks'.*implementation='xla'"):
-    cj.condensate_attention(q, k, v, SPEC.replace(selection="blocks"), implementation="xla")
+  with pytest.raises(ValueError,
+                     match=r"implementation='xla_masked' with spec.selection='blocks'"):
+    cj.condensate_attention(q, k, v, SPEC.replace(selection="blocks"),
+                            implementation="xla_masked")
   with pytest.raises(ValueError, match=r"v: expected an array"):
     cj.condensate_attention(q, k, [[1.0]], SPEC)
 
