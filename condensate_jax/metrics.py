@@ -1,0 +1,186 @@
+"""The parity levels of DESIGN.md §1, as pure functions on host arrays.
+
+Every function takes the dense side first and the condensate side second. Logits are
+[..., V] arrays (the leading axes are positions, flattened); token sequences are 1-D.
+Everything runs in NumPy on the host (float64 where it matters): these are measurements,
+not part of any jitted path.
+
+  bitwise_fraction        fraction of positions whose logit vectors are identical bit for bit
+  max_abs_logit_diff      max |dense - condensate| over all positions and vocab entries
+  max_ulp_diff            max distance in float32 units in the last place (sign-aware)
+  mean_kl                 mean over positions of KL(softmax(dense) || softmax(condensate))
+  top1_agreement          fraction of positions with the same argmax (teacher forcing)
+  greedy_match            identical greedy tokens out of N and the first divergence step
+  attention_summary       captured mass (min/mean), max certified bound, keys read/visible
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+
+def _pair(dense, cond, name: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+  d = np.asarray(dense)
+  c = np.asarray(cond)
+  if d.shape != c.shape:
+    raise ValueError(
+        f"{name}: dense shape {d.shape} and condensate shape {c.shape}: expected equal "
+        "shapes.")
+  if d.ndim < 1 or d.shape[-1] == 0:
+    raise ValueError(f"{name}.shape={d.shape}: expected [..., V] with V >= 1.")
+  return d, c
+
+
+def _float32_pair(dense, cond) -> tuple[np.ndarray, np.ndarray]:
+  d, c = _pair(dense, cond)
+  for side, x in (("dense", d), ("condensate", c)):
+    if x.dtype != np.float32:
+      raise ValueError(
+          f"{side} logits dtype={x.dtype}: expected float32 (models return float32 "
+          "logits; ulp and bitwise comparisons are defined on float32).")
+  return d.reshape(-1, d.shape[-1]), c.reshape(-1, c.shape[-1])
+
+
+def bitwise_fraction(dense, cond) -> float:
+  """Fraction of positions whose whole logit vector is bit-for-bit identical."""
+  d, c = _float32_pair(dense, cond)
+  same = np.all(d.view(np.uint32) == c.view(np.uint32), axis=-1)
+  return float(np.mean(same))
+
+
+def max_abs_logit_diff(dense, cond) -> float:
+  """max |dense - condensate|; NaN if either side holds a NaN, inf for mismatched infs."""
+  d, c = _float32_pair(dense, cond)
+  if np.isnan(d).any() or np.isnan(c).any():
+    return float("nan")
+  d64, c64 = d.astype(np.float64), c.astype(np.float64)
+  same = d64 == c64  # equal infinities give 0, not inf - inf = nan
+  diff = np.where(same, 0.0, np.abs(d64 - c64))
+  return float(np.max(diff))
+
+
+def _ordered_int(x: np.ndarray) -> np.ndarray:
+  """Maps float32 bit patterns to int64 so that consecutive floats differ by 1.
+
+  Non-negative floats keep their bit pattern; a negative float -|x| maps to -bits(|x|),
+  so +0.0 and -0.0 both map to 0 and the map is monotone in the float value.
+  """
+  bits = x.view(np.uint32).astype(np.int64)
+  magnitude = bits & 0x7FFFFFFF
+  return np.where(bits & 0x80000000, -magnitude, magnitude)
+
+
+def max_ulp_diff(dense, cond) -> int:
+  """Max distance in float32 ulps (sign-aware; +0 and -0 are 0 apart).
+
+  Distances across zero count every representable float in between. NaN compares by
+  its bit pattern, so any NaN difference shows as a huge distance; check
+  `max_abs_logit_diff` (NaN) to tell.
+  """
+  d, c = _float32_pair(dense, cond)
+  return int(np.max(np.abs(_ordered_int(d) - _ordered_int(c))))
+
+
+def _log_softmax64(x: np.ndarray) -> np.ndarray:
+  x = x.astype(np.float64)
+  m = np.max(x, axis=-1, keepdims=True)
+  z = x - m
+  return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def mean_kl(dense, cond, *, chunk: int = 256) -> float:
+  """Mean over positions of KL(p_dense || p_condensate), from logits, in float64.
+
+  Positions are processed `chunk` at a time to bound host memory (V is large).
+  """
+  d, c = _pair(dense, cond)
+  d = d.reshape(-1, d.shape[-1])
+  c = c.reshape(-1, c.shape[-1])
+  if d.shape[0] == 0:
+    raise ValueError("logits have no positions: expected at least one.")
+  total = 0.0
+  for start in range(0, d.shape[0], chunk):
+    lp = _log_softmax64(d[start:start + chunk])
+    lq = _log_softmax64(c[start:start + chunk])
+    p = np.exp(lp)
+    # 0 * log(0 / q) = 0: positions of zero dense probability contribute nothing.
+    terms = np.where(p > 0, p * (lp - lq), 0.0)
+    total += float(np.sum(terms))
+  return max(total / d.shape[0], 0.0)
+
+
+def top1_agreement(dense, cond) -> float:
+  """Fraction of positions whose argmax token agrees (teacher forcing)."""
+  d, c = _pair(dense, cond)
+  return float(np.mean(np.argmax(d, axis=-1) == np.argmax(c, axis=-1)))
+
+
+def greedy_match(dense_tokens, cond_tokens) -> dict[str, Any]:
+  """Compares two greedy continuations of equal length N.
+
+  Returns {"n": N, "prefix": tokens before the first divergence, "equal": positions
+  with identical tokens, "first_divergence": step index (0-based) or None,
+  "exact": all N identical}.
+  """
+  d = np.asarray(dense_tokens).reshape(-1)
+  c = np.asarray(cond_tokens).reshape(-1)
+  if d.shape != c.shape:
+    raise ValueError(
+        f"greedy tokens: dense length {d.shape[0]} and condensate length {c.shape[0]}: "
+        "expected equal lengths.")
+  same = d == c
+  diverged = np.flatnonzero(~same)
+  first: Optional[int] = int(diverged[0]) if diverged.size else None
+  return {
+      "n": int(d.shape[0]),
+      "prefix": int(d.shape[0]) if first is None else first,
+      "equal": int(np.sum(same)),
+      "first_divergence": first,
+      "exact": first is None,
+  }
+
+
+def attention_summary(stats) -> dict[str, float]:
+  """Summaries of an AttentionStats (fields of any equal shape, e.g. [L, B, Hq, T]).
+
+  captured_mass_min/mean: true softmax probability of the set, worst and average over
+  every (layer, head, query). dropped_mass_max/mean: true dropped mass, computed
+  directly (accurate when tiny, unlike 1 - captured).
+  certified_eps_max: worst certified bound on the dropped mass. keys_read_frac: keys
+  attended / keys visible, summed over everything. keys_scored_frac: keys whose score
+  the selection computed / keys visible.
+  """
+  fields = ("captured_mass", "dropped_mass", "dropped_mass_bound", "set_size", "visible",
+            "keys_scored")
+  arrays = {}
+  for name in fields:
+    if not hasattr(stats, name):
+      raise ValueError(
+          f"stats={type(stats).__name__}: expected an AttentionStats with field {name!r}.")
+    arrays[name] = np.asarray(getattr(stats, name))
+  visible = float(np.sum(arrays["visible"], dtype=np.float64))
+  if visible <= 0:
+    raise ValueError("stats.visible sums to 0: expected at least one visible key.")
+  captured = arrays["captured_mass"].astype(np.float64)
+  return {
+      "captured_mass_min": float(np.min(captured)),
+      "captured_mass_mean": float(np.mean(captured)),
+      "dropped_mass_max": float(np.max(arrays["dropped_mass"])),
+      "dropped_mass_mean": float(np.mean(arrays["dropped_mass"].astype(np.float64))),
+      "certified_eps_max": float(np.max(arrays["dropped_mass_bound"])),
+      "keys_read_frac": float(np.sum(arrays["set_size"], dtype=np.float64)) / visible,
+      "keys_scored_frac": float(np.sum(arrays["keys_scored"], dtype=np.float64)) / visible,
+  }
+
+
+def logit_parity(dense, cond) -> dict[str, Any]:
+  """Levels 1-3 of DESIGN.md §1 for one pair of teacher-forced logits."""
+  return {
+      "bitwise_frac": bitwise_fraction(dense, cond),
+      "max_abs_logit_diff": max_abs_logit_diff(dense, cond),
+      "max_ulp_diff": max_ulp_diff(dense, cond),
+      "mean_kl": mean_kl(dense, cond),
+      "top1_agreement": top1_agreement(dense, cond),
+  }

@@ -1,0 +1,92 @@
+"""The one config schema shared by every parity config (and the keys other jobs reuse).
+
+Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.top_k="(8,32)"`):
+
+  model.name            registry name or HF hub id ("smollm2-135m", "tiny-random", "gpt2")
+  model.path            local dir or .gguf file; when set, used instead of model.name
+  model.dtype           "float32" (default), "bfloat16" or "float16"
+  attention.top_k       tuple of top-k values to sweep
+  attention.window      tuple of local-window sizes
+  attention.anchor      tuple of anchor sizes
+  attention.dense_layers  layers kept dense in every condensate point ("pillars"), a tuple
+  attention.implementation  "xla" (default), "xla_gathered", "pallas", ...
+  prompts.num           number of distinct prompts (built-in texts or texts from files)
+  prompts.lengths       tuple of prompt lengths in tokens (each + new_tokens <= context)
+  prompts.files         comma-separated .txt / .jsonl paths ("" = built-in texts)
+  generate.new_tokens   greedy tokens per prompt (default 128)
+  job                   "parity" (this schema) or another experiments.<job> module
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import ml_collections
+
+
+def parse_arg(arg: Optional[str], allowed: dict[str, Sequence[str]]) -> dict[str, str]:
+  """Parses a config-file argument "key=value,key=value" (the part after `name.py:`).
+
+  `allowed` maps each key to its allowed values; anything else raises ValueError.
+  """
+  out: dict[str, str] = {}
+  if not arg:
+    return out
+  for item in arg.split(","):
+    key, sep, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or key not in allowed:
+      raise ValueError(
+          f"config argument {item!r}: expected key=value with key in {sorted(allowed)}.")
+    if allowed[key] and value not in allowed[key]:
+      raise ValueError(
+          f"config argument {key}={value!r}: expected one of {list(allowed[key])}.")
+    out[key] = value
+  return out
+
+
+def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequence[int],
+                  anchor: Sequence[int] = (1,), lengths: Sequence[int] = (512,),
+                  num_prompts: int = 4, new_tokens: int = 128,
+                  dtype: str = "float32") -> ml_collections.ConfigDict:
+  """A parity sweep: top_k x window x anchor, plus the dense reference and a
+  covers-everything point (added by the runner), over prompts x lengths."""
+  config = ml_collections.ConfigDict()
+  config.name = name
+  config.job = "parity"
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = model
+  config.model.path = ""
+  config.model.dtype = dtype
+
+  config.attention = ml_collections.ConfigDict()
+  config.attention.top_k = tuple(top_k)
+  config.attention.window = tuple(window)
+  config.attention.anchor = tuple(anchor)
+  config.attention.dense_layers = ()
+  config.attention.implementation = "xla"
+
+  config.prompts = ml_collections.ConfigDict()
+  config.prompts.num = num_prompts
+  config.prompts.lengths = tuple(lengths)
+  config.prompts.files = ""
+  config.prompts.jsonl_field = "text"
+
+  config.generate = ml_collections.ConfigDict()
+  config.generate.new_tokens = new_tokens
+
+  # The covers-everything point must equal dense bit for bit; False only to inspect a
+  # failing implementation (the run then still reports the failure in summary.md).
+  config.gate = True
+  config.plots = True
+  return config
+
+
+def sweep_of(config: ml_collections.ConfigDict) -> list[dict[str, int]]:
+  """The grid a config sweeps, as a list of {anchor, window, top_k} (the runner adds
+  the covers-everything point and the dense reference)."""
+  a = config.attention
+  return [dict(anchor=x, window=w, top_k=k) for x in a.anchor for w in a.window
+          for k in a.top_k]

@@ -1,0 +1,1 @@
+"""Experiment runners: `python -m experiments.run --config=NAME.py` (see configs/)."""

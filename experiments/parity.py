@@ -1,0 +1,281 @@
+"""The parity job: condensate vs dense on a real model over a top_k x window x anchor grid.
+
+For every prompt the dense side runs once: greedy decoding of N tokens, then teacher-
+forced logits over prompt + those N tokens. Every grid point then runs the same two
+passes with condensate attention in every layer and is compared with the dense side at
+every parity level of DESIGN.md §1 (condensate_jax.metrics). One results.jsonl row per
+grid point x prompt (plus one "dense" row per prompt holding the reference tokens).
+
+A covers-everything point (budget >= prompt length + N) is always added: it must be
+bitwise equal to dense (logits and tokens) or the run stops with `GateFailure`.
+
+Entry point for notebooks: `run(config, workdir)`; `load_model=` injects a model loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import pathlib
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+import condensate_jax as cj
+from condensate_jax import metrics
+from experiments import manifest as manifest_lib
+from experiments import prompts as prompts_lib
+from experiments import report
+from experiments.errors import ConfigError, ExperimentError, GateFailure, ModelUnavailable
+from experiments.results import ResultsStore
+
+OFFLINE_HINT = (
+    "Offline? Run the offline config instead:\n"
+    "  python -m experiments.run --config=smollm2_parity.py\n"
+    "or point this config at local weights (HF dir with config.json + safetensors, or a "
+    ".gguf):\n  --config.model.path=/path/to/weights")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+  anchor: int
+  window: int
+  top_k: int
+  covering: bool = False  # the point added to cover every key (the exactness gate)
+
+  @property
+  def budget(self) -> int:
+    return self.anchor + self.window + self.top_k
+
+  @property
+  def key(self) -> str:
+    return f"a{self.anchor}-w{self.window}-k{self.top_k}"
+
+  def spec(self, dense_layers=()) -> cj.CondensateSpec:
+    return cj.CondensateSpec(anchor=self.anchor, window=self.window, top_k=self.top_k,
+                             dense_layers=tuple(dense_layers))
+
+
+def _int_tuple(config_value, name: str, minimum: int) -> tuple[int, ...]:
+  values = tuple(config_value) if isinstance(config_value, (tuple, list)) else (config_value,)
+  if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum
+                       for v in values):
+    raise ConfigError(
+        f"config.{name}={config_value!r}: expected a non-empty tuple of ints >= {minimum}.")
+  return values
+
+
+def check_config(config) -> None:
+  """Raises ConfigError naming the first invalid key."""
+  _int_tuple(config.attention.top_k, "attention.top_k", 0)
+  _int_tuple(config.attention.window, "attention.window", 0)
+  _int_tuple(config.attention.anchor, "attention.anchor", 0)
+  if tuple(config.attention.dense_layers):
+    _int_tuple(config.attention.dense_layers, "attention.dense_layers", 0)
+  _int_tuple(config.prompts.lengths, "prompts.lengths", 1)
+  n = config.generate.new_tokens
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ConfigError(f"config.generate.new_tokens={n!r}: expected an int >= 1.")
+  if config.model.dtype not in DTYPES:
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected one of {DTYPES}.")
+  if not (config.model.path or config.model.name):
+    raise ConfigError("config.model.name and config.model.path are both empty: expected "
+                      "a model name (e.g. 'smollm2-135m') or a path.")
+
+
+def grid(config, total_length: int) -> list[GridPoint]:
+  """The covers-everything point first, then top_k x window x anchor (deduplicated)."""
+  a = config.attention
+  a0, w0 = tuple(a.anchor)[0], tuple(a.window)[0]
+  points = [GridPoint(a0, w0, max(0, total_length - a0 - w0), covering=True)]
+  for anchor in a.anchor:
+    for window in a.window:
+      for top_k in a.top_k:
+        point = GridPoint(anchor, window, top_k)
+        if point.key != points[0].key and point not in points:
+          points.append(point)
+  return points
+
+
+def load_language_model(config, load_model: Optional[Callable] = None):
+  """The config's model; offline hub / missing files -> ModelUnavailable (short)."""
+  source = config.model.path or config.model.name
+  if load_model is None:
+    try:
+      from condensate_jax.weights.registry import load_model  # pylint: disable=import-outside-toplevel
+    except ImportError as err:
+      raise ModelUnavailable(
+          f"cannot load model {source!r}: the model registry is not available ({err}).")
+  try:
+    return load_model(source, dtype=config.model.dtype)
+  except OSError as err:  # offline hub errors subclass OSError, as do missing files
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise ModelUnavailable(f"cannot load model {source!r}: {first}\n{OFFLINE_HINT}") from None
+  except ValueError as err:
+    raise ModelUnavailable(f"cannot load model {source!r}: {err}") from None
+
+
+def make_prompts(config, lm) -> list[prompts_lib.Prompt]:
+  files = [f.strip() for f in str(config.prompts.files).split(",") if f.strip()]
+  try:
+    texts = (prompts_lib.read_texts(files, config.prompts.jsonl_field) if files
+             else prompts_lib.BUILTIN_TEXTS)
+    prompts = prompts_lib.build_prompts(texts, lm.encode, num=config.prompts.num,
+                                        lengths=tuple(config.prompts.lengths))
+  except ValueError as err:
+    raise ConfigError(str(err)) from None
+  limit = int(lm.max_length) - config.generate.new_tokens
+  too_long = [p.length for p in prompts if p.length > limit]
+  if too_long:
+    raise ConfigError(
+        f"config.prompts.lengths={tuple(config.prompts.lengths)!r}: {max(too_long)} is "
+        f"longer than the model context {lm.max_length} minus generate.new_tokens "
+        f"{config.generate.new_tokens}; expected lengths <= {limit}.")
+  return prompts
+
+
+@dataclasses.dataclass
+class DenseReference:
+  tokens: np.ndarray    # [1, T] the prompt
+  full: np.ndarray      # [1, T + N] prompt + dense greedy tokens
+  generated: np.ndarray  # [N]
+  logits: np.ndarray    # [T + N, V] float32, teacher forced over `full`
+  seconds: float
+
+
+def dense_reference(lm, prompt, new_tokens: int) -> DenseReference:
+  start = time.perf_counter()
+  tokens = np.asarray(prompt.tokens, np.int32)[None]
+  generated = np.asarray(lm.generate(tokens, new_tokens), np.int32).reshape(-1)
+  full = np.concatenate([tokens, generated[None]], axis=1)
+  logits = np.asarray(lm.logits(full), np.float32)[0]
+  return DenseReference(tokens, full, generated, logits, time.perf_counter() - start)
+
+
+def condensate_row(lm, ref: DenseReference, point: GridPoint, config) -> dict[str, Any]:
+  spec = point.spec(config.attention.dense_layers)
+  impl = config.attention.implementation
+  start = time.perf_counter()
+  generated = np.asarray(
+      lm.generate(ref.tokens, config.generate.new_tokens, attention=spec,
+                  implementation=impl), np.int32).reshape(-1)
+  logits, stats = lm.logits(ref.full, attention=spec, implementation=impl,
+                            return_stats=True)
+  logits = np.asarray(logits, np.float32)[0]
+  seconds = time.perf_counter() - start
+  greedy = metrics.greedy_match(ref.generated, generated)
+  row = {"kind": "condensate", "point": dataclasses.asdict(point), "budget": point.budget,
+         **metrics.logit_parity(ref.logits, logits),
+         **{f"greedy_{k}": v for k, v in greedy.items()},
+         **metrics.attention_summary(stats), "tokens": generated.tolist(),
+         "seconds": seconds}
+  row["covers"] = point.budget >= ref.full.shape[1]
+  row["exact"] = row["bitwise_frac"] == 1.0 and greedy["exact"]
+  return row
+
+
+def _keys(config, model_id: str, prompt, point: Optional[GridPoint]) -> str:
+  base = (f"{model_id}|{config.model.dtype}|{prompt.id}:{prompt.sha}|"
+          f"N{config.generate.new_tokens}")
+  if point is None:
+    return f"{base}|dense"
+  layers = ",".join(map(str, config.attention.dense_layers))
+  return f"{base}|{config.attention.implementation}|dl[{layers}]|{point.key}"
+
+
+def _gate_message(row: dict[str, Any]) -> str:
+  return (f"exactness gate FAILED: point {row['point_key']} covers every key of prompt "
+          f"{row['prompt']['id']} but is not bitwise equal to dense (bitwise fraction "
+          f"{row['bitwise_frac']:.4f}, max |dlogit| {row['max_abs_logit_diff']:.3g}, "
+          f"max ulp {row['max_ulp_diff']}, greedy {row['greedy_equal']}/{row['greedy_n']}"
+          f"). The attention implementation {row['implementation']!r} is broken; no "
+          "summary table was produced.")
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def run(config, workdir, *, load_model: Optional[Callable] = None,
+        progress: bool = True) -> dict[str, Any]:
+  """Runs (or resumes) a parity sweep into `workdir`; returns {"summary": rows,
+  "table": markdown, "computed": rows computed now, "skipped": rows reused}."""
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  check_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  lm = load_language_model(config, load_model)
+  model_id = config.model.path or config.model.name
+  prompts = make_prompts(config, lm)
+  new_tokens = config.generate.new_tokens
+  points = grid(config, max(p.length for p in prompts) + new_tokens)
+  store = ResultsStore(workdir / "results.jsonl")
+  manifest_lib.write_manifest(workdir, config.to_dict(), {
+      "model": model_id, "num_layers": int(lm.num_layers), "max_length": int(lm.max_length),
+      "rows_already_done": len(store.rows)})
+
+  plan = [(p, pt, _keys(config, model_id, p, pt)) for p in prompts for pt in points]
+  for prompt, point, key in plan:  # a finished failing gate row still fails the run
+    row = store.rows.get(key)
+    if row is not None and config.gate and row["covers"] and not row["exact"]:
+      raise GateFailure(_gate_message(row))
+  pending = [item for item in plan if item[2] not in store]
+  dense_pending = [p for p in prompts if _keys(config, model_id, p, None) not in store]
+  computed = 0
+  with tqdm(total=len(pending) + len(dense_pending), disable=not progress,
+            desc=config.name, unit="row") as bar:
+    for prompt in prompts:
+      dense_key = _keys(config, model_id, prompt, None)
+      todo = [(pt, key) for p, pt, key in pending if p is prompt]
+      if not todo and dense_key in store:
+        continue
+      bar.set_postfix_str(f"{prompt.id} dense")
+      ref = dense_reference(lm, prompt, new_tokens)
+      common = {"model": model_id, "dtype": config.model.dtype,
+                "prompt": {"id": prompt.id, "source": prompt.source,
+                           "length": prompt.length, "sha": prompt.sha},
+                "new_tokens": new_tokens}
+      if dense_key in store:
+        if store.rows[dense_key]["tokens"] != ref.generated.tolist():
+          raise ExperimentError(
+              f"dense greedy tokens for prompt {prompt.id} differ from the ones stored "
+              f"in {store.path}: the dense path is not deterministic here (another "
+              "device or version?). Use a fresh --workdir.")
+      else:
+        # Does greedy decoding (KV cache) agree with the teacher-forced argmax?
+        t = prompt.length
+        tf_argmax = np.argmax(ref.logits[t - 1:t - 1 + new_tokens], axis=-1)
+        store.append({"key": dense_key, "kind": "dense", **common,
+                      "tokens": ref.generated.tolist(),
+                      "text": lm.decode(ref.generated.tolist()),
+                      "generate_matches_teacher_forced_argmax":
+                          bool(np.array_equal(tf_argmax, ref.generated)),
+                      "seconds": ref.seconds, "finished": _now()})
+        computed += 1
+        bar.update()
+      for point, key in todo:
+        bar.set_postfix_str(f"{prompt.id} {point.key}")
+        row = condensate_row(lm, ref, point, config)
+        row.update({"key": key, **common, "point_key": point.key,
+                    "implementation": config.attention.implementation,
+                    "dense_layers": list(config.attention.dense_layers),
+                    "finished": _now()})
+        store.append(row)
+        computed += 1
+        bar.update()
+        if config.gate and row["covers"] and not row["exact"]:
+          raise GateFailure(_gate_message(row))
+      del ref
+
+  rows = [store.rows[key] for _, _, key in plan]
+  summary = report.aggregate(rows, points)
+  table = report.markdown_table(summary)
+  report.write_summary(workdir, config, summary, table,
+                       dense_rows=[store.rows[_keys(config, model_id, p, None)]
+                                   for p in prompts])
+  if config.plots:
+    report.plot_all(workdir, summary)
+  return {"summary": summary, "table": table, "computed": computed,
+          "skipped": len(plan) + len(prompts) - computed, "workdir": str(workdir)}
