@@ -1,0 +1,130 @@
+"""`LanguageModel`: a model family instance + tokenizer behind one small API (DESIGN.md §3).
+
+  lm.logits(tokens [B,T], attention=None | CondensateSpec) -> [B,T,V] float32
+  lm.logits(..., return_stats=True) -> (logits, AttentionStats of [L,B,Hq,T] arrays)
+  lm.generate(tokens [B,T], max_new_tokens, attention=None) -> [B,N] int32, greedy
+  lm.init_cache(batch, max_len) / lm.step(tokens, cache) -> (logits, cache): manual decode
+
+Dense layers report captured_mass=1, dropped_mass=0, dropped_mass_bound=0 and
+set_size = visible = keys_scored = number of visible keys.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from condensate_jax import generate as gen
+from condensate_jax.models import common
+from condensate_jax.spec import CondensateSpec
+
+
+def _check_attention(attention):
+  if attention is not None and not isinstance(attention, CondensateSpec):
+    raise ValueError(f"attention={attention!r}: expected None (dense) or a "
+                     "condensate_jax.CondensateSpec.")
+  return attention
+
+
+def _check_flag(name, value):
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name}={value!r}: expected True or False.")
+  return bool(value)
+
+
+class LanguageModel:
+  """A causal LM held functionally: (graphdef, state) split once from an NNX model."""
+
+  def __init__(self, model: nnx.Module, config, tokenizer, *, dtype="float32",
+               name: Optional[str] = None):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.dtype = common.check_dtype(dtype)
+    self.name = name
+    self.graphdef, self.state = nnx.split(model)
+
+  # ----------------------------------------------------------------- properties
+  @property
+  def max_length(self) -> int:
+    """The context length (positions beyond it are refused)."""
+    return self.config.max_length
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_layers
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  def __repr__(self):
+    return (f"LanguageModel({self.name or type(self.config).__name__}, "
+            f"layers={self.num_layers}, dtype={self.dtype.name})")
+
+  # ----------------------------------------------------------------- tokenizer
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, with the tokenizer's own special tokens (e.g. a BOS)."""
+    if not isinstance(text, str):
+      raise ValueError(f"text of type {type(text).__name__}: expected a str.")
+    return list(self.tokenizer.encode(text).ids)
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                                 skip_special_tokens=False)
+
+  # ----------------------------------------------------------------- compute
+  def _tokens(self, tokens, extra: int = 0, name: str = "tokens"):
+    arr = np.asarray(tokens) if not hasattr(tokens, "dtype") else tokens
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+      raise ValueError(f"{name}.shape={tuple(arr.shape)}: expected [B, T] with B, T >= 1.")
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+      raise ValueError(f"{name}.dtype={arr.dtype}: expected an integer dtype.")
+    if arr.shape[1] + extra > self.max_length:
+      raise ValueError(f"{name} length {arr.shape[1]} (+ {extra} new) exceeds the "
+                       f"model's max_length={self.max_length}.")
+    host = np.asarray(arr)
+    if host.min() < 0 or host.max() >= self.vocab_size:
+      raise ValueError(f"{name} has ids in [{host.min()}, {host.max()}]: expected ids in "
+                       f"[0, {self.vocab_size - 1}].")
+    return jnp.asarray(host, jnp.int32)
+
+  def logits(self, tokens, attention: Optional[CondensateSpec] = None,
+             implementation: str = "xla", return_stats: bool = False):
+    """Teacher-forced logits [B,T,V] float32; optionally the stacked AttentionStats."""
+    tokens = self._tokens(tokens)
+    return gen.forward(self.graphdef, self.state, tokens,
+                       attention=_check_attention(attention), implementation=implementation,
+                       return_stats=_check_flag("return_stats", return_stats))
+
+  def generate(self, tokens, max_new_tokens: int, attention: Optional[CondensateSpec] = None,
+               implementation: str = "xla"):
+    """Greedy decoding with a KV cache: the new tokens only, [B, max_new_tokens] int32.
+
+    Always produces exactly max_new_tokens per row (no stop at an end-of-text token).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens,
+                                                           (int, np.integer)) \
+        or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1.")
+    tokens = self._tokens(tokens, extra=int(max_new_tokens))
+    return gen.greedy(self.graphdef, self.state, tokens, max_new_tokens=int(max_new_tokens),
+                      attention=_check_attention(attention), implementation=implementation,
+                      cfg=self.config, dtype=self.dtype)
+
+  def init_cache(self, batch: int, max_len: int):
+    if not 1 <= max_len <= self.max_length:
+      raise ValueError(f"max_len={max_len!r}: expected 1..{self.max_length}.")
+    return gen.init_cache(self.config, batch, max_len, self.dtype)
+
+  def step(self, tokens, cache, attention: Optional[CondensateSpec] = None,
+           implementation: str = "xla"):
+    """Feeds tokens [B,T] through `cache`: (logits [B,T,V] float32, updated cache).
+
+    The caller keeps cache.lengths + T <= the cache size (writes past it are clipped).
+    """
+    tokens = self._tokens(tokens)
+    return gen.step(self.graphdef, self.state, tokens, cache,
+                    attention=_check_attention(attention), implementation=implementation)
