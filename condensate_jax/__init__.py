@@ -5,6 +5,7 @@ Public API (DESIGN.md §3):
 """
 
 from condensate_jax.attention import (IMPLEMENTATIONS, attend, condensate_attention,
+                                      condensate_mask,
                                       dense_attention, register_implementation)
 from condensate_jax.selection import AttentionStats
 from condensate_jax.spec import CondensateSpec
@@ -17,6 +18,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "attend",
     "condensate_attention",
+    "condensate_mask",
     "dense_attention",
     "register_implementation",
 ]

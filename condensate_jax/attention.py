@@ -309,6 +309,27 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
                                scale=scale, return_stats=bool(return_stats))
 
 
+def condensate_mask(q, k, spec: CondensateSpec, *, causal: bool = True, q_positions=None,
+                    kv_lengths=None, sliding_window: Optional[int] = None,
+                    scale: Optional[float] = None) -> jax.Array:
+  """The condensate set as a [B, Hq, T, S] bool mask (selection="exact"), for analysis
+  and plots. Same arguments and validation as `condensate_attention`."""
+  check_spec(spec)
+  kv_lengths, q_positions, scale = _prepare(
+      q, k, k, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
+      sliding_window=sliding_window, scale=scale)
+  return _mask(q, k, q_positions, kv_lengths, spec=spec, causal=bool(causal),
+               sliding_window=_static_window(sliding_window), scale=scale)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "causal", "sliding_window", "scale"))
+def _mask(q, k, q_positions, kv_lengths, *, spec, causal, sliding_window, scale):
+  *_, selection = _select(q, k, q_positions, kv_lengths, spec, causal, sliding_window,
+                          scale)
+  b, hkv, g, t, s = selection.in_set.shape
+  return selection.in_set.reshape(b, hkv * g, t, s)
+
+
 def attend(q, k, v, attention: Optional[CondensateSpec], **kwargs) -> jax.Array:
   """What a model layer calls: dense when `attention` is None, else condensate."""
   if attention is None:

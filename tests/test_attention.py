@@ -225,3 +225,16 @@ def test_query_with_no_visible_key_gives_zero():
   for out in (cj.dense_attention(q, k, v, kv_lengths=lengths),
               cj.condensate_attention(q, k, v, spec_of(CASES[3]), kv_lengths=lengths)):
     assert (np.asarray(out[0]) == 0).all() and np.isfinite(np.asarray(out)).all()
+
+
+def test_condensate_mask_matches_reference_set():
+  case = CASES[0]
+  q, k, v, kw = make_inputs(case, seed=12)
+  spec = spec_of(case)
+  mask = np.asarray(cj.condensate_mask(q, k, spec, **kw))
+  ref = condensate_reference(q, k, v, anchor=spec.anchor, window=spec.window,
+                             top_k=spec.top_k, **kw)
+  ok = ~ref.ambiguous
+  np.testing.assert_array_equal(mask[ok], ref.in_set[ok])
+  with pytest.raises(ValueError, match="CondensateSpec"):
+    cj.condensate_mask(q, k, "spec")
