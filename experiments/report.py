@@ -177,6 +177,10 @@ def plot_all(workdir: pathlib.Path, summary) -> list[pathlib.Path]:
                     (ax1, "max certified eps")):
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1e-9)
+    ax.set_ylim(0.0, 1.5)  # masses are in [0, 1]; 0 = nothing dropped
+    ticks = sorted(set(budgets))
+    ax.set_xticks(ticks, [str(b) for b in ticks], rotation=45, fontsize=7)
+    ax.minorticks_off()
     ax.set_xlabel("budget = anchor + window + top_k")
     ax.set_ylabel(label)
     ax.axhline(2.0**-24, color="gray", lw=0.8, ls="--")

@@ -1,0 +1,146 @@
+"""The parity runner end to end, in process, on a small random model (tests/experiments/
+fake_lm.py) that calls the real attention library."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import pytest
+
+import condensate_jax as cj
+from condensate_jax import attention as attention_lib
+from experiments import cli, parity
+from experiments.errors import GateFailure, ModelUnavailable
+from tests.experiments import fake_lm
+
+# smoke.py: 2 prompts x (covering point + top_k (4, 16) x window (8, 32)) + 2 dense rows.
+ROWS = 2 * 5 + 2
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("smoke")
+  lm = fake_lm.FakeLM()
+  result = parity.run(cli.load_config("smoke.py"), workdir, load_model=fake_lm.loader(lm),
+                      progress=False)
+  return workdir, result, lm
+
+
+def test_smoke_writes_every_output(smoke_run):
+  workdir, result, _ = smoke_run
+  for name in ("manifest.json", "results.jsonl", "summary.md", "heatmap_greedy.png",
+               "heatmap_logit_diff.png", "captured_mass.png"):
+    assert (workdir / name).stat().st_size > 0, name
+  manifest = json.loads((workdir / "manifest.json").read_text())
+  assert manifest["config"]["name"] == "smoke"
+  assert manifest["packages"]["jax"] and manifest["device"]["platform"]
+  assert "commit" in manifest["git"]
+  rows = _rows(workdir)
+  assert len(rows) == ROWS == result["computed"]
+  assert sum(r["kind"] == "dense" for r in rows) == 2
+  assert len({r["key"] for r in rows}) == ROWS
+  summary = (workdir / "summary.md").read_text()
+  assert summary.count("\n| 1") == 5  # one table row per grid point
+  assert "(covers all)" in summary
+
+
+def test_smoke_numbers_are_real(smoke_run):
+  workdir, result, _ = smoke_run
+  rows = [r for r in _rows(workdir) if r["kind"] == "condensate"]
+  covering = [r for r in rows if r["point"]["covering"]]
+  small = [r for r in rows if r["point_key"] == "a1-w8-k4"]
+  assert len(covering) == 2 and all(r["covers"] for r in covering)
+  for r in covering:
+    assert r["bitwise_frac"] == 1.0 and r["max_ulp_diff"] == 0 and r["greedy_exact"]
+    assert r["keys_read_frac"] == 1.0 and r["certified_eps_max"] == 0.0
+  for r in small:  # 13 of 112 keys on random weights: not exact
+    assert not r["covers"]
+    assert r["bitwise_frac"] < 1.0 and r["max_abs_logit_diff"] > 0
+    assert 0.0 < r["keys_read_frac"] < 1.0 and 0.0 < r["captured_mass_min"] < 1.0
+    assert r["certified_eps_max"] > 0.0
+    assert r["certified_eps_max"] >= r["dropped_mass_max"] * (1 - 1e-4)
+    assert math.isfinite(r["mean_kl"]) and r["mean_kl"] > 0
+    assert len(r["tokens"]) == 16 and r["greedy_n"] == 16
+  by_key = {e["key"]: e for e in result["summary"]}
+  assert by_key["a1-w8-k4"]["keys_read_frac"] < by_key["a1-w32-k16"]["keys_read_frac"]
+
+
+def test_rerun_skips_finished_rows(smoke_run):
+  workdir, _, _ = smoke_run
+  lm = fake_lm.FakeLM()
+  result = parity.run(cli.load_config("smoke.py"), workdir, load_model=fake_lm.loader(lm),
+                      progress=False)
+  assert lm.calls == {"logits": 0, "generate": 0}
+  assert result["computed"] == 0 and result["skipped"] == ROWS
+  assert len(_rows(workdir)) == ROWS
+
+
+def test_resume_after_crash_with_truncated_line(tmp_path, smoke_run):
+  workdir, _, _ = smoke_run
+  lines = (workdir / "results.jsonl").read_text().splitlines(keepends=True)
+  # Keep the first prompt's rows and two rows of the second; the third was mid-write.
+  kept = lines[:8]
+  (tmp_path / "results.jsonl").write_text("".join(kept) + lines[8][:25])
+  lm = fake_lm.FakeLM()
+  result = parity.run(cli.load_config("smoke.py"), tmp_path, load_model=fake_lm.loader(lm),
+                      progress=False)
+  # Second prompt: its dense reference once, then 4 missing points: 1 generate + 1 logits each.
+  assert result["computed"] == ROWS - 8
+  assert lm.calls == {"logits": 1 + 4, "generate": 1 + 4}
+  rows = _rows(tmp_path)
+  assert len(rows) == ROWS and len({r["key"] for r in rows}) == ROWS
+  old = {r["key"]: r for r in _rows(workdir)}
+  for r in rows:  # recomputed rows reproduce the first run
+    assert r["tokens"] == old[r["key"]]["tokens"]
+    if r["kind"] == "condensate":
+      assert r["max_abs_logit_diff"] == old[r["key"]]["max_abs_logit_diff"]
+
+
+def _broken(q, k, v, *args, **kwargs):
+  """The real masked implementation plus an error of 1e-3 in every output."""
+  out = attention_lib.IMPLEMENTATIONS["xla_masked"](q, k, v, *args, **kwargs)
+  if kwargs.get("return_stats"):
+    return out[0] + jnp.asarray(1e-3, out[0].dtype), out[1]
+  return out + jnp.asarray(1e-3, out.dtype)
+
+
+def test_gate_fails_on_a_broken_implementation(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(attention_lib.IMPLEMENTATIONS, "broken_for_test", _broken)
+  config = cli.load_config("smoke.py")
+  config.attention.implementation = "broken_for_test"
+  with pytest.raises(GateFailure, match="exactness gate FAILED"):
+    parity.run(config, tmp_path, load_model=fake_lm.loader(), progress=False)
+  assert not (tmp_path / "summary.md").exists()
+  assert len(_rows(tmp_path)) == 2  # the dense row and the failing covering row
+  # Resuming does not hide it; the CLI body exits non-zero with the message.
+  monkeypatch.setattr(parity, "load_language_model", lambda c, l=None: fake_lm.FakeLM())
+  assert cli.main(config, str(tmp_path)) == 1
+  err = capsys.readouterr().err
+  assert "exactness gate FAILED" in err and "broken_for_test" in err
+  assert "Traceback" not in err
+
+
+def test_model_that_cannot_load_gives_the_offline_hint(tmp_path, capsys):
+  class HubOffline(OSError):
+    pass
+
+  def load_model(name, dtype="float32"):
+    raise HubOffline(f"{name}: the Hugging Face hub is unreachable and no local copy exists")
+
+  config = cli.load_config("gpt2_parity.py")
+  with pytest.raises(ModelUnavailable) as err:
+    parity.run(config, tmp_path, load_model=load_model, progress=False)
+  message = str(err.value)
+  assert "smollm2_parity.py" in message and "--config.model.path=" in message
+  assert "gpt2" in message
+
+
+def test_prompt_longer_than_context_is_refused(tmp_path):
+  config = cli.load_config("smoke.py")
+  config.prompts.lengths = (500,)  # + 16 new tokens > 512
+  with pytest.raises(ValueError, match="prompts.lengths"):
+    parity.run(config, tmp_path, load_model=fake_lm.loader(), progress=False)
