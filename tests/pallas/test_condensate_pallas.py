@@ -1,0 +1,69 @@
+"""End to end: `cj.condensate_attention(..., implementation="pallas")` vs "xla".
+
+The selection (and so the stats) is the core's own code, so stats must be identical;
+outputs agree to the dtype's tolerance (the kernel sums in a different order).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import condensate_jax as cj
+from condensate_jax import pallas_impl
+from tests.pallas.conftest_helpers import KERNELS, assert_close
+
+CASES = {
+    # name: (B, T, S, Hq, Hkv, D, spec, kwargs)
+    "decode_gqa_ragged": (3, 1, 80, 6, 2, 64, cj.CondensateSpec(2, 8, 6),
+                          dict(kv_lengths=np.array([80, 41, 5], np.int32))),
+    "prefill_mqa": (1, 40, 40, 4, 1, 128, cj.CondensateSpec(1, 8, 4), {}),
+    "prefill_gqa_sliding": (2, 24, 24, 4, 2, 64, cj.CondensateSpec(1, 4, 3),
+                            dict(sliding_window=16)),
+    "decode_topk_only": (1, 1, 50, 4, 2, 64, cj.CondensateSpec(0, 0, 7), {}),
+}
+
+
+def _inputs(b, t, s, hq, hkv, d, dtype, seed):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal(sh), dtype)
+               for sh in ((b, t, hq, d), (b, s, hkv, d), (b, s, hkv, d)))
+
+
+@pytest.fixture(params=KERNELS, ids=[k for k, _ in KERNELS])
+def kernel(request, monkeypatch):
+  impl, _ = request.param
+  monkeypatch.setattr(pallas_impl, "KERNEL_IMPLEMENTATION", impl)
+  return impl
+
+
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=("float32", "bfloat16"))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pallas_matches_xla(kernel, case, dtype):
+  if kernel == "mosaic_tpu" and case.startswith("prefill"):
+    pytest.skip("TPU interpret mode is slow; prefill covered by the Triton kernel")
+  b, t, s, hq, hkv, d, spec, kw = CASES[case]
+  q, k, v = _inputs(b, t, s, hq, hkv, d, dtype, seed=sorted(CASES).index(case))
+  out_x, st_x = cj.condensate_attention(q, k, v, spec, implementation="xla",
+                                        return_stats=True, **kw)
+  pallas_impl.condensate_pallas.clear_cache()  # KERNEL_IMPLEMENTATION is read at trace
+  out_p, st_p = cj.condensate_attention(q, k, v, spec, implementation="pallas",
+                                        return_stats=True, **kw)
+  assert out_p.dtype == q.dtype and out_p.shape == q.shape
+  assert_close(out_p, out_x, dtype, "out")
+  for name, a, e in zip(st_x._fields, st_p, st_x):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=name)
+  # The set really is sparse here: some query drops keys.
+  assert np.any(np.asarray(st_x.set_size) < np.asarray(st_x.visible))
+
+
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=("float32", "bfloat16"))
+def test_covering_spec_equals_dense(kernel, dtype):
+  """budget >= S: every visible key is in the set; pallas == dense within tolerance."""
+  if kernel == "mosaic_tpu":
+    pytest.skip("prefill in TPU interpret mode is slow; covered by the Triton kernel")
+  q, k, v = _inputs(2, 16, 16, 4, 2, 64, dtype, seed=11)
+  spec = cj.CondensateSpec(anchor=2, window=8, top_k=6)
+  pallas_impl.condensate_pallas.clear_cache()
+  out = cj.condensate_attention(q, k, v, spec, implementation="pallas")
+  dense = cj.dense_attention(q, k, v)
+  assert_close(out, dense, dtype, "out")
