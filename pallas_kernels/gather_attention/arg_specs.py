@@ -90,3 +90,8 @@ BENCH_CASES = tuple(
     + [BenchCase("decode_b8_32k", 8, 1, 32768)]
     + [BenchCase(f"prefill_{s // 1024}k", 1, s, s) for s in (1024, 2048, 4096)])
 BENCH_CASES_BY_NAME = {c.name: c for c in BENCH_CASES}
+
+# Tiny cases: the benchmark's CPU smoke run (interpret mode; timings meaningless).
+SMOKE_BENCH_CASES = (BenchCase("tiny_decode", 1, 1, 256, 4, 2, 64),
+                     BenchCase("tiny_prefill", 1, 32, 32, 4, 2, 64))
+BENCH_CASES_BY_NAME.update({c.name: c for c in SMOKE_BENCH_CASES})

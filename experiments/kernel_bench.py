@@ -1,0 +1,172 @@
+"""Kernel benchmark job (`config.job == "kernel_bench"`, configs/kernel_bench.py).
+
+For each case: dense XLA, cuDNN, condensate "xla" and "pallas" (selection included), and
+the parts of "pallas": the XLA selection alone and the gather kernel alone (indices
+precomputed). Times are the median over `repeats` loops of `iterations` jitted calls
+(host clock around a loop ending in block_until_ready, after `warmup` calls), on one
+fixed seeded input set. Writes results.json and table.md into workdir; returns the table.
+
+Throughput columns: dense — decode: K+V bytes read / time (GB/s); prefill: causal
+attention FLOPs (2 matmuls, half the T x S square) / time (TFLOP/s). Gather kernel:
+bytes of the gathered K/V rows (anchor+window once per group, top-k once per head) /
+kernel time.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import condensate_jax as cj
+from condensate_jax import attention as cj_attention
+from condensate_jax import pallas_impl
+from pallas_kernels.gather_attention import api as gather_api
+from pallas_kernels.gather_attention import arg_specs
+
+
+def _time_ms(fn, args, warmup, iterations, repeats):
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(iterations):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / iterations * 1e3)
+  return statistics.median(samples), samples
+
+
+def _inputs(case, dtype, seed):
+  rng = np.random.default_rng(seed)
+  shapes = ((case.batch, case.q_len, case.q_heads, case.head_dim),
+            (case.batch, case.kv_len, case.kv_heads, case.head_dim),
+            (case.batch, case.kv_len, case.kv_heads, case.head_dim))
+  return tuple(jnp.asarray(rng.standard_normal(s, np.float32), dtype) for s in shapes)
+
+
+def _functions(case, spec):
+  causal = case.q_len > 1
+  scale = 1.0 / float(np.sqrt(case.head_dim))
+  b, t, s = case.batch, case.q_len, case.kv_len
+  q_pos = jnp.broadcast_to(jnp.arange(s - t, s, dtype=jnp.int32), (b, t))
+  kv_len = jnp.full((b,), s, jnp.int32)
+
+  def select(q, k):
+    _, lo, hi, selection = cj_attention._select(q, k, q_pos, kv_len, spec, True, None,
+                                                scale)
+    return pallas_impl.split_set(selection, lo, hi, spec, s, case.q_heads)
+
+  def kernel(q, k, v, shared, head):
+    return gather_api.gather_attention(q, k, v, *head, scale=scale, shared_indices=shared[0],
+                                       shared_valid=shared[1])[0]
+
+  return {
+      "dense_xla": jax.jit(lambda q, k, v: cj.dense_attention(q, k, v, causal=True)),
+      "cudnn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, is_causal=causal, implementation="cudnn")),
+      "condensate_xla": jax.jit(lambda q, k, v: cj.condensate_attention(
+          q, k, v, spec, implementation="xla")),
+      "condensate_pallas": jax.jit(lambda q, k, v: cj.condensate_attention(
+          q, k, v, spec, implementation="pallas")),
+      "selection_only": jax.jit(select),
+      "gather_kernel_only": jax.jit(kernel),
+  }
+
+
+def _bench_case(case, config, spec, dtype):
+  q, k, v = _inputs(case, dtype, config.seed)
+  fns = _functions(case, spec)
+  row = {"case": case.name, "B": case.batch, "T": case.q_len, "S": case.kv_len,
+         "Hq": case.q_heads, "Hkv": case.kv_heads, "D": case.head_dim}
+  timing = dict(warmup=config.warmup, iterations=config.iterations, repeats=config.repeats)
+  indices = None
+  for name, fn in fns.items():
+    args = (q, k) if name == "selection_only" else (q, k, v)
+    if name == "gather_kernel_only":
+      args = (q, k, v) + indices
+    try:
+      ms, samples = _time_ms(fn, args, **timing)
+      row[name + "_ms"], row[name + "_samples_ms"] = ms, samples
+    except Exception as err:  # e.g. cuDNN unavailable on this platform/shape
+      row[name + "_ms"], row[name + "_error"] = None, f"{type(err).__name__}: {err}"[:300]
+    if name == "selection_only":
+      indices = jax.block_until_ready(fn(q, k))
+  # Sanity: pallas agrees with xla on this input (bf16 tolerance).
+  diff = jnp.max(jnp.abs(fns["condensate_pallas"](q, k, v).astype(jnp.float32)
+                         - fns["condensate_xla"](q, k, v).astype(jnp.float32)))
+  row["max_abs_diff_pallas_vs_xla"] = float(diff)
+  itemsize = jnp.dtype(dtype).itemsize
+  b, t, s, hq, hkv, d = case.batch, case.q_len, case.kv_len, case.q_heads, case.kv_heads, case.head_dim
+  shared, head = indices
+  gathered = (int(jnp.sum(shared[1])) + int(jnp.sum(head[1]))) * 2 * d * itemsize
+  row["gathered_bytes"] = gathered
+  if row.get("gather_kernel_only_ms"):
+    row["gather_kernel_GBps"] = gathered / row["gather_kernel_only_ms"] / 1e6
+  dense = [row[n] for n in ("dense_xla_ms", "cudnn_ms") if row.get(n)]
+  best = min(dense) if dense else None
+  row["best_dense_ms"] = best
+  if best:
+    if t == 1:
+      row["best_dense_GBps"] = 2 * b * s * hkv * d * itemsize / best / 1e6
+    else:
+      row["best_dense_TFLOPs"] = 4 * b * hq * d * t * s / 2 / best / 1e9
+    for n in ("condensate_pallas", "condensate_xla", "gather_kernel_only"):
+      if row.get(n + "_ms"):
+        row[n + "_over_best_dense"] = row[n + "_ms"] / best
+  return row
+
+
+def _fmt(x, digits=3):
+  return "—" if x is None else f"{x:.{digits}g}"
+
+
+def markdown_table(rows):
+  head = ("| case | B | T | S | dense XLA ms | cuDNN ms | best dense thru | cond. XLA ms "
+          "| cond. Pallas ms | = selection ms | + kernel ms | kernel GB/s "
+          "| Pallas / best dense |\n" + "|" + " --- |" * 13)
+  lines = [head]
+  for r in rows:
+    thru = (f"{_fmt(r['best_dense_GBps'])} GB/s" if "best_dense_GBps" in r else
+            f"{_fmt(r['best_dense_TFLOPs'])} TFLOP/s" if "best_dense_TFLOPs" in r else "—")
+    lines.append(
+        f"| {r['case']} | {r['B']} | {r['T']} | {r['S']} | {_fmt(r.get('dense_xla_ms'))} "
+        f"| {_fmt(r.get('cudnn_ms'))} | {thru} | {_fmt(r.get('condensate_xla_ms'))} "
+        f"| {_fmt(r.get('condensate_pallas_ms'))} | {_fmt(r.get('selection_only_ms'))} "
+        f"| {_fmt(r.get('gather_kernel_only_ms'))} | {_fmt(r.get('gather_kernel_GBps'))} "
+        f"| {_fmt(r.get('condensate_pallas_over_best_dense'))}× |")
+  return "\n".join(lines)
+
+
+def run(config, workdir):
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  spec = cj.CondensateSpec(anchor=config.attention.anchor, window=config.attention.window,
+                           top_k=config.attention.top_k)
+  dtype = jnp.dtype(config.dtype)
+  device = jax.devices()[0]
+  env = {"device": getattr(device, "device_kind", str(device)),
+         "platform": jax.default_backend(), "jax": jax.__version__,
+         "python": platform.python_version(), "spec": str(spec), "dtype": dtype.name,
+         "timing": dict(warmup=config.warmup, iterations=config.iterations,
+                        repeats=config.repeats)}
+  rows = []
+  for name in config.cases:
+    if name not in arg_specs.BENCH_CASES_BY_NAME:
+      raise ValueError(f"config.cases has {name!r}: expected names in "
+                       f"{sorted(arg_specs.BENCH_CASES_BY_NAME)}.")
+    rows.append(_bench_case(arg_specs.BENCH_CASES_BY_NAME[name], config, spec, dtype))
+    print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("samples_ms")}),
+          flush=True)
+  table = (f"{env['device']} ({env['platform']}), JAX {env['jax']}, {dtype.name}, "
+           f"{spec}\n\n" + markdown_table(rows))
+  (workdir / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+  (workdir / "table.md").write_text(table + "\n")
+  return {"table": table, "computed": len(rows), "skipped": 0}
