@@ -1,6 +1,6 @@
 """python -m experiments.run --config=smoke.py --workdir=/tmp/smoke
 
-Runtime: about 10-20 s on 2 CPU cores (mostly compilation). Expected result: the
+Runtime: about 30 s on 2 CPU cores (mostly compilation). Expected result: the
 "covers all" row is bitwise 1.000 with greedy exact 2/2 (the exactness gate passes);
 the small points differ from dense (bitwise < 1) on the tiny random model, which has
 no trained attention structure. Used by CI (tests/experiments/test_run.py).

@@ -9,7 +9,7 @@ which top_k x window points greedy decoding still matches dense and where it div
 Model: SmolLM2-135M-Instruct (llama-like, GQA 9/3, 30 layers), float32. Full grid:
 top_k (8, 32, 128) x window (16, 64, 256) x anchor (1, 4); 4 built-in prompts at 512
 and 2048 tokens; 128 greedy tokens. `:size=small`: top_k (8, 32, 128) x window (16, 64),
-anchor 1; 4 prompts of 256 tokens; 32 greedy tokens.
+anchor 1; 4 prompts of 256 tokens; 64 greedy tokens.
 """
 
 from configs import common
@@ -18,7 +18,7 @@ _SIZES = {
     "full": dict(top_k=(8, 32, 128), window=(16, 64, 256), anchor=(1, 4),
                  lengths=(512, 2048), num_prompts=4, new_tokens=128),
     "small": dict(top_k=(8, 32, 128), window=(16, 64), anchor=(1,), lengths=(256,),
-                  num_prompts=4, new_tokens=32),
+                  num_prompts=4, new_tokens=64),
 }
 
 

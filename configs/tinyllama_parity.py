@@ -1,15 +1,17 @@
 """python -m experiments.run --config=tinyllama_parity.py
 
-Runtime: hours on CPU; ~10 min on one H100 (estimate; not measured: the hub is unreachable where this was written). Needs the Hugging Face hub (or --config.model.path=DIR with
-config.json + safetensors); offline it stops with a message naming smollm2_parity.py.
+Runtime: hours on CPU; ~10 min on one H100 (estimate; not measured: the hub is
+unreachable where this was written). Needs the Hugging Face hub (or
+--config.model.path=DIR with config.json + safetensors); offline it stops at once with a
+message naming smollm2_parity.py.
 Expected result: the "covers all" row is bitwise 1.000 (else the run fails the gate);
 the paper claims greedy parity at every point, we report where it holds and where it
 breaks (greedy exact / first divergence / max |dlogit| per point).
 
-Model: TinyLlama-1.1B, `TinyLlama/TinyLlama-1.1B-Chat-v1.0` (float32). Grid: top_k (8, 32, 128) x window
-(16, 64, 256) x anchor (1, 4); 4 built-in prompts at lengths (512, 1920) tokens; 128
-greedy tokens. `:size=small` runs top_k (8, 32) x window (16, 64), anchor 1, 2 prompts of
-256 tokens, 32 greedy tokens.
+Model: TinyLlama-1.1B, `TinyLlama/TinyLlama-1.1B-Chat-v1.0` (float32). Grid: top_k (8,
+32, 128) x window (16, 64, 256) x anchor (1, 4); 4 built-in prompts at lengths (512,
+1920) tokens; 128 greedy tokens. `:size=small` runs top_k (8, 32) x window (16, 64),
+anchor 1, 2 prompts of 256 tokens, 32 greedy tokens.
 """
 
 from configs import common
@@ -24,8 +26,9 @@ _SIZES = {
 
 def get_config(arg=None):
   args = common.parse_arg(arg, {"size": tuple(_SIZES)})
-  return common.parity_config(name="tinyllama_parity", model="TinyLlama/TinyLlama-1.1B-Chat-v1.0", dtype="float32",
-                              **_SIZES[args.get("size", "full")])
+  return common.parity_config(name="tinyllama_parity",
+                              model="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                              dtype="float32", **_SIZES[args.get("size", "full")])
 
 
 def sweep():

@@ -104,15 +104,16 @@ def load_language_model(config, load_model: Optional[Callable] = None):
   source = config.model.path or config.model.name
   if load_model is None:
     try:
-      from condensate_jax.weights.registry import load_model  # pylint: disable=import-outside-toplevel
+      from condensate_jax.weights.registry import load_model  # pylint: disable=g-import-not-at-top
     except ImportError as err:
       raise ModelUnavailable(
           f"cannot load model {source!r}: the model registry is not available ({err}).")
   try:
     return load_model(source, dtype=config.model.dtype)
   except OSError as err:  # offline hub errors subclass OSError, as do missing files
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    raise ModelUnavailable(f"cannot load model {source!r}: {first}\n{OFFLINE_HINT}") from None
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    detail = "\n".join(lines[:8])  # loader messages are short; never a traceback
+    raise ModelUnavailable(f"cannot load model {source!r}: {detail}\n{OFFLINE_HINT}") from None
   except ValueError as err:
     raise ModelUnavailable(f"cannot load model {source!r}: {err}") from None
 
@@ -204,9 +205,9 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
   "table": markdown, "computed": rows computed now, "skipped": rows reused}."""
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   check_config(config)
+  lm = load_language_model(config, load_model)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  lm = load_language_model(config, load_model)
   model_id = config.model.path or config.model.name
   prompts = make_prompts(config, lm)
   new_tokens = config.generate.new_tokens

@@ -144,3 +144,13 @@ def test_prompt_longer_than_context_is_refused(tmp_path):
   config.prompts.lengths = (500,)  # + 16 new tokens > 512
   with pytest.raises(ValueError, match="prompts.lengths"):
     parity.run(config, tmp_path, load_model=fake_lm.loader(), progress=False)
+
+
+def test_smoke_config_with_the_registry_model(tmp_path):
+  """CI's smoke run: the real "tiny-random" model of the registry, default loader."""
+  result = parity.run(cli.load_config("smoke.py"), tmp_path, progress=False)
+  rows = _rows(tmp_path)
+  assert len(rows) == ROWS == result["computed"]
+  covering = [r for r in rows if r["kind"] == "condensate" and r["point"]["covering"]]
+  assert covering and all(r["bitwise_frac"] == 1.0 and r["greedy_exact"] for r in covering)
+  assert all((tmp_path / n).exists() for n in ("summary.md", "captured_mass.png"))
