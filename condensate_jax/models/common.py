@@ -50,7 +50,14 @@ def einsum(eq: str, *xs, out_dtype=None):
   return out if out_dtype is None else out.astype(out_dtype)
 
 
-def param(rngs: nnx.Rngs, shape, dtype, std=0.02) -> nnx.Param:
+def param(rngs: nnx.Rngs, shape, dtype, std=None) -> nnx.Param:
+  """Random init (used by tiny-random models; loaded weights replace it).
+
+  Default std: fan_in^-1/2 with the input axis first (our [in, out...] layout), 0.02 for
+  vectors (biases).
+  """
+  if std is None:
+    std = shape[0]**-0.5 if len(shape) >= 2 else 0.02
   return nnx.Param((std * jax.random.normal(rngs.params(), shape)).astype(dtype))
 
 

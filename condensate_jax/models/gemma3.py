@@ -147,7 +147,7 @@ class Attention(nnx.Module):
     self.q_dnh = common.param(rngs, (d, n, h), dtype)
     self.k_dkh = common.param(rngs, (d, k, h), dtype)
     self.v_dkh = common.param(rngs, (d, k, h), dtype)
-    self.o_nhd = common.param(rngs, (n, h, d), dtype)
+    self.o_nhd = common.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
     self.q_norm = common.RMSNorm(h, cfg.norm_eps, dtype, plus_one=True)
     self.k_norm = common.RMSNorm(h, cfg.norm_eps, dtype, plus_one=True)
 

@@ -105,7 +105,7 @@ class Block(nnx.Module):
     self.q_bias_nh = common.param(rngs, (n, h), dtype)
     self.k_bias_nh = common.param(rngs, (n, h), dtype)
     self.v_bias_nh = common.param(rngs, (n, h), dtype)
-    self.o_nhd = common.param(rngs, (n, h, d), dtype)
+    self.o_nhd = common.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
     self.o_bias_d = common.param(rngs, (d,), dtype)
     self.ln_2 = common.LayerNorm(d, cfg.norm_eps, dtype)
     self.up_df = common.param(rngs, (d, f), dtype)

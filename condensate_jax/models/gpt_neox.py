@@ -108,7 +108,7 @@ class Block(nnx.Module):
     self.q_dnh = common.param(rngs, (d, n, h), dtype)
     self.k_dnh = common.param(rngs, (d, n, h), dtype)
     self.v_dnh = common.param(rngs, (d, n, h), dtype)
-    self.o_nhd = common.param(rngs, (n, h, d), dtype)
+    self.o_nhd = common.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
     bias = cfg.attention_bias
     self.q_bias_nh = common.param(rngs, (n, h), dtype) if bias else None
     self.k_bias_nh = common.param(rngs, (n, h), dtype) if bias else None

@@ -151,7 +151,7 @@ class Attention(nnx.Module):
     self.q_dnh = common.param(rngs, (d, n, h), dtype)
     self.k_dkh = common.param(rngs, (d, k, h), dtype)
     self.v_dkh = common.param(rngs, (d, k, h), dtype)
-    self.o_nhd = common.param(rngs, (n, h, d), dtype)
+    self.o_nhd = common.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
     bias = cfg.qkv_bias
     self.q_bias_nh = common.param(rngs, (n, h), dtype) if bias else None
     self.k_bias_kh = common.param(rngs, (k, h), dtype) if bias else None

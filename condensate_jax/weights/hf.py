@@ -176,7 +176,7 @@ def build_model(cfg, tensors: dict, dtype="float32", *, where: str = "checkpoint
   table = [(re.compile(pat), tgt, kind) for pat, tgt, kind in family.HF_KEYS]
   ignored = [re.compile(p) for p in family.HF_IGNORED_KEYS]
   tied = getattr(cfg, "tie_embeddings", False)
-  values, errors, sources = {}, [], {}
+  values, errors, sources, mismatched = {}, [], {}, set()
   for key in sorted(tensors):
     short = _strip(key)
     match = next(((m, tgt, kind) for rx, tgt, kind in table
@@ -200,12 +200,13 @@ def build_model(cfg, tensors: dict, dtype="float32", *, where: str = "checkpoint
     except _Mismatch as e:
       errors.append(f"shape mismatch for {key!r}: checkpoint {tuple(arr.shape)}, "
                     f"expected {e.expected} (for {paths})")
+      mismatched.update(paths)
       continue
     for p, a in zip(paths, converted):
       if p in values:
         errors.append(f"duplicate: {key!r} and {sources[p]!r} both map to {p!r}")
       values[p], sources[p] = a, key
-  missing = sorted(set(targets) - set(values))
+  missing = sorted(set(targets) - set(values) - mismatched)
   errors += [f"missing parameter {p!r} (shape {targets[p]})" for p in missing]
   if errors:
     listed = "\n  ".join(errors[:_MAX_LISTED])
