@@ -1,0 +1,336 @@
+"""`implementation="pallas"` for block-selection specs ("pallas_blocks"), and the fast
+decode / prefill steps the benchmark times.
+
+pallas_blocks (same contract and same sets as `blocks.condensate_xla_blocks`):
+  "blocks":    bounds over the summaries (XLA), top-M blocks per (query, GQA group),
+               then the split-K block decode kernel reads only those blocks plus the
+               anchor and window ranges;
+  "certified": the kernel reads the bound order in rounds of R = max(top_blocks, 1)
+               blocks (one split per block); XLA merges the partials block by block in
+               bound order and stops each group as soon as its certificate is <= epsilon
+               (so the set equals the XLA specification's); keys_scored counts every
+               block the kernel read, including the tail of the last round;
+  "bounded":   the selection loop of the XLA specification (it must score expanded
+               blocks to know when to stop), then the gather-attention kernel
+               (pallas_kernels/gather_attention) over anchor + window + top-k.
+On CPU the kernels run in Pallas interpret mode (slow; tests use small shapes).
+
+decode_step / prefill_step: the timed paths (precomputed summaries for decode).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from condensate_jax import attention as _attention
+from condensate_jax import blocks as _blocks
+from condensate_jax import selection as sel
+from pallas_kernels.block_sparse import api as _bs_api
+from pallas_kernels.block_sparse.reference import combine
+
+NEG_INF = float("-inf")
+# Which block-sparse kernel runs: None = the best for the platform (see
+# pallas_kernels.block_sparse.api); tests may set "reference".
+KERNEL_IMPLEMENTATION = None
+
+
+def static_ranges(lo, hi, spec, num_keys):
+  """[B, T, 6] int32: anchor a_lo..a_hi, window w_lo..w_hi, middle m_lo..m_hi (inclusive;
+  empty when hi < lo). Same sets as `selection.static_masks`."""
+  a_lo, a_hi = lo, jnp.minimum(lo + spec.anchor - 1, hi)
+  w_lo = jnp.maximum(hi - spec.window + 1, lo + spec.anchor)
+  m_lo, m_hi = lo + spec.anchor, jnp.minimum(hi - spec.window, num_keys - 1)
+  return jnp.stack([a_lo, a_hi, w_lo, hi, m_lo, m_hi], -1).astype(jnp.int32)
+
+
+def _decode(q, k, v, blocks, ranges, spec, scale, with_static=True):
+  """Kernel call + reshape: partials o [B, K, G, T, NS, D], lse [B, K, G, T, NS]."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  o, lse = _bs_api.block_decode(
+      q, k, v, blocks, ranges, block_size=spec.block_size, scale=scale,
+      anchor=min(spec.anchor, k.shape[1]), window=min(spec.window, k.shape[1]),
+      with_static=with_static, implementation=KERNEL_IMPLEMENTATION)
+  ns = o.shape[3]
+  o = o.reshape(b, t, hkv, g, ns, d).transpose(0, 2, 3, 1, 4, 5)
+  return o, lse.reshape(b, hkv, g, t, ns)
+
+
+def _merge(o_acc, lse_acc, o_j, lse_j, take):
+  """Adds a partial (o_j, lse_j) to (o_acc, lse_acc) where `take` [.., G, T]."""
+  lse_new = jnp.logaddexp(lse_acc, lse_j)
+  ref = jnp.where(jnp.isneginf(lse_new), 0.0, lse_new)
+  w_acc = jnp.where(jnp.isneginf(lse_acc), 0.0, jnp.exp(lse_acc - ref))
+  w_j = jnp.where(jnp.isneginf(lse_j), 0.0, jnp.exp(lse_j - ref))
+  o_new = w_acc[..., None] * o_acc + w_j[..., None] * o_j
+  return (jnp.where(take[..., None], o_new, o_acc), jnp.where(take, lse_new, lse_acc))
+
+
+def _select_blocks_mode(q, k, v, summ, lo, hi, spec, scale, num_splits):
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  nb = summ.num_blocks
+  n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)
+  u = _blocks.block_bounds(q, summ, scale)
+  order, _, n_sorted, tail, has = _blocks.group_order(u, n_mid)
+  m = min(spec.top_blocks, nb)
+  ranges = static_ranges(lo, hi, spec, s_len)
+  ns = max(1, min(num_splits, m))
+  bps = -(-m // ns) if m else 1
+  ids = jnp.where(has[..., :m], order[..., :m], -1)
+  ids = jnp.pad(ids, [(0, 0)] * 3 + [(0, ns * bps - m)], constant_values=-1)
+  o, lse = _decode(q, k, v, ids.reshape(b, hkv, t, ns, bps), ranges, spec, scale)
+  o, lse = _combine5(o, lse)
+  r = jnp.sum(has[..., :m], -1, dtype=jnp.int32)
+  n_exp = jnp.sum(jnp.where(has[..., :m], n_sorted[..., :m], 0), -1, dtype=jnp.int32)
+  log_delta = jnp.take_along_axis(tail, r[:, :, None, :, None], axis=-1)[..., 0]
+  return o, lse, dict(order=order, r=r, n_exp=n_exp, log_delta=log_delta)
+
+
+def _combine5(o, lse):
+  """Split merge on [B, K, G, T, NS(, D)] partials."""
+  lse_tot = jax.nn.logsumexp(lse, axis=-1)
+  lse_tot = jnp.where(jnp.isnan(lse_tot), NEG_INF, lse_tot)
+  w = jnp.where(jnp.isneginf(lse), 0.0,
+                jnp.exp(lse - jnp.where(jnp.isneginf(lse_tot), 0.0, lse_tot)[..., None]))
+  return jnp.sum(w[..., None] * o, axis=-2), lse_tot
+
+
+def _select_certified(q, k, v, summ, lo, hi, spec, scale):
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  nb = summ.num_blocks
+  n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)
+  u = _blocks.block_bounds(q, summ, scale)
+  order, _, n_sorted, tail, has = _blocks.group_order(u, n_mid)
+  ranges = static_ranges(lo, hi, spec, s_len)
+  rr = max(1, min(spec.top_blocks, nb))
+  n_rounds = -(-nb // rr)
+  pad = n_rounds * rr - nb
+  order_p = jnp.pad(order, [(0, 0)] * 3 + [(0, pad)], constant_values=-1)
+  has_p = jnp.pad(has[..., :nb], [(0, 0)] * 3 + [(0, pad + 1)])
+  n_p = jnp.pad(n_sorted, [(0, 0)] * 3 + [(0, pad)])
+  tail_p = jnp.pad(tail, [(0, 0)] * 4 + [(0, pad)], constant_values=NEG_INF)
+
+  none = jnp.full((b, hkv, t, 1, 1), -1, jnp.int32)
+  o0, lse0 = _decode(q, k, v, none, ranges, spec, scale, with_static=True)
+  o_acc, lse_acc = o0[..., 0, :], lse0[..., 0]
+
+  def at(x, i):
+    return jax.lax.dynamic_index_in_dim(x, i, axis=x.ndim - 1, keepdims=False)
+
+  def done(i, lse_acc):
+    eps = _blocks._log_delta_to_eps(at(tail_p, i), lse_acc)
+    return jnp.all(eps <= spec.epsilon, axis=2)
+
+  alive0 = has_p[..., 0] & ~done(0, lse_acc)
+  zeros = jnp.zeros((b, hkv, t), jnp.int32)
+
+  def cond(st):
+    c, _, _, _, _, alive = st
+    return (c < n_rounds) & jnp.any(alive)
+
+  def body(st):
+    c, o_acc, lse_acc, r, n_read, alive = st
+    i0 = c * rr
+    ids = jax.lax.dynamic_slice_in_dim(order_p, i0, rr, axis=3)
+    ids = jnp.where(alive[..., None], ids, -1)
+    o_j, lse_j = _decode(q, k, v, ids[..., None], ranges, spec, scale, with_static=False)
+    n_read = n_read + jnp.sum(jnp.where(
+        ids >= 0, jax.lax.dynamic_slice_in_dim(n_p, i0, rr, axis=3), 0), -1)
+    for j in range(rr):
+      i = i0 + j
+      take = alive & at(has_p, i) & ~done(i, lse_acc)
+      o_acc, lse_acc = _merge(o_acc, lse_acc, o_j[..., j, :], lse_j[..., j],
+                              jnp.broadcast_to(take[:, :, None], lse_acc.shape))
+      r = r + take.astype(jnp.int32)
+      alive = take
+    alive = alive & at(has_p, i0 + rr) & ~done(i0 + rr, lse_acc)
+    return c + 1, o_acc, lse_acc, r, n_read, alive
+
+  _, o_acc, lse_acc, r, n_read, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), o_acc, lse_acc, zeros, zeros, alive0))
+  log_delta = jnp.take_along_axis(tail, r[:, :, None, :, None], axis=-1)[..., 0]
+  return o_acc, lse_acc, dict(order=order, r=r, n_exp=n_read, log_delta=log_delta)
+
+
+def _bounded(q, k, v, summ, lo, hi, spec, scale):
+  from pallas_kernels.gather_attention import api as _gather_api
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  _, info = _blocks._select_attend(q, k, v, summ, lo, hi, spec, scale, want_output=False)
+  st_idx = jnp.broadcast_to(info["st_idx"][:, None], (b, hkv) + info["st_idx"].shape[1:])
+  st_ok = jnp.broadcast_to(info["st_ok"][:, None], st_idx.shape)
+  topp, topv = info["topp"], info["topv"]
+  kk = topp.shape[-1]
+  h_idx = jnp.minimum(topp, k.shape[1] - 1).reshape(b, hq, t, kk)
+  h_ok = (~jnp.isneginf(topv)).reshape(b, hq, t, kk)
+  out, lse = _gather_api.gather_attention(q, k, v, h_idx, h_ok, scale=scale,
+                                          shared_indices=st_idx, shared_valid=st_ok)
+  g = hq // hkv
+  lse = lse.reshape(b, hkv, g, t)
+  o = out.astype(jnp.float32).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4)
+  return o, lse, info
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "causal", "sliding_window", "scale",
+                                             "return_stats", "num_splits"))
+def _pallas_blocks(q, k, v, q_positions, kv_lengths, summaries, *, spec, causal,
+                   sliding_window, scale, return_stats, num_splits=8):
+  lo, hi = sel.visible_range(q_positions, kv_lengths, causal=causal,
+                             sliding_window=sliding_window)
+  if summaries is None:
+    summaries = _blocks._build(k, kv_lengths, spec.block_size)
+  if spec.selection == "blocks":
+    o, lse, info = _select_blocks_mode(q, k, v, summaries, lo, hi, spec, scale, num_splits)
+  elif spec.selection == "certified":
+    o, lse, info = _select_certified(q, k, v, summaries, lo, hi, spec, scale)
+  else:
+    o, lse, info = _bounded(q, k, v, summaries, lo, hi, spec, scale)
+  b, hkv, g, t, d = o.shape
+  out = o.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d).astype(q.dtype)
+  if not return_stats:
+    return out
+  info["eps"] = _blocks._log_delta_to_eps(info["log_delta"], lse)
+  _, st_ok = _blocks._static_positions(lo, hi, spec, k.shape[1])
+  info.setdefault("st_ok", st_ok)
+  return out, _blocks._stats(q, k, lo, hi, spec, scale, info)
+
+
+def condensate_pallas_blocks(q, k, v, q_positions, kv_lengths, *, spec, causal,
+                             sliding_window, scale, return_stats):
+  """`implementation="pallas_blocks"`: contract of `attention._condensate_masked`."""
+  _blocks._check_block_spec(spec)
+  return _pallas_blocks(q, k, v, q_positions, kv_lengths, None, spec=spec, causal=causal,
+                        sliding_window=sliding_window, scale=scale,
+                        return_stats=return_stats)
+
+
+_attention.register_implementation("pallas_blocks", condensate_pallas_blocks)
+
+
+# ------------------------------------------------------------------- timed fast paths
+
+
+def fast_bounds(q, kmin, kmax, scale):
+  """U [B, K, G, nb] float32 for a decode query q [B, Hq, D] from bf16/f32 min/max
+  summaries [B, nb, K, D]: sum_d max(q_d min_d, q_d max_d) plus the rounding slack, as
+  one fused XLA reduction (reads each summary element once)."""
+  b, hq, d = q.shape
+  hkv = kmin.shape[2]
+  qs = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(b, hkv, hq // hkv, 1, d)
+  mn = kmin.astype(jnp.float32).transpose(0, 2, 1, 3)[:, :, None]     # [B, K, 1, nb, D]
+  mx = kmax.astype(jnp.float32).transpose(0, 2, 1, 3)[:, :, None]
+  s = _blocks.bound_slack(d)
+  term = jnp.maximum(qs * mn, qs * mx) + s * jnp.abs(qs) * jnp.maximum(jnp.abs(mn),
+                                                                       jnp.abs(mx))
+  return jnp.sum(term, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits"))
+def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8):
+  """One decode step of selection="blocks" (the timed path).
+
+  q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries
+  (kept beside the cache, updated by `blocks.append_summaries`); kv_lengths [B].
+  Reads the summaries, selects spec.top_blocks blocks per GQA group by max_g U_b, runs the
+  split-K kernel over them plus anchor and window. Returns out [B, 1, Hq, D],
+  lse [B, Hq] and the certified eps [B, Hq] (from the unselected blocks' U_b).
+  """
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  nb = kmin.shape[1]
+  pos = kv_lengths[:, None] - 1
+  lo, hi = sel.visible_range(pos, kv_lengths, causal=True, sliding_window=None)
+  n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)           # [B, 1, nb]
+  u = fast_bounds(q[:, 0], kmin, kmax, scale)                            # [B, K, G, nb]
+  u = jnp.where(n_mid[:, None] > 0, u, NEG_INF)
+  m = min(spec.top_blocks, nb)
+  ug = jnp.max(u, axis=2)
+  top_u, ids = jax.lax.top_k(ug, m)                                      # [B, K, M]
+  ids = jnp.where(jnp.isneginf(top_u), -1, ids)
+  ns = max(1, min(num_splits, m))
+  bps = -(-m // ns)
+  ids = jnp.pad(ids, ((0, 0), (0, 0), (0, ns * bps - m)), constant_values=-1)
+  ranges = static_ranges(lo, hi, spec, s_len)
+  o, lse = _decode(q, k, v, ids.reshape(b, hkv, 1, ns, bps), ranges, spec, scale)
+  o, lse = _combine5(o, lse)                                             # [B,K,G,1,(D)]
+  chosen = jnp.any(jnp.arange(nb) == ids[..., None], axis=-2)            # [B, K, nb]
+  terms = jnp.where(chosen[:, :, None] | (n_mid[:, None] == 0), NEG_INF,
+                    u + jnp.log(jnp.maximum(n_mid[:, None], 1).astype(jnp.float32)))
+  eps = _blocks._log_delta_to_eps(jax.nn.logsumexp(terms, axis=-1), lse[..., 0])
+  out = o.transpose(0, 3, 1, 2, 4).reshape(b, 1, hq, d).astype(q.dtype)
+  return out, lse.reshape(b, hq), eps.reshape(b, hq)
+
+
+def prefill_lists(q, k, spec, *, kmin=None, kmax=None):
+  """Key-block lists of the block-sparse prefill (causal, queries = the last T keys).
+
+  Query-block summaries (min/max of each block's queries) against key-block summaries
+  give box bounds U_IJ = max over the box of q.k (centre/radius form, one matmul); each
+  query block takes its spec.top_blocks best blocks among those holding middle keys of
+  its queries, plus the anchor blocks and the window band. Returns kblocks, kflags
+  [B, Hq, nq, L] int32 (deduplicated; flag 1 = the block's middle keys are attended).
+  """
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  p = spec.block_size
+  nq, nk = -(-t // p), -(-s_len // p)
+  off = s_len - t
+  if kmin is None:
+    summ = _blocks._build(k, jnp.full((b,), s_len, jnp.int32), p)
+    kmin, kmax = summ.kmin, summ.kmax
+  qq = jnp.pad(q, ((0, 0), (0, nq * p - t), (0, 0), (0, 0))).reshape(b, nq, p, hq, d)
+  q_ok = (jnp.arange(nq * p) < t).reshape(1, nq, p, 1, 1)
+  qmin = jnp.min(jnp.where(q_ok, qq, jnp.inf), axis=2).astype(jnp.float32)
+  qmax = jnp.max(jnp.where(q_ok, qq, -jnp.inf), axis=2).astype(jnp.float32)
+  cq, rq = 0.5 * (qmin + qmax), 0.5 * (qmax - qmin)                     # [B, nq, Hq, D]
+  kmn, kmx = kmin.astype(jnp.float32), kmax.astype(jnp.float32)
+  empty = ~(kmn <= kmx)
+  ck = jnp.where(empty, 0.0, 0.5 * (kmn + kmx))
+  rk = jnp.where(empty, 0.0, 0.5 * (kmx - kmn))
+  qf = jnp.concatenate([cq, jnp.abs(cq), rq, rq], -1).reshape(b, nq, hkv, hq // hkv, 4 * d)
+  kf = jnp.concatenate([ck, rk, jnp.abs(ck), rk], -1)                   # [B, nk, K, 4D]
+  u = jnp.einsum("bikgc,bjkc->bkgij", qf.astype(q.dtype), kf.astype(q.dtype),
+                 preferred_element_type=jnp.float32).reshape(b, hq, nq, nk)
+  i = jnp.arange(nq)[:, None]
+  j = jnp.arange(nk)[None, :]
+  last = jnp.minimum(off + i * p + p - 1, s_len - 1)
+  first = off + i * p
+  has_mid = (j * p <= last - spec.window) & (j * p + p - 1 >= spec.anchor)
+  u = jnp.where(has_mid, u, NEG_INF)
+  m = min(spec.top_blocks, nk)
+  top_u, top = jax.lax.top_k(u, m)
+  top = jnp.where(jnp.isneginf(top_u), -1, top)
+  n_anchor = -(-spec.anchor // p) if spec.anchor else 0
+  anchor = jnp.broadcast_to(jnp.arange(n_anchor), (nq, n_anchor))
+  band_lo = jnp.maximum(first - spec.window + 1, 0) // p
+  n_band = (p + max(spec.window, 1) - 2) // p + 2 if spec.window else 0
+  band = band_lo + jnp.arange(n_band)[None, :]
+  band = jnp.where(band <= last // p, band, -1)
+  static = jnp.concatenate([anchor, band], -1) if n_anchor + n_band else jnp.zeros((nq, 0), int)
+  static = jnp.broadcast_to(static, (b, hq) + static.shape).astype(jnp.int32)
+  ids = jnp.concatenate([static, top.astype(jnp.int32)], -1)            # [B, H, nq, L]
+  flags = jnp.concatenate([jnp.zeros_like(static), jnp.ones_like(top)], -1)
+  same = (ids[..., :, None] == ids[..., None, :]) & (ids[..., :, None] >= 0)
+  n_ent = ids.shape[-1]
+  earlier = jnp.tril(jnp.ones((n_ent, n_ent), bool), -1)
+  dup = jnp.any(same & earlier, -1)
+  flag = jnp.any(same & (flags[..., None, :] > 0), -1)
+  ids = jnp.where(dup, -1, ids)
+  return ids, jnp.where(ids >= 0, flag, False).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale"))
+def prefill_step(q, k, v, *, spec, scale):
+  """Block-sparse causal prefill (the timed path): lists + kernel. Returns (o, lse)."""
+  kblocks, kflags = prefill_lists(q, k, spec)
+  return _bs_api.block_prefill(q, k, v, kblocks, kflags, block_size=spec.block_size,
+                               anchor=spec.anchor, window=spec.window, scale=scale,
+                               implementation=KERNEL_IMPLEMENTATION)

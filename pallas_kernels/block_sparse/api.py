@@ -1,0 +1,79 @@
+"""Block-sparse attention entry points: `implementation=` dispatch and interpret mode.
+
+implementation:
+  "reference"  plain jnp (reference.py), any platform (dense masks: small shapes only);
+  "triton"     GPU kernels (gpu_triton.py), Triton lowering of pallas_call;
+  None         the best for the platform: GPU "triton", CPU "triton" interpreted (so the
+               kernel itself runs, slowly, everywhere), else "reference".
+interpret: None = True exactly when the platform is CPU (Pallas interpret mode).
+With implementation=None a backend raising NotImplementedError (e.g. a block size the
+Triton kernel does not take) falls back to "reference"; a named one never falls back.
+No TPU (Mosaic) backend yet: on TPU these ops run the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.block_sparse import gpu_triton, reference
+
+_BEST = {"gpu": ("triton", "reference"), "cpu": ("triton", "reference")}
+IMPLEMENTATIONS = ("reference", "triton")
+
+
+def _names(implementation):
+  if implementation is None:
+    return _BEST.get(jax.default_backend(), ("reference",))
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}: expected None or one of "
+                     f"{list(IMPLEMENTATIONS)}.")
+  return (implementation,)
+
+
+def _interpret(interpret):
+  if interpret is None:
+    return jax.default_backend() == "cpu"
+  if not isinstance(interpret, bool):
+    raise ValueError(f"interpret={interpret!r}: expected None, True or False.")
+  return interpret
+
+
+def _dispatch(implementation, ref_fn, kernel_fn, args, kw, kernel_kw):
+  error = None
+  for name in _names(implementation):
+    try:
+      if name == "reference":
+        return ref_fn(*args, **kw)
+      return kernel_fn(*args, **kw, **kernel_kw)
+    except NotImplementedError as e:
+      error = e
+  raise NotImplementedError(f"no block-sparse implementation accepts these inputs: {error}")
+
+
+def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
+                 with_static=True, implementation=None, interpret=None, **kernel_kw):
+  """Split-K block decode (see reference.block_decode).
+
+  q [B, T, Hq, D]; k, v [B, S, Hkv, D]; blocks [B, Hkv, T, NS, BPS] int32 block ids
+  (-1 = none); ranges [B, T, 6 or 8] int32 (a_lo, a_hi, w_lo, w_hi, m_lo, m_hi).
+  anchor, window: static maxima of the anchor / window range lengths.
+  Returns o_parts [B, T, Hq, NS, D] float32, lse_parts [B, Hq, T, NS] float32;
+  `reference.combine` merges them.
+  """
+  kw = dict(block_size=block_size, scale=scale, with_static=with_static)
+  kernel_kw = dict(kernel_kw, anchor=anchor, window=window,
+                   interpret=_interpret(interpret))
+  return _dispatch(implementation, reference.block_decode, gpu_triton.block_decode,
+                   (q, k, v, blocks, ranges), kw, kernel_kw)
+
+
+def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale,
+                  implementation=None, interpret=None, **kernel_kw):
+  """Block-sparse causal prefill (see reference.block_prefill); returns (o, lse)."""
+  kw = dict(block_size=block_size, anchor=anchor, window=window, scale=scale)
+  kernel_kw = dict(kernel_kw, interpret=_interpret(interpret))
+  return _dispatch(implementation, reference.block_prefill, gpu_triton.block_prefill,
+                   (q, k, v, kblocks, kflags), kw, kernel_kw)
+
+
+combine = reference.combine
