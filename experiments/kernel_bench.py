@@ -1,8 +1,8 @@
 """Kernel benchmark job (`config.job == "kernel_bench"`, configs/kernel_bench.py).
 
 For each case: dense XLA, cuDNN, condensate "xla" and "pallas" (selection included), and
-the parts of "pallas": the XLA selection alone and the gather kernel alone (indices
-precomputed). Times are the median over `repeats` loops of `iterations` jitted calls
+the parts of "pallas": the XLA selection alone, its score matrix alone (the part that
+reads all of K) and the gather kernel alone (indices precomputed). Times are the median over `repeats` loops of `iterations` jitted calls
 (host clock around a loop ending in block_until_ready, after `warmup` calls), on one
 fixed seeded input set. Writes results.json and table.md into workdir; returns the table.
 
@@ -77,6 +77,8 @@ def _functions(case, spec):
       "condensate_pallas": jax.jit(lambda q, k, v: cj.condensate_attention(
           q, k, v, spec, implementation="pallas")),
       "selection_only": jax.jit(select),
+      # The part of the selection that reads all of K: the score matrix alone.
+      "scores_only": jax.jit(lambda q, k: cj_attention._scores(q, k, scale)),
       "gather_kernel_only": jax.jit(kernel),
   }
 
@@ -89,7 +91,7 @@ def _bench_case(case, config, spec, dtype):
   timing = dict(warmup=config.warmup, iterations=config.iterations, repeats=config.repeats)
   indices = None
   for name, fn in fns.items():
-    args = (q, k) if name == "selection_only" else (q, k, v)
+    args = (q, k) if name in ("selection_only", "scores_only") else (q, k, v)
     if name == "gather_kernel_only":
       args = (q, k, v) + indices
     try:
@@ -130,8 +132,8 @@ def _fmt(x, digits=3):
 
 def markdown_table(rows):
   head = ("| case | B | T | S | dense XLA ms | cuDNN ms | best dense thru | cond. XLA ms "
-          "| cond. Pallas ms | = selection ms | + kernel ms | kernel GB/s "
-          "| Pallas / best dense |\n" + "|" + " --- |" * 13)
+          "| cond. Pallas ms | = selection ms | (scores ms) | + kernel ms | kernel GB/s "
+          "| kernel / best dense | Pallas / best dense |\n" + "|" + " --- |" * 15)
   lines = [head]
   for r in rows:
     thru = (f"{_fmt(r['best_dense_GBps'])} GB/s" if "best_dense_GBps" in r else
@@ -140,7 +142,9 @@ def markdown_table(rows):
         f"| {r['case']} | {r['B']} | {r['T']} | {r['S']} | {_fmt(r.get('dense_xla_ms'))} "
         f"| {_fmt(r.get('cudnn_ms'))} | {thru} | {_fmt(r.get('condensate_xla_ms'))} "
         f"| {_fmt(r.get('condensate_pallas_ms'))} | {_fmt(r.get('selection_only_ms'))} "
+        f"| {_fmt(r.get('scores_only_ms'))} "
         f"| {_fmt(r.get('gather_kernel_only_ms'))} | {_fmt(r.get('gather_kernel_GBps'))} "
+        f"| {_fmt(r.get('gather_kernel_only_over_best_dense'))}× "
         f"| {_fmt(r.get('condensate_pallas_over_best_dense'))}× |")
   return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """End to end: `cj.condensate_attention(..., implementation="pallas")` vs "xla".
 
-The selection (and so the stats) is the core's own code, so stats must be identical;
-outputs agree to the dtype's tolerance (the kernel sums in a different order).
+The selection (and so the stats) is the core's own code: set sizes must be identical
+and the float stats equal to float32 rounding (XLA may fuse the same code differently
+inside another jitted program: seen on an H200, 1-ulp differences); outputs agree to the dtype's tolerance (the kernel sums in a different order).
 """
 
 import jax.numpy as jnp
@@ -51,7 +52,11 @@ def test_pallas_matches_xla(kernel, case, dtype):
   assert out_p.dtype == q.dtype and out_p.shape == q.shape
   assert_close(out_p, out_x, dtype, "out")
   for name, a, e in zip(st_x._fields, st_p, st_x):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=name)
+    if jnp.issubdtype(e.dtype, jnp.integer):  # same set: sizes identical
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=name)
+    else:  # same code in another jitted program: XLA may fuse it differently (1 ulp)
+      np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-6, atol=1e-7,
+                                 err_msg=name)
   # The set really is sparse here: some query drops keys.
   assert np.any(np.asarray(st_x.set_size) < np.asarray(st_x.visible))
 
