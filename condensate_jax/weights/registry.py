@@ -16,6 +16,7 @@ import re
 from flax import nnx
 
 from condensate_jax import models
+from condensate_jax.lm import LanguageModel
 from condensate_jax.models import common
 from condensate_jax.weights import hf
 
@@ -103,7 +104,6 @@ _BYTE_ORDER = _gpt2_byte_order()
 
 def tiny_random(family: str = "llamalike", *, seed: int = 0, dtype="float32"):
   """A tiny randomly initialised LanguageModel (2 layers, width 64, context 512)."""
-  from condensate_jax.lm import LanguageModel
   if family not in TINY_FAMILIES:
     raise ValueError(f"family={family!r}: expected one of {TINY_FAMILIES}.")
   tok = byte_tokenizer()
