@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from condensate_jax.weights.gguf import load_gguf
+from condensate_jax.weights.registry import load_model
 from condensate_jax.weights.smollm2 import FetchError, fetch_smollm2
 
 pytestmark = pytest.mark.integration
@@ -57,14 +58,66 @@ def gguf_path():
 def reference(gguf_path):
   transformers = pytest.importorskip("transformers")
   import torch
-  torch.manual_seed(0)
+  # One torch thread: with the 2 shared cores JAX's threads and torch's contend ~20x slower.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
       attn_implementation="eager")
   model.eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent,
                                                          gguf_file=gguf_path.name)
-  return model, tokenizer
+  yield model, tokenizer
+  torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ours(gguf_path):
+  return load_model("smollm2-135m", dtype="float32")
+
+
+def _reference_greedy(model, ids: list[int], n: int) -> list[int]:
+  """Greedy decoding with transformers' KV cache; never stops early (ours doesn't either)."""
+  import inspect
+  import torch
+  # transformers >= 5.x names the cache `cache`; older releases `past_key_values`.
+  key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+  out_ids = []
+  with torch.no_grad():
+    out = model(torch.tensor([ids]), use_cache=True)
+    for step in range(n):
+      nxt = out.logits[0, -1].argmax()
+      out_ids.append(int(nxt))
+      if step + 1 < n:
+        out = model(nxt.view(1, 1), use_cache=True, **{key: out[key]})
+  return out_ids
+
+
+def _prompts(tokenizer) -> list[str]:
+  chats = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                         add_generation_prompt=True) for c in CHAT_PROMPTS]
+  return PLAIN_PROMPTS + chats
+
+
+@pytest.mark.parametrize("index", range(len(PLAIN_PROMPTS) + len(CHAT_PROMPTS)))
+def test_greedy_tokens_and_logits_match_transformers(reference, ours, index):
+  import torch
+  model, ref_tok = reference
+  prompt = _prompts(ref_tok)[index]
+  ids = ours.encode(prompt)
+  assert ids == ref_tok.encode(prompt)
+  want = _reference_greedy(model, ids, NEW_TOKENS)
+  got = np.asarray(ours.generate(np.array([ids], np.int32), NEW_TOKENS))[0].tolist()
+  assert got == want, (prompt, ref_tok.decode(got), ref_tok.decode(want))
+
+  full = ids + want  # teacher-forced logits over prompt and generated tokens
+  with torch.no_grad():
+    ref_logits = model(torch.tensor([full])).logits[0].numpy()
+  logits = np.asarray(ours.logits(np.array([full], np.int32)))[0]
+  assert logits.dtype == np.float32 and logits.shape == ref_logits.shape
+  diff = float(np.abs(logits - ref_logits).max())
+  print(f"prompt {index}: {len(ids)} tokens, max-abs logit diff {diff:.2e}")
+  assert diff <= LOGIT_ATOL
 
 
 def test_tensors_and_config_match_transformers(gguf_path, reference):
