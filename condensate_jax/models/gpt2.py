@@ -70,9 +70,12 @@ class GPT2Config:
   _HANDLED = frozenset({"vocab_size", "n_embd", "n_layer", "n_head", "n_inner",
                         "n_positions", "n_ctx", "layer_norm_epsilon", "activation_function",
                         "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
-                        "reorder_and_upcast_attn", "tie_word_embeddings"})
+                        "reorder_and_upcast_attn", "tie_word_embeddings", "n_special",
+                        "predict_special_tokens"})
   # n_ctx: older configs' alias of n_positions; reorder_and_upcast_attn only changes
-  # the float precision of HF's own computation (ours accumulates in float32 anyway).
+  # the float precision of HF's own computation (ours accumulates in float32 anyway);
+  # n_special (must be 0) and predict_special_tokens: OpenAI-GPT leftovers in the
+  # gpt2-medium/-large configs.
 
   @classmethod
   def from_hf_config(cls, hf: dict) -> "GPT2Config":
@@ -81,7 +84,7 @@ class GPT2Config:
                        f"{HF_MODEL_TYPES}.")
     common.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
     for key, allowed in (("scale_attn_by_inverse_layer_idx", False),
-                         ("tie_word_embeddings", True)):
+                         ("tie_word_embeddings", True), ("n_special", 0)):
       if key in hf and hf[key] != allowed:
         raise ValueError(f"HF config {key}={hf[key]!r}: only {allowed} is supported.")
     req = lambda k: common.require(hf, k, FAMILY)
