@@ -17,6 +17,8 @@ from configs import common
 _SIZES = {
     "full": dict(top_k=(8, 32, 128), window=(16, 64, 256), anchor=(1, 4),
                  lengths=(512, 2048), num_prompts=4, new_tokens=128),
+    "medium": dict(top_k=(32, 128, 512), window=(64, 256), anchor=(1, 4),
+                   lengths=(1024,), num_prompts=2, new_tokens=128),
     "small": dict(top_k=(8, 32, 128), window=(16, 64), anchor=(1,), lengths=(256,),
                   num_prompts=4, new_tokens=64),
 }

@@ -139,7 +139,10 @@ def _heatmap(ax, summary, anchor, value_key, title, transform, cmap, vmin=None, 
   for i in range(len(windows)):
     for j in range(len(top_ks)):
       if not math.isnan(grid[i, j]):
-        ax.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=7)
+        r, g, b, _ = image.cmap(image.norm(grid[i, j]))
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+        ax.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=7,
+                color="white" if dark else "black")
   return image
 
 
