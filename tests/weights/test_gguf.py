@@ -31,6 +31,7 @@ CASES = [  # (arch, weight type, tokenizer kind, tied embeddings)
     ("llama", "Q8_0", "gpt2", True),
     ("gemma3", "F32", "llama", True),
     ("gemma3", "Q8_0", "gpt2", True),
+    ("qwen2", "F32", "gpt2", False),
 ]
 TOLERANCE = {"F32": 0.0, "F16": 1e-3, "Q8_0": 1.2e-2}  # weights ~N(0, 0.5): |w| < 3.5
 
@@ -64,8 +65,9 @@ def test_tensors_config_tokenizer(tmp_path, transformers_mod, arch, qtype, token
   for name, value in tensors.items():
     np.testing.assert_array_equal(value, reference[name], err_msg=name)
   assert set(reference) - set(tensors) == ({"lm_head.weight"} if tied else set())
+  assert any(n.endswith("q_proj.bias") for n in tensors) is (arch == "qwen2")
 
-  assert config["model_type"] == ("gemma3_text" if arch == "gemma3" else "llama")
+  assert config["model_type"] == {"gemma3": "gemma3_text"}.get(arch, arch)
   assert config["tie_word_embeddings"] is tied
   assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (
       64, 2, 96)
@@ -74,9 +76,10 @@ def test_tensors_config_tokenizer(tmp_path, transformers_mod, arch, qtype, token
   assert config["vocab_size"] == tensors["model.embed_tokens.weight"].shape[0]
   hf_config = model.config
   for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size",
+              "num_key_value_heads", "max_position_embeddings", "vocab_size",
               "bos_token_id", "eos_token_id", "tie_word_embeddings"):
     assert config[key] == getattr(hf_config, key), key
+  assert config["head_dim"] == (getattr(hf_config, "head_dim", None) or 64 // 4)  # Qwen2 derives it
   assert config["rms_norm_eps"] == pytest.approx(hf_config.rms_norm_eps, rel=1e-6)
   if arch == "gemma3":
     assert config["sliding_window"] == hf_config.sliding_window == 8
@@ -108,6 +111,17 @@ def test_llama_qk_rows_are_unpermuted(tmp_path):
       # The file really stores q/k rows in another order (v untouched), so this can fail.
       assert np.array_equal(raw, expected) is (gguf_leaf == "attn_v")
       assert sorted(map(tuple, raw)) == sorted(map(tuple, expected))  # a row permutation
+
+
+@pytest.mark.parametrize("kind,factor", [("linear", 4.0), ("yarn", 2.0)])
+def test_rope_scaling(tmp_path, kind, factor):
+  path = tmp_path / "rope.gguf"
+  write_tiny_gguf(path, "llama", rope_scaling=(kind, factor, 64))
+  config, _, _ = load_gguf(path)
+  assert config["rope_scaling"] == {"rope_type": kind, "factor": factor,
+                                    "original_max_position_embeddings": 64}
+  write_tiny_gguf(path, "llama")
+  assert load_gguf(path)[0]["rope_scaling"] is None
 
 
 def test_unsupported_architecture(tmp_path):

@@ -85,6 +85,10 @@ def _hf_weights(arch: str, *, vocab: int, hidden: int, heads: int, kv_heads: int
     w[p + "self_attn.k_proj.weight"] = mat(kv_heads * head_dim, hidden)
     w[p + "self_attn.v_proj.weight"] = mat(kv_heads * head_dim, hidden)
     w[p + "self_attn.o_proj.weight"] = mat(hidden, heads * head_dim)
+    if arch == "qwen2":  # Qwen2 has q/k/v biases
+      w[p + "self_attn.q_proj.bias"] = mat(heads * head_dim)
+      w[p + "self_attn.k_proj.bias"] = mat(kv_heads * head_dim)
+      w[p + "self_attn.v_proj.bias"] = mat(kv_heads * head_dim)
     w[p + "mlp.gate_proj.weight"] = mat(ffn, hidden)
     w[p + "mlp.up_proj.weight"] = mat(ffn, hidden)
     w[p + "mlp.down_proj.weight"] = mat(hidden, ffn)
@@ -121,10 +125,13 @@ def gguf_name(arch: str, hf: str) -> str:
 
 def write_tiny_gguf(path: Path, arch: str = "llama", *, qtype: str = "F32", tokenizer: str = "gpt2",
                     tied: bool = True, seed: int = 0, extra_tensors: dict | None = None,
-                    declared_arch: str | None = None) -> dict[str, np.ndarray]:
+                    declared_arch: str | None = None,
+                    rope_scaling: tuple[str, float, int] | None = None) -> dict[str, np.ndarray]:
   """Writes a 2-layer model; returns its HF-layout float32 tensors (before quantization).
 
+  arch: "llama", "qwen2" (q/k/v biases) or "gemma3".
   qtype: "F32", "F16" or "Q8_0" for the 2-D weights (norms stay F32, as llama.cpp keeps them).
+  rope_scaling: (type, factor, original context length) metadata to write.
   """
   if tokenizer == "gpt2":
     tokens, types, merges = gpt2_vocab()
@@ -150,6 +157,10 @@ def write_tiny_gguf(path: Path, arch: str = "llama", *, qtype: str = "F32", toke
     w.add_sliding_window(8)
   else:
     w.add_rope_dimension_count(dims["head_dim"])
+  if rope_scaling is not None:
+    w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
+    w.add_rope_scaling_factor(rope_scaling[1])
+    w.add_rope_scaling_orig_ctx_len(rope_scaling[2])
   w.add_tokenizer_model(tokenizer)
   w.add_token_list(tokens)
   w.add_token_types(types)
@@ -166,9 +177,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", *, qtype: str = "F32", toke
   for name, value in hf.items():
     g = gguf_name(arch, name)
     value = value.copy()
-    if arch == "llama" and g.endswith("attn_q.weight"):
+    if arch == "llama" and g.endswith(("attn_q.weight", "attn_q.bias")):
       value = _permute_rows(value, dims["heads"])
-    elif arch == "llama" and g.endswith("attn_k.weight"):
+    elif arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
       value = _permute_rows(value, dims["kv_heads"])
     if arch == "gemma3" and g.endswith("norm.weight"):
       value = value + np.float32(1.0)
