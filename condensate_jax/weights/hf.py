@@ -63,7 +63,13 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     raise CheckpointFileError(f"{path}: cannot read ({e}).") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointFileError(f"{path}: unreadable safetensors header ({e}).") from None
+  if not isinstance(header, dict):
+    raise CheckpointFileError(f"{path}: safetensors header is not a JSON object.")
   header.pop("__metadata__", None)
+  for name, info in header.items():
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):
+      raise CheckpointFileError(f"{path}: tensor {name!r} lacks dtype/shape/data_offsets "
+                                "in the header.")
   data_size = size - 8 - n
   end = max((info["data_offsets"][1] for info in header.values()), default=0)
   if end > data_size:
