@@ -135,3 +135,15 @@ def test_named_backend_off_platform_raises_not_implemented():
   for impl in ("triton", "mosaic_tpu"):
     with pytest.raises(NotImplementedError):
       api.gather_attention(**inputs, implementation=impl, interpret=False)
+
+
+@pytest.mark.parametrize("impl,interpret", KERNELS)
+def test_odd_shapes(impl, interpret):
+  """Shapes off the named sets: G = 5, D = 80 (padded to powers of two by the Triton
+  kernel), list lengths not chunk multiples, T = 3 queries of a 37-key cache."""
+  shape = arg_specs.ShapeSet("odd", 2, 3, 37, 10, 2, 80, 13, 3, ragged=True)
+  inputs = arg_specs.make_inputs(shape, jnp.float32, seed=5)
+  o, lse = run_kernel(impl, interpret, inputs, scale=0.3)
+  o_ref, lse_ref = reference.gather_attention(**inputs, scale=0.3)
+  assert_close(o, o_ref, jnp.float32, "o")
+  assert_close(lse, lse_ref, jnp.float32, "lse")
