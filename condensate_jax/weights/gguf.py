@@ -206,11 +206,15 @@ def _hf_config(arch: str, meta: dict[str, Any], tensor_names: set[str]) -> dict[
 
 def _rope_scaling(get: Any) -> dict[str, Any] | None:
   kind = get("rope.scaling.type")
-  factor = get("rope.scaling.factor")
-  if kind in (None, "none") or factor in (None, 0.0, 1.0) and kind != "yarn":
+  if kind in (None, "none"):
     return None
   if kind not in ("linear", "yarn"):
     raise ValueError(f"rope.scaling.type={kind!r} is not supported; supported: 'linear', 'yarn'")
+  factor = get("rope.scaling.factor")
+  if factor is None:
+    raise ValueError(f"rope.scaling.type={kind!r} without rope.scaling.factor")
+  if kind == "linear" and float(factor) == 1.0:
+    return None  # linear scaling by 1 is no scaling
   scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
   orig = get("rope.scaling.original_context_length")
   if orig is not None:

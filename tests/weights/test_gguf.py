@@ -20,7 +20,7 @@ TEXTS = [
     "Ünïcödé café naïve 日本語 🙂🙃 and unseen ǅ ℵ",
     "numbers 123 4567, 89.5%",
     "<|im_start|>user\nhello there<|im_end|>\n",
-    "<s>the</s> theory of the thing",
+    "<s>the</s> theory of the thing <unk> <0x41>",
     "",
     " ",
 ]
@@ -122,6 +122,27 @@ def test_rope_scaling(tmp_path, kind, factor):
                                     "original_max_position_embeddings": 64}
   write_tiny_gguf(path, "llama")
   assert load_gguf(path)[0]["rope_scaling"] is None
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"])
+def test_dequantize_types(tmp_path, qtype):
+  import gguf
+  from condensate_jax.weights.gguf import _dequantize
+  kind = gguf.GGMLQuantizationType[qtype]
+  x = np.random.default_rng(3).normal(size=(3, 256)).astype(np.float32)
+  q = gguf.quants.quantize(x, kind)
+  w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+  w.add_tensor("t", q, raw_dtype=None if qtype == "F16" else kind)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  (tensor,) = gguf.GGUFReader(tmp_path / "q.gguf").tensors
+  assert tensor.tensor_type == kind
+  got = _dequantize(tensor)
+  assert got.shape == (3, 256) and got.dtype == np.float32
+  np.testing.assert_array_equal(got, gguf.quants.dequantize(q, kind).reshape(3, 256))
+  assert np.abs(got - x).max() < 0.25 * np.abs(x).max()  # within the format's precision
 
 
 def test_unsupported_architecture(tmp_path):

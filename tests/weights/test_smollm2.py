@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import condensate_jax as cj
 from condensate_jax.weights.gguf import load_gguf
-from condensate_jax.weights.registry import load_model
 from condensate_jax.weights.smollm2 import FetchError, fetch_smollm2
 
 pytestmark = pytest.mark.integration
@@ -73,7 +73,7 @@ def reference(gguf_path):
 
 @pytest.fixture(scope="module")
 def ours(gguf_path):
-  return load_model("smollm2-135m", dtype="float32")
+  return cj.load_model("smollm2-135m", dtype="float32")
 
 
 def _reference_greedy(model, ids: list[int], n: int) -> list[int]:
