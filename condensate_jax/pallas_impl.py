@@ -51,6 +51,10 @@ def split_set(selection, lo, hi, spec, num_keys, num_q_heads):
 def condensate_pallas(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window,
                       scale, return_stats):
   """Same contract as `condensate_jax.attention._condensate_masked`."""
+  if spec.selection != "exact":
+    raise ValueError(
+        f"spec.selection={spec.selection!r} with implementation='pallas': this kernel "
+        "path supports selection='exact' only.")
   scores, lo, hi, selection = _attention._select(q, k, q_positions, kv_lengths, spec,
                                                  causal, sliding_window, scale)
   (s_idx, s_valid), (h_idx, h_valid) = split_set(selection, lo, hi, spec, k.shape[1],

@@ -72,3 +72,10 @@ def test_covering_spec_equals_dense(kernel, dtype):
   out = cj.condensate_attention(q, k, v, spec, implementation="pallas")
   dense = cj.dense_attention(q, k, v)
   assert_close(out, dense, dtype, "out")
+
+
+def test_non_exact_selection_is_refused():
+  q, k, v = _inputs(1, 1, 16, 2, 1, 64, jnp.float32, seed=0)
+  spec = cj.CondensateSpec(anchor=1, window=2, top_k=2, selection="blocks")
+  with pytest.raises(ValueError, match="spec.selection='blocks'"):
+    cj.condensate_attention(q, k, v, spec, implementation="pallas")
