@@ -77,5 +77,9 @@ def test_covering_spec_equals_dense(kernel, dtype):
 def test_non_exact_selection_is_refused():
   q, k, v = _inputs(1, 1, 16, 2, 1, 64, jnp.float32, seed=0)
   spec = cj.CondensateSpec(anchor=1, window=2, top_k=2, selection="blocks")
+  # cj.condensate_attention routes non-exact specs to "pallas_blocks"; a direct caller of
+  # this implementation must still get an error, not a silent exact selection.
   with pytest.raises(ValueError, match="spec.selection='blocks'"):
-    cj.condensate_attention(q, k, v, spec, implementation="pallas")
+    pallas_impl.condensate_pallas(q, k, v, jnp.zeros((1, 1), jnp.int32),
+                                  jnp.full((1,), 16, jnp.int32), spec=spec, causal=True,
+                                  sliding_window=None, scale=0.125, return_stats=False)
