@@ -35,13 +35,29 @@ def main(argv):
   return cli.main(_CONFIG.value, _WORKDIR.value)
 
 
+def _parse_flags(argv):
+  """absl's parser, with a bad `--config.KEY=VALUE` override reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    message = str(err).strip()
+    if "Traceback" in message:  # a config file's get_config() raised: keep its last line
+      message = message.splitlines()[-1]
+    print(f"error: {message}\nPass --help for usage.", file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as err:
+    print(f"error: bad --config override or config file ({type(err).__name__}: {err}). "
+          "Overrides must name existing keys (see configs/common.py) with values of "
+          "the same type.", file=sys.stderr)
+  sys.exit(2)
+
+
 def entry():
   try:
     sys.argv = cli.resolve_argv(sys.argv)
   except ConfigError as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,9 @@ def test_hub_config_offline_fails_with_the_offline_options(tmp_path):
   assert "--config.model.path=" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_bad_override_is_one_line():
+  proc = _run("--config=smoke.py", "--config.attention.no_such_key=3")
+  assert proc.returncode == 2
+  assert "no_such_key" in proc.stderr and "Traceback" not in proc.stderr
