@@ -34,6 +34,7 @@ from tokenizers import pre_tokenizers, processors
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
+PRETOKENIZERS = ("transformers", "llama.cpp")
 
 # GGUF token types (llama.cpp `llama_token_type`).
 _TOKEN_CONTROL = 3
@@ -75,8 +76,17 @@ _TOP_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
 
 
-def load_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
-  """Reads a GGUF file: `(hf_config, tensors, tokenizer)` (see the module docstring)."""
+def load_gguf(path: str | os.PathLike, *, pretokenizer: str = "transformers",
+              ) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
+  """Reads a GGUF file: `(hf_config, tensors, tokenizer)` (see the module docstring).
+
+  pretokenizer: "transformers" (default) splits text exactly as `transformers`' GGUF tokenizer
+    does; "llama.cpp" also applies llama.cpp's digit split for `tokenizer.ggml.pre` values such as
+    "smollm" (one token per digit before the GPT-2 split), which transformers leaves out. They
+    differ only on some whitespace next to digits (e.g. "  42": "Ġ Ġ 4 2" vs "ĠĠ 4 2").
+  """
+  if pretokenizer not in PRETOKENIZERS:
+    raise ValueError(f"pretokenizer={pretokenizer!r}: expected one of {PRETOKENIZERS}")
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file not found: path={str(path)!r}")
@@ -89,7 +99,7 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
   tensor_names = {t.name for t in reader.tensors}
   config = _hf_config(arch, meta, tensor_names)
   tensors = _hf_tensors(arch, reader, config, path)
-  tokenizer = build_tokenizer(meta, arch=arch)
+  tokenizer = build_tokenizer(meta, arch=arch, pretokenizer=pretokenizer)
   return config, tensors, tokenizer
 
 
@@ -303,6 +313,9 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
                "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+# llama.cpp splits digits one by one before the GPT-2 regex for these (llama-vocab.cpp);
+# transformers' GGUF tokenizer does not, so this split is applied only with pretokenizer="llama.cpp".
+_DIGIT_FIRST = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone")
 
 
 def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -321,7 +334,8 @@ def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[
   return [(found[i][1], found[i][2]) for i in order]
 
 
-def build_tokenizer(meta: dict[str, Any], arch: str = "llama") -> Tokenizer:
+def build_tokenizer(meta: dict[str, Any], arch: str = "llama",
+                    pretokenizer: str = "transformers") -> Tokenizer:
   """A `tokenizers.Tokenizer` from GGUF `tokenizer.ggml.*` metadata (see `load_gguf`)."""
   kind = meta.get("tokenizer.ggml.model")
   if kind not in SUPPORTED_TOKENIZERS:
@@ -341,8 +355,13 @@ def build_tokenizer(meta: dict[str, Any], arch: str = "llama") -> Tokenizer:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
                                continuing_subword_prefix="", end_of_word_suffix="",
                                fuse_unk=False, byte_fallback=False))
-    split = _PRE_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    if split is None:
+    pre = meta.get("tokenizer.ggml.pre")
+    split = _PRE_SPLITS.get(pre)
+    if pretokenizer == "llama.cpp" and pre in _DIGIT_FIRST:
+      tok.pre_tokenizer = pre_tokenizers.Sequence([
+          pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    elif split is None:
       tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
       tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -143,3 +143,16 @@ def test_tokenizer_matches_transformers(gguf_path, reference):
     assert ids == ref_tok.encode(text), repr(text)
     assert tok.decode(ids, skip_special_tokens=False) == ref_tok.decode(ids), repr(text)
   assert tok.encode("Hello").ids[0] != 1  # the file says add_bos_token = False
+
+
+def test_llamacpp_pretokenizer_digit_split(gguf_path):
+  # llama.cpp's "smollm" pre-tokenizer isolates every digit before the GPT-2 split
+  # (llama-vocab.cpp); transformers' GGUF tokenizer skips that step. Hand-derived splits:
+  _, _, default = load_gguf(gguf_path)
+  _, _, llamacpp = load_gguf(gguf_path, pretokenizer="llama.cpp")
+  assert default.encode("  42  ").tokens == ["Ġ", "Ġ", "4", "2", "ĠĠ"]
+  assert llamacpp.encode("  42  ").tokens == ["ĠĠ", "4", "2", "ĠĠ"]
+  assert llamacpp.encode("x\n\n33").tokens == ["x", "ĊĊ", "3", "3"]
+  for text in TEXTS:  # elsewhere the two agree
+    if not any(c.isdigit() for c in text):
+      assert llamacpp.encode(text).ids == default.encode(text).ids, repr(text)
