@@ -42,3 +42,38 @@ def topic_qkv(rng: np.random.Generator, batch: int, q_len: int, kv_len: int,
   q = query_gain * aim.mean(axis=3)
   q = q + query_noise * rng.standard_normal((b, t, hq, d)).astype(np.float32)
   return q.astype(np.float32), k.astype(np.float32), v
+
+
+def topic_qkv_jax(key, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int,
+                  head_dim: int, *, dtype="bfloat16", segment: int = 256,
+                  topic_norm: float = 1.0, key_noise: float = 0.1, query_topics: int = 2,
+                  query_gain: float = 2.0, query_noise: float = 0.3):
+  """The model of `topic_qkv`, generated on device with jax.random (for long contexts):
+  segment boundaries are Bernoulli(1 / segment) cuts instead of a fixed count."""
+  import jax
+  import jax.numpy as jnp
+  b, t, s, hq, hkv, d = batch, q_len, kv_len, q_heads, kv_heads, head_dim
+  k_cut, k_top, k_kn, k_v, k_pick, k_qn = jax.random.split(key, 6)
+  cuts = jax.random.bernoulli(k_cut, 1.0 / segment, (s,)).at[0].set(False)
+  seg = jnp.cumsum(cuts.astype(jnp.int32))                             # [S]
+  n_max = 4 * s // segment + 16
+  seg = jnp.minimum(seg, n_max - 1)
+  topics = jax.random.normal(k_top, (b, n_max, hkv, d), jnp.float32) * topic_norm
+  k = topics[:, seg] + key_noise * jax.random.normal(k_kn, (b, s, hkv, d), jnp.float32)
+  v = jax.random.normal(k_v, (b, s, hkv, d), dtype)
+  picks = jax.random.randint(k_pick, (b, t, hq, query_topics), 0, seg[-1] + 1)
+  heads = jnp.repeat(jnp.arange(hkv), hq // hkv)
+  aim = topics[jnp.arange(b)[:, None, None, None], picks, heads[None, None, :, None]]
+  q = query_gain * aim.mean(axis=3)
+  q = q + query_noise * jax.random.normal(k_qn, (b, t, hq, d), jnp.float32)
+  return q.astype(dtype), k.astype(dtype), v
+
+
+def gaussian_qkv_jax(key, batch, q_len, kv_len, q_heads, kv_heads, head_dim, *,
+                     dtype="bfloat16"):
+  """i.i.d. N(0, 1) q, k, v: flat attention (the hard case for block selection)."""
+  import jax
+  kq, kk, kv = jax.random.split(key, 3)
+  return (jax.random.normal(kq, (batch, q_len, q_heads, head_dim), dtype),
+          jax.random.normal(kk, (batch, kv_len, kv_heads, head_dim), dtype),
+          jax.random.normal(kv, (batch, kv_len, kv_heads, head_dim), dtype))

@@ -232,8 +232,9 @@ def fast_bounds(q, kmin, kmax, scale):
   return jnp.sum(term, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits"))
-def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8):
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "return_blocks"))
+def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8,
+                return_blocks=False):
   """One decode step of selection="blocks" (the timed path).
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries
@@ -266,6 +267,8 @@ def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8):
                     u + jnp.log(jnp.maximum(n_mid[:, None], 1).astype(jnp.float32)))
   eps = _blocks._log_delta_to_eps(jax.nn.logsumexp(terms, axis=-1), lse[..., 0])
   out = o.transpose(0, 3, 1, 2, 4).reshape(b, 1, hq, d).astype(q.dtype)
+  if return_blocks:
+    return out, lse.reshape(b, hq), eps.reshape(b, hq), ids
   return out, lse.reshape(b, hq), eps.reshape(b, hq)
 
 
