@@ -218,18 +218,19 @@ _attention.register_implementation("pallas_blocks", condensate_pallas_blocks)
 
 
 def fast_bounds(q, kmin, kmax, scale):
-  """U [B, K, G, nb] float32 for a decode query q [B, Hq, D] from bf16/f32 min/max
+  """U [B, K, nb, G] float32 for a decode query q [B, Hq, D] from bf16/f32 min/max
   summaries [B, nb, K, D]: sum_d max(q_d min_d, q_d max_d) plus the rounding slack, as
-  one fused XLA reduction (reads each summary element once)."""
+  one fused XLA reduction. G is the minor output axis, so the G heads of a group reduce
+  adjacent rows and each summary row is fetched from memory once, not G times."""
   b, hq, d = q.shape
   hkv = kmin.shape[2]
-  qs = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(b, hkv, hq // hkv, 1, d)
-  mn = kmin.astype(jnp.float32).transpose(0, 2, 1, 3)[:, :, None]     # [B, K, 1, nb, D]
-  mx = kmax.astype(jnp.float32).transpose(0, 2, 1, 3)[:, :, None]
+  qs = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(b, 1, hkv, hq // hkv, d)
+  mn = kmin.astype(jnp.float32)[:, :, :, None, :]                      # [B, nb, K, 1, D]
+  mx = kmax.astype(jnp.float32)[:, :, :, None, :]
   s = _blocks.bound_slack(d)
   term = jnp.maximum(qs * mn, qs * mx) + s * jnp.abs(qs) * jnp.maximum(jnp.abs(mn),
                                                                        jnp.abs(mx))
-  return jnp.sum(term, axis=-1)
+  return jnp.sum(term, axis=-1).transpose(0, 2, 1, 3)                   # [B, K, nb, G]
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "return_blocks"))
@@ -250,10 +251,10 @@ def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8,
   pos = kv_lengths[:, None] - 1
   lo, hi = sel.visible_range(pos, kv_lengths, causal=True, sliding_window=None)
   n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)           # [B, 1, nb]
-  u = fast_bounds(q[:, 0], kmin, kmax, scale)                            # [B, K, G, nb]
-  u = jnp.where(n_mid[:, None] > 0, u, NEG_INF)
+  u = fast_bounds(q[:, 0], kmin, kmax, scale)                            # [B, K, nb, G]
+  u = jnp.where(n_mid[:, :, :, None] > 0, u, NEG_INF)
   m = min(spec.top_blocks, nb)
-  ug = jnp.max(u, axis=2)
+  ug = jnp.max(u, axis=3)
   top_u, ids = jax.lax.top_k(ug, m)                                      # [B, K, M]
   ids = jnp.where(jnp.isneginf(top_u), -1, ids)
   ns = max(1, min(num_splits, m))
@@ -263,9 +264,9 @@ def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8,
   o, lse = _decode(q, k, v, ids.reshape(b, hkv, 1, ns, bps), ranges, spec, scale)
   o, lse = _combine5(o, lse)                                             # [B,K,G,1,(D)]
   chosen = jnp.any(jnp.arange(nb) == ids[..., None], axis=-2)            # [B, K, nb]
-  terms = jnp.where(chosen[:, :, None] | (n_mid[:, None] == 0), NEG_INF,
-                    u + jnp.log(jnp.maximum(n_mid[:, None], 1).astype(jnp.float32)))
-  eps = _blocks._log_delta_to_eps(jax.nn.logsumexp(terms, axis=-1), lse[..., 0])
+  terms = jnp.where((chosen | (n_mid == 0))[..., None], NEG_INF,
+                    u + jnp.log(jnp.maximum(n_mid, 1).astype(jnp.float32))[..., None])
+  eps = _blocks._log_delta_to_eps(jax.nn.logsumexp(terms, axis=2), lse[..., 0])
   out = o.transpose(0, 3, 1, 2, 4).reshape(b, 1, hq, d).astype(q.dtype)
   if return_blocks:
     return out, lse.reshape(b, hq), eps.reshape(b, hq), ids

@@ -213,7 +213,7 @@ def prefill_parity(q, k, v, spec, kblocks, kflags, o, o_ref, n_rows=32):
     z_set = jnp.sum(jnp.where(in_set, e, 0.0), -1)
     caps.append(z_set / jnp.sum(e, -1))
     # certificate: unselected blocks holding middle keys of this query, per-query U_b
-    u = blocks_pallas.fast_bounds(q[:, r], summ.kmin, summ.kmax, scale)[:, :, 0]  # [B,H,nb]
+    u = blocks_pallas.fast_bounds(q[:, r], summ.kmin, summ.kmax, scale)[..., 0]   # [B,H,nb]
     nbk = summ.num_blocks
     start = jnp.arange(nbk) * p
     n_mid = jnp.maximum(jnp.minimum(pos - spec.window, start + p - 1)
