@@ -35,6 +35,10 @@ _CASES = {
     "full": _DECODE + _DECODE_P128 + _GAUSS + _PREFILL,
     "decode": _DECODE + _DECODE_P128 + _GAUSS,
     "prefill": _PREFILL,
+    # the full grid ordered by importance (a run cut short keeps the key rows)
+    "ordered": [_DECODE[2], _DECODE[4], _PREFILL[2], _DECODE[7], _DECODE_P128[1],
+                _DECODE[0], _DECODE[1], _DECODE[3], _PREFILL[0], _PREFILL[1], _GAUSS[0],
+                _DECODE_P128[0], _DECODE[9], _DECODE[5], _DECODE[6], _DECODE[8]],
     "quick": [_DECODE[0], _DECODE[2], _DECODE[4], _DECODE_P128[1], _PREFILL[0]],
     "smoke": [dict(op="decode", batch=2, kv_len=256, block_size=16, top_blocks=2),
               dict(op="prefill", batch=1, kv_len=64, block_size=16, top_blocks=1)],
