@@ -55,6 +55,11 @@ def gguf_path():
 
 
 @pytest.fixture(scope="module")
+def loaded(gguf_path):
+  return load_gguf(gguf_path)
+
+
+@pytest.fixture(scope="module")
 def reference(gguf_path):
   transformers = pytest.importorskip("transformers")
   import torch
@@ -120,9 +125,9 @@ def test_greedy_tokens_and_logits_match_transformers(reference, ours, index):
   assert diff <= LOGIT_ATOL
 
 
-def test_tensors_and_config_match_transformers(gguf_path, reference):
+def test_tensors_and_config_match_transformers(loaded, reference):
   model, _ = reference
-  config, tensors, _ = load_gguf(gguf_path)
+  config, tensors, _ = loaded
   expected = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   assert set(expected) - set(tensors) == {"lm_head.weight"}  # tied: transformers lists it too
   for name, value in tensors.items():
@@ -133,9 +138,9 @@ def test_tensors_and_config_match_transformers(gguf_path, reference):
   assert config["rope_theta"] == model.config.rope_parameters["rope_theta"] == 100000.0
 
 
-def test_tokenizer_matches_transformers(gguf_path, reference):
+def test_tokenizer_matches_transformers(loaded, reference):
   _, ref_tok = reference
-  _, _, tok = load_gguf(gguf_path)
+  _, _, tok = loaded
   chat = ref_tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPTS[0]}],
                                      tokenize=False, add_generation_prompt=True)
   for text in [*TEXTS, chat]:
@@ -145,10 +150,10 @@ def test_tokenizer_matches_transformers(gguf_path, reference):
   assert tok.encode("Hello").ids[0] != 1  # the file says add_bos_token = False
 
 
-def test_llamacpp_pretokenizer_digit_split(gguf_path):
+def test_llamacpp_pretokenizer_digit_split(gguf_path, loaded):
   # llama.cpp's "smollm" pre-tokenizer isolates every digit before the GPT-2 split
   # (llama-vocab.cpp); transformers' GGUF tokenizer skips that step. Hand-derived splits:
-  _, _, default = load_gguf(gguf_path)
+  _, _, default = loaded
   _, _, llamacpp = load_gguf(gguf_path, pretokenizer="llama.cpp")
   assert default.encode("  42  ").tokens == ["Ġ", "Ġ", "4", "2", "ĠĠ"]
   assert llamacpp.encode("  42  ").tokens == ["ĠĠ", "4", "2", "ĠĠ"]
