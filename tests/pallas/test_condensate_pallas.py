@@ -40,8 +40,6 @@ def kernel(request, monkeypatch):
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=("float32", "bfloat16"))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pallas_matches_xla(kernel, case, dtype):
-  if kernel == "mosaic_tpu" and case.startswith("prefill"):
-    pytest.skip("TPU interpret mode is slow; prefill covered by the Triton kernel")
   b, t, s, hq, hkv, d, spec, kw = CASES[case]
   q, k, v = _inputs(b, t, s, hq, hkv, d, dtype, seed=sorted(CASES).index(case))
   out_x, st_x = cj.condensate_attention(q, k, v, spec, implementation="xla",
@@ -64,8 +62,6 @@ def test_pallas_matches_xla(kernel, case, dtype):
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=("float32", "bfloat16"))
 def test_covering_spec_equals_dense(kernel, dtype):
   """budget >= S: every visible key is in the set; pallas == dense within tolerance."""
-  if kernel == "mosaic_tpu":
-    pytest.skip("prefill in TPU interpret mode is slow; covered by the Triton kernel")
   q, k, v = _inputs(2, 16, 16, 4, 2, 64, dtype, seed=11)
   spec = cj.CondensateSpec(anchor=2, window=8, top_k=6)
   pallas_impl.condensate_pallas.clear_cache()
