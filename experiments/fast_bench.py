@@ -307,20 +307,28 @@ def run(config, workdir):
       row = run_decode(case, spec, config, ceilings, inputs=case.get("inputs", "topic"))
     else:
       row = run_prefill(case, spec, config, ceilings)
-    row.update(device=device, data=dict(config.data), wall_s=time.time() - t0)
+    row.update(device=device, data=dict(config.data), wall_s=time.time() - t0,
+               bandwidth=ceilings[0], matmul_rate=ceilings[1])
     rows.append(row)
     with results.open("a") as f:
       f.write(json.dumps(row) + "\n")
     print(json.dumps({k: row[k] for k in row if k not in ("data", "device")}), flush=True)
+    jax.clear_caches()
   text = table(rows, device, ceilings)
   (workdir / "table.md").write_text(text + "\n")
   return dict(table=text, computed=len(rows), skipped=0)
 
 
 def main(argv=None):
+  """`python -m experiments.fast_bench [CASES [WORKDIR]]`, or `... table RESULTS.jsonl`
+  to print the table of a (possibly interrupted) run."""
   import sys
-  from configs import fast_bench as fast_bench_config
   arg = (argv or sys.argv)[1:]
+  if arg and arg[0] == "table":
+    rows = [json.loads(line) for line in pathlib.Path(arg[1]).read_text().splitlines()]
+    print(table(rows, rows[0]["device"], (rows[0]["bandwidth"], rows[0]["matmul_rate"])))
+    return
+  from configs import fast_bench as fast_bench_config
   config = fast_bench_config.get_config(f"cases={arg[0]}" if arg else None)
   workdir = arg[1] if len(arg) > 1 else f"runs/fast_bench-{time.strftime('%Y%m%d-%H%M%S')}"
   print("\n" + run(config, workdir)["table"])
