@@ -162,6 +162,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", *, qtype: str = "F32", toke
     w.add_rope_scaling_factor(rope_scaling[1])
     w.add_rope_scaling_orig_ctx_len(rope_scaling[2])
   w.add_tokenizer_model(tokenizer)
+  if arch == "qwen2":
+    w.add_tokenizer_pre("qwen2")  # Qwen2's own split regex (digits one by one)
   w.add_token_list(tokens)
   w.add_token_types(types)
   if merges is not None:
