@@ -48,8 +48,10 @@ def topic_qkv_jax(key, batch: int, q_len: int, kv_len: int, q_heads: int, kv_hea
                   head_dim: int, *, dtype="bfloat16", segment: int = 256,
                   topic_norm: float = 1.0, key_noise: float = 0.1, query_topics: int = 2,
                   query_gain: float = 2.0, query_noise: float = 0.3):
-  """The model of `topic_qkv`, generated on device with jax.random (for long contexts):
-  segment boundaries are Bernoulli(1 / segment) cuts instead of a fixed count."""
+  """The model of `topic_qkv`, generated on device with jax.random (for long contexts),
+  with two differences: segment boundaries are Bernoulli(1 / segment) cuts, and a query
+  (at position S - T + t) aims at topics drawn once per segment of its own position, so
+  the queries of one segment share their targets (prefill query blocks are coherent)."""
   import jax
   import jax.numpy as jnp
   b, t, s, hq, hkv, d = batch, q_len, kv_len, q_heads, kv_heads, head_dim
@@ -61,7 +63,10 @@ def topic_qkv_jax(key, batch: int, q_len: int, kv_len: int, q_heads: int, kv_hea
   topics = jax.random.normal(k_top, (b, n_max, hkv, d), jnp.float32) * topic_norm
   k = topics[:, seg] + key_noise * jax.random.normal(k_kn, (b, s, hkv, d), jnp.float32)
   v = jax.random.normal(k_v, (b, s, hkv, d), dtype)
-  picks = jax.random.randint(k_pick, (b, t, hq, query_topics), 0, seg[-1] + 1)
+  # a query picks the topics of the segment its own position lies in: consecutive
+  # queries of one segment look for the same things (the queries are the last T keys)
+  seg_picks = jax.random.randint(k_pick, (b, n_max, hq, query_topics), 0, seg[-1] + 1)
+  picks = seg_picks[:, seg[s - t:]]                                    # [B, T, Hq, n]
   heads = jnp.repeat(jnp.arange(hkv), hq // hkv)
   aim = topics[jnp.arange(b)[:, None, None, None], picks, heads[None, None, :, None]]
   q = query_gain * aim.mean(axis=3)

@@ -233,46 +233,90 @@ def fast_bounds(q, kmin, kmax, scale):
   return jnp.sum(term, axis=-1).transpose(0, 2, 1, 3)                   # [B, K, nb, G]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "return_blocks"))
-def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8,
-                return_blocks=False):
-  """One decode step of selection="blocks" (the timed path).
+def top_m(x, m, method="top_k", chunk=256):
+  """Exact top-m along the last axis (values, indices; ties to the lower index).
 
-  q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries
-  (kept beside the cache, updated by `blocks.append_summaries`); kv_lengths [B].
-  Reads the summaries, selects spec.top_blocks blocks per GQA group by max_g U_b, runs the
-  split-K kernel over them plus anchor and window. Returns out [B, 1, Hq, D],
-  lse [B, Hq] and the certified eps [B, Hq] (from the unselected blocks' U_b).
+  "top_k": one lax.top_k over the row. "chunked": lax.top_k inside chunks of `chunk`
+  entries, then over the m * n_chunks candidates — the same result (each of the row's
+  top m is among its chunk's top m; candidates are laid out chunk by chunk, so ties still
+  go to the lower index), with small sorts instead of one long one.
   """
-  b, t, hq, d = q.shape
-  s_len, hkv = k.shape[1], k.shape[2]
-  g = hq // hkv
-  nb = kmin.shape[1]
+  n = x.shape[-1]
+  if method == "top_k" or n <= chunk or m > chunk:
+    return jax.lax.top_k(x, m)
+  if method != "chunked":
+    raise ValueError(f"method={method!r}: expected 'top_k' or 'chunked'.")
+  pad = -n % chunk
+  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=NEG_INF)
+  xc = xp.reshape(x.shape[:-1] + (-1, chunk))
+  v1, i1 = jax.lax.top_k(xc, m)                                          # [..., C, m]
+  i1 = i1 + (jnp.arange(xc.shape[-2]) * chunk)[:, None]
+  v2, i2 = jax.lax.top_k(v1.reshape(x.shape[:-1] + (-1,)), m)
+  return v2, jnp.take_along_axis(i1.reshape(x.shape[:-1] + (-1,)), i2, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "method"))
+def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="top_k"):
+  """Selection half of `decode_step`: (ids [B, Hkv, M] block ids, -1 = none;
+  u [B, Hkv, nb, G] bounds with -inf where a block holds no middle key)."""
+  nb, s_len = kmin.shape[1], kmin.shape[1] * spec.block_size
   pos = kv_lengths[:, None] - 1
   lo, hi = sel.visible_range(pos, kv_lengths, causal=True, sliding_window=None)
   n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)           # [B, 1, nb]
   u = fast_bounds(q[:, 0], kmin, kmax, scale)                            # [B, K, nb, G]
   u = jnp.where(n_mid[:, :, :, None] > 0, u, NEG_INF)
-  m = min(spec.top_blocks, nb)
-  ug = jnp.max(u, axis=3)
-  top_u, ids = jax.lax.top_k(ug, m)                                      # [B, K, M]
-  ids = jnp.where(jnp.isneginf(top_u), -1, ids)
+  top_u, ids = top_m(jnp.max(u, axis=3), min(spec.top_blocks, nb), method)
+  return jnp.where(jnp.isneginf(top_u), -1, ids), u
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits"))
+def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=8):
+  """Kernel half of `decode_step`: split-K kernel over the blocks `ids` plus anchor and
+  window, split merge, and eps from the unselected blocks' bounds `u`."""
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  nb = u.shape[2]
+  pos = kv_lengths[:, None] - 1
+  lo, hi = sel.visible_range(pos, kv_lengths, causal=True, sliding_window=None)
+  n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)           # [B, 1, nb]
+  m = ids.shape[-1]
   ns = max(1, min(num_splits, m))
   bps = -(-m // ns)
-  ids = jnp.pad(ids, ((0, 0), (0, 0), (0, ns * bps - m)), constant_values=-1)
+  ids_p = jnp.pad(ids, ((0, 0), (0, 0), (0, ns * bps - m)), constant_values=-1)
   ranges = static_ranges(lo, hi, spec, s_len)
-  o, lse = _decode(q, k, v, ids.reshape(b, hkv, 1, ns, bps), ranges, spec, scale)
+  o, lse = _decode(q, k, v, ids_p.reshape(b, hkv, 1, ns, bps), ranges, spec, scale)
   o, lse = _combine5(o, lse)                                             # [B,K,G,1,(D)]
   chosen = jnp.any(jnp.arange(nb) == ids[..., None], axis=-2)            # [B, K, nb]
   terms = jnp.where((chosen | (n_mid == 0))[..., None], NEG_INF,
                     u + jnp.log(jnp.maximum(n_mid, 1).astype(jnp.float32))[..., None])
   eps = _blocks._log_delta_to_eps(jax.nn.logsumexp(terms, axis=2), lse[..., 0])
   out = o.transpose(0, 3, 1, 2, 4).reshape(b, 1, hq, d).astype(q.dtype)
-  if return_blocks:
-    return out, lse.reshape(b, hq), eps.reshape(b, hq), ids
   return out, lse.reshape(b, hq), eps.reshape(b, hq)
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "method",
+                                             "return_blocks"))
+def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8,
+                method="top_k", return_blocks=False):
+  """One decode step of selection="blocks" (the timed path).
+
+  q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries
+  (kept beside the cache, updated by `blocks.append_summaries`); kv_lengths [B].
+  Reads the summaries, selects spec.top_blocks blocks per GQA group by max_g U_b
+  (`top_m` with `method`), runs the split-K kernel over them plus anchor and window.
+  Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq] (from the
+  unselected blocks' U_b); with return_blocks also the block ids [B, Hkv, M].
+  """
+  if k.shape[1] != kmin.shape[1] * spec.block_size:
+    raise ValueError(f"k.shape[1]={k.shape[1]}: decode_step needs S = nb * block_size "
+                     f"= {kmin.shape[1] * spec.block_size} (a whole-block cache).")
+  ids, u = decode_select(q, kmin, kmax, kv_lengths, spec=spec, scale=scale, method=method)
+  out, lse, eps = decode_attend(q, k, v, ids, u, kv_lengths, spec=spec, scale=scale,
+                                num_splits=num_splits)
+  return (out, lse, eps, ids) if return_blocks else (out, lse, eps)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
 def prefill_lists(q, k, spec, *, kmin=None, kmax=None):
   """Key-block lists of the block-sparse prefill (causal, queries = the last T keys).
 
@@ -332,9 +376,15 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale"))
-def prefill_step(q, k, v, *, spec, scale):
-  """Block-sparse causal prefill (the timed path): lists + kernel. Returns (o, lse)."""
-  kblocks, kflags = prefill_lists(q, k, spec)
+def prefill_attend(q, k, v, kblocks, kflags, *, spec, scale):
+  """The prefill kernel alone on given lists. Returns (o, lse)."""
   return _bs_api.block_prefill(q, k, v, kblocks, kflags, block_size=spec.block_size,
                                anchor=spec.anchor, window=spec.window, scale=scale,
                                implementation=KERNEL_IMPLEMENTATION)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale"))
+def prefill_step(q, k, v, *, spec, scale):
+  """Block-sparse causal prefill (the timed path): lists + kernel. Returns (o, lse)."""
+  kblocks, kflags = prefill_lists(q, k, spec)
+  return prefill_attend(q, k, v, kblocks, kflags, spec=spec, scale=scale)

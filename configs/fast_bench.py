@@ -6,8 +6,8 @@ prefill against cuDNN and XLA dense on one GPU, in one run, selection included; 
 each: the physical floor (bytes / measured bandwidth, FLOPs / measured matmul rate) and
 parity on the same inputs (captured mass, certified eps, max |o - o_cudnn|).
 
-Runtime on one H100/H200: `cases=full` about 6-8 minutes (mostly compilation and the
-1M-key cases); `cases=decode` / `cases=prefill` half each; `cases=quick` about 2 minutes;
+Runtime on one H100/H200: `cases=full` about 10 minutes (mostly compilation and the
+1M-key cases); `cases=decode` / `cases=prefill` part each; `cases=quick` about 2 minutes;
 `cases=smoke` runs tiny cases anywhere (CPU: interpret mode, timings meaningless).
 Expected result: see BENCHMARKS.md "## Fast path (block selection)".
 
@@ -23,24 +23,34 @@ import ml_collections
 from configs import common
 
 K = 1024
-_DECODE = [dict(op="decode", batch=b, kv_len=s, block_size=64, top_blocks=16)
-           for b in (1, 8) for s in (8 * K, 32 * K, 128 * K, 512 * K, 1024 * K)]
-_DECODE_P128 = [dict(op="decode", batch=1, kv_len=s, block_size=128, top_blocks=8)
-                for s in (128 * K, 1024 * K)]
-_GAUSS = [dict(op="decode", batch=1, kv_len=128 * K, block_size=64, top_blocks=16,
-               inputs="gaussian")]
-_PREFILL = [dict(op="prefill", batch=1, kv_len=s, block_size=64, top_blocks=8)
-            for s in (8 * K, 32 * K, 128 * K)]
+
+
+def _dec(s, b=1, p=64, m=64, method="chunked", inputs="topic"):
+  return dict(op="decode", batch=b, kv_len=s * K, block_size=p, top_blocks=m,
+              method=method, inputs=inputs)
+
+
+def _pre(s, p=64, m=16):
+  return dict(op="prefill", batch=1, kv_len=s * K, block_size=p, top_blocks=m)
+
+
+_DECODE = [_dec(s, b) for b in (1, 8) for s in (8, 32, 128, 512, 1024)]
+_VARIANTS = [_dec(128, method="top_k"), _dec(1024, method="top_k"), _dec(128, p=128, m=32),
+             _dec(1024, p=128, m=32), _dec(128, m=16), _dec(1024, m=16)]
+_GAUSS = [_dec(128, inputs="gaussian")]
+_PREFILL = [_pre(s) for s in (8, 32, 128)]
 _CASES = {
-    "full": _DECODE + _DECODE_P128 + _GAUSS + _PREFILL,
-    "decode": _DECODE + _DECODE_P128 + _GAUSS,
+    "full": _DECODE + _VARIANTS + _GAUSS + _PREFILL,
+    "decode": _DECODE + _VARIANTS + _GAUSS,
     "prefill": _PREFILL,
-    # the full grid ordered by importance (a run cut short keeps the key rows)
-    "ordered": [_DECODE[2], _DECODE[4], _PREFILL[2], _DECODE[7], _DECODE_P128[1],
-                _DECODE[0], _DECODE[1], _DECODE[3], _PREFILL[0], _PREFILL[1], _GAUSS[0],
-                _DECODE_P128[0], _DECODE[9], _DECODE[5], _DECODE[6], _DECODE[8]],
-    "quick": [_DECODE[0], _DECODE[2], _DECODE[4], _DECODE_P128[1], _PREFILL[0]],
-    "smoke": [dict(op="decode", batch=2, kv_len=256, block_size=16, top_blocks=2),
+    # the grid ordered by importance (a run cut short keeps the key rows)
+    "ordered": [_dec(128), _dec(1024), _VARIANTS[0], _VARIANTS[1], _PREFILL[2],
+                _dec(128, b=8), _dec(1024, b=8), _VARIANTS[3], _VARIANTS[2], _dec(8),
+                _dec(32), _dec(512), _PREFILL[0], _PREFILL[1], _GAUSS[0], _VARIANTS[4],
+                _VARIANTS[5], _dec(8, b=8), _dec(32, b=8), _dec(512, b=8)],
+    "quick": [_dec(8), _dec(128), _dec(1024), _PREFILL[0]],
+    "smoke": [dict(op="decode", batch=2, kv_len=256, block_size=16, top_blocks=2,
+                   method="chunked"),
               dict(op="prefill", batch=1, kv_len=64, block_size=16, top_blocks=1)],
 }
 

@@ -158,9 +158,22 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   it, rep = cfg.iterations, cfg.repeats
   row = dict(op="decode", inputs=inputs, batch=b, kv_len=s_len, block_size=spec.block_size,
              top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window)
+  method = case.get("method", "top_k")
+  row["select_method"] = method
   step = lambda q, k, v, mn, mx, l: blocks_pallas.decode_step(q, k, v, mn, mx, l,
-                                                              spec=spec, scale=scale)
+                                                              spec=spec, scale=scale,
+                                                              method=method)
   row["condensate_s"], _ = time_loop(step, q, (k, v, summ.kmin, summ.kmax, lengths), it, rep)
+  # components, each timed alone the same way: selection (bounds + top-M) and kernel
+  # (split-K kernel + merge + eps) on fixed block ids
+  sel_fn = lambda q, mn, mx, l: blocks_pallas.decode_select(q, mn, mx, l, spec=spec,
+                                                            scale=scale, method=method)
+  row["select_s"], _ = time_loop(sel_fn, q, (summ.kmin, summ.kmax, lengths), it, rep)
+  ids, u = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, lengths, spec=spec,
+                                       scale=scale, method=method)
+  att_fn = lambda q, k, v, ids, u, l: blocks_pallas.decode_attend(q, k, v, ids, u, l,
+                                                                  spec=spec, scale=scale)
+  row["attend_s"], _ = time_loop(att_fn, q, (k, v, ids, u, lengths), it, rep)
   if inputs == "topic" and jax.default_backend() == "gpu":
     row["cudnn_s"], _ = time_loop(lambda q, k, v: _cudnn(q, k, v, False), q, (k, v), it, rep)
     try:
@@ -176,7 +189,8 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   row["dense_floor_s"] = kv_bytes / bw
   row["condensate_floor_s"] = (sel_bytes + read_bytes) / bw
   out, _, eps, ids = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
-                                               spec=spec, scale=scale, return_blocks=True)
+                                               spec=spec, scale=scale, method=method,
+                                               return_blocks=True)
   o_ref = _cudnn(q, k, v, False)
   row.update(decode_parity(q, k, v, ids, eps, spec, out, o_ref))
   return row
@@ -241,6 +255,12 @@ def run_prefill(case, spec, cfg, ceilings):
              top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window)
   step = lambda q, k, v: blocks_pallas.prefill_step(q, k, v, spec=spec, scale=scale)
   row["condensate_s"], _ = time_loop(step, q, (k, v), it, rep)
+  lists_fn = lambda q, k: blocks_pallas.prefill_lists(q, k, spec)
+  row["select_s"], _ = time_loop(lists_fn, q, (k,), it, rep)
+  kblocks, kflags = blocks_pallas.prefill_lists(q, k, spec)
+  att_fn = lambda q, k, v, kb, kf: blocks_pallas.prefill_attend(q, k, v, kb, kf, spec=spec,
+                                                                scale=scale)
+  row["attend_s"], _ = time_loop(att_fn, q, (k, v, kblocks, kflags), it, rep)
   if jax.default_backend() == "gpu":
     row["cudnn_s"], _ = time_loop(lambda q, k, v: _cudnn(q, k, v, True), q, (k, v), it, rep)
   if t <= cfg.prefill_xla_max:
@@ -248,12 +268,12 @@ def run_prefill(case, spec, cfg, ceilings):
   else:
     row["xla_s"], row["xla_error"] = None, f"not run: T x S scores exceed memory above {cfg.prefill_xla_max}"
   _, mm = ceilings
-  kblocks, kflags = blocks_pallas.prefill_lists(q, k, spec)
-  listed = int(jnp.sum(kblocks >= 0))
+  listed = int(jnp.sum(kblocks >= 0))                    # over batch, heads, query blocks
   nq = -(-t // spec.block_size)
   row["blocks_per_query_block"] = listed / (h * nq)
   row["dense_floor_s"] = 2 * h * t * t * d / mm                       # causal: half of 4TSd
-  flops = 4 * h * listed * spec.block_size**2 * d + 2 * h * nq * nq * 4 * d
+  # attention over the listed tiles (QK and PV) + the selection matmul (4D contraction)
+  flops = 4 * listed * spec.block_size**2 * d + 2 * h * nq * nq * 4 * d
   row["condensate_floor_s"] = flops / mm
   o, _ = blocks_pallas.prefill_step(q, k, v, spec=spec, scale=scale)
   o_ref = _cudnn(q, k, v, True)
@@ -274,15 +294,17 @@ def table(rows, device, ceilings):
   bw, mm = ceilings
   out = [f"device: {device}; measured read+write bandwidth {bw / 1e12:.2f} TB/s, bf16 "
          f"matmul {mm / 1e12:.0f} TFLOP/s", "",
-         "| op | inputs | B | keys | P/M | condensate | floor | cuDNN | XLA | dense floor | "
-         "speedup vs best dense | captured mean/min | eps bound max | max abs err |",
+         "| op | inputs | B | keys | P/M | condensate (select + attend alone) | floor | "
+         "cuDNN | XLA | dense floor | speedup vs best dense | captured mean/min | "
+         "eps bound max | max abs err |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     dense = [x for x in (r.get("cudnn_s"), r.get("xla_s")) if x]
     speed = f"{min(dense) / r['condensate_s']:.1f}×" if dense else "—"
     out.append(
         f"| {r['op']} | {r['inputs']} | {r['batch']} | {r['kv_len'] // 1024}K | "
-        f"{r['block_size']}/{r['top_blocks']} | {_fmt_t(r['condensate_s'])} | "
+        f"{r['block_size']}/{r['top_blocks']}{' ' + r['select_method'] if r.get('select_method') == 'chunked' else ''} | "
+        f"{_fmt_t(r['condensate_s'])} ({_fmt_t(r.get('select_s'))} + {_fmt_t(r.get('attend_s'))}) | "
         f"{_fmt_t(r['condensate_floor_s'])} | {_fmt_t(r.get('cudnn_s'))} | "
         f"{_fmt_t(r.get('xla_s'))} | {_fmt_t(r['dense_floor_s'])} | {speed} | "
         f"{r['captured_mean']:.4f}/{r['captured_min']:.4f} | {r['eps_bound_max']:.2e} | "
