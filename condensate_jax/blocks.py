@@ -12,8 +12,9 @@ the exact score (so U_b bounds every *computed* score, not only the real-valued 
 
 Selection is per query and per GQA group (the G query heads of one KV head share blocks,
 so a kernel reads each block once per group). Each group orders the blocks that hold
-middle keys of the query (keys that are neither anchor nor window) by the group bound
-max_g U_gb, ties to the lower block, and expands them in that order:
+middle keys of the query (keys that are neither anchor nor window) by the group score
+max_g (U_gb - max_b' U_gb') (each head relative to its own best block; `group_score`),
+ties to the lower block, and expands them in that order:
   "blocks":    the first spec.top_blocks blocks;
   "certified": until every head's certified dropped mass is <= spec.epsilon;
   "bounded":   until, for every head, no unexpanded block's U_b reaches the top_k-th best
@@ -234,6 +235,19 @@ def _log_delta_to_eps(log_delta, lse):
 # ------------------------------------------------------------------------------- orders
 
 
+def group_score(u, head_axis, block_axis):
+  """The score a GQA group ranks blocks by: max over its heads of U_gb - max_b' U_gb'.
+
+  Each head's bounds are taken relative to its own best block (softmax is shift
+  invariant per head), so a head whose query has a small norm still gets its best blocks
+  chosen; a plain max over heads lets the head with the largest |q| take every slot.
+  Blocks with no middle key keep -inf.
+  """
+  best = jnp.max(u, axis=block_axis, keepdims=True)
+  rel = u - jnp.where(jnp.isneginf(best), 0.0, best)
+  return jnp.max(rel, axis=head_axis)
+
+
 def group_order(u, n_mid):
   """Bound order shared by a GQA group.
 
@@ -243,7 +257,7 @@ def group_order(u, n_mid):
   has [B, K, T, nb + 1] bool: position r holds a block with middle keys).
   """
   u = jnp.where(n_mid[:, None, None] > 0, u, NEG_INF)
-  ug = jnp.max(u, axis=2)                                          # [B, K, T, nb]
+  ug = group_score(u, head_axis=2, block_axis=4)                   # [B, K, T, nb]
   order = jnp.argsort(-ug, axis=-1, stable=True).astype(jnp.int32)
   u_sorted = jnp.take_along_axis(u, order[:, :, None], axis=-1)
   n_b = jnp.broadcast_to(n_mid[:, None], ug.shape)

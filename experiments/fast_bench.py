@@ -272,8 +272,8 @@ def run_prefill(case, spec, cfg, ceilings):
   nq = -(-t // spec.block_size)
   row["blocks_per_query_block"] = listed / (h * nq)
   row["dense_floor_s"] = 2 * h * t * t * d / mm                       # causal: half of 4TSd
-  # attention over the listed tiles (QK and PV) + the selection matmul (4D contraction)
-  flops = 4 * listed * spec.block_size**2 * d + 2 * h * nq * nq * 4 * d
+  # attention over the listed tiles (QK and PV) + the selection matmul (2D contraction)
+  flops = 4 * listed * spec.block_size**2 * d + 2 * h * nq * nq * 2 * d
   row["condensate_floor_s"] = flops / mm
   o, _ = blocks_pallas.prefill_step(q, k, v, spec=spec, scale=scale)
   o_ref = _cudnn(q, k, v, True)

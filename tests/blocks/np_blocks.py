@@ -3,7 +3,8 @@
 Plain loops from the definition (condensate_jax/blocks.py docstring), sharing no code
 with condensate_jax: block bounds in the elementwise form
 U_b = scale * sum_d max(q_d * min_bd, q_d * max_bd) over the keys < kv_length of block b,
-the GQA group orders blocks by max over its heads (ties to the lower block), and
+the GQA group orders blocks by max over its heads of U_hb - max_b' U_hb' (ties to the
+lower block), and
   blocks:    expands the first M blocks holding middle keys;
   certified: expands until every head's bound delta / (Z_C + delta) <= epsilon.
 """
@@ -44,7 +45,9 @@ def reference(q, k, v, *, anchor, window, block_size, mode, top_blocks=0, epsilo
             keys = k[bi, blk * p:min(blk * p + p, kv_lengths[bi]), kh]
             lo, hi = keys.min(0), keys.max(0)
             u[h, blk] = scale * np.sum(np.maximum(q[bi, ti, h] * lo, q[bi, ti, h] * hi))
-        order = sorted(blocks, key=lambda blk: (-max(u[h, blk] for h in heads), blk))
+        best = {h: max(u[h, blk] for blk in blocks) for h in heads}
+        order = sorted(blocks, key=lambda blk: (-max(u[h, blk] - best[h] for h in heads),
+                                                blk))
         n_mid = {blk: sum(1 for j in middle if j // p == blk) for blk in blocks}
         sc = {h: scale * k[bi, :, kh] @ q[bi, ti, h] for h in heads}
 
