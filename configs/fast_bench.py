@@ -8,7 +8,8 @@ parity on the same inputs (captured mass, certified eps, max |o - o_cudnn|).
 
 Runtime on one H100/H200: `cases=full` about 10 minutes (mostly compilation and the
 1M-key cases); `cases=decode` / `cases=prefill` part each; `cases=quick` about 2 minutes;
-`cases=smoke` runs tiny cases anywhere (CPU: interpret mode, timings meaningless).
+`cases=smoke` runs tiny cases anywhere (CPU: interpret mode, timings meaningless);
+`cases=parity,timing=false` computes the parity columns only (CPU: about 10 minutes).
 Expected result: see BENCHMARKS.md "## Fast path (block selection)".
 
 Inputs: topic-structured synthetic q/k/v (condensate_jax/blocks_data.py: contiguous key
@@ -49,6 +50,9 @@ _CASES = {
                 _dec(32), _dec(512), _PREFILL[0], _PREFILL[1], _GAUSS[0], _VARIANTS[4],
                 _VARIANTS[5], _dec(8, b=8), _dec(32, b=8), _dec(512, b=8)],
     "quick": [_dec(8), _dec(128), _dec(1024), _PREFILL[0]],
+    # parity-only rows cheap enough for a CPU (with timing=false)
+    "parity": [_dec(128), _dec(128, p=128, m=32), _dec(1024), _dec(1024, p=128, m=32),
+               _dec(128, m=16), _GAUSS[0], _PREFILL[0], _PREFILL[1]],
     "smoke": [dict(op="decode", batch=2, kv_len=256, block_size=16, top_blocks=2,
                    method="chunked"),
               dict(op="prefill", batch=1, kv_len=64, block_size=16, top_blocks=1)],
@@ -56,7 +60,7 @@ _CASES = {
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, {"cases": tuple(_CASES)})
+  args = common.parse_arg(arg, {"cases": tuple(_CASES), "timing": ("true", "false")})
   name = args.get("cases", "full")
   config = ml_collections.ConfigDict()
   config.name = f"fast_bench_{name}"
@@ -71,6 +75,8 @@ def get_config(arg=None):
   # median over `repeats` jitted loops of `iterations` calls (prefill above 16K keys:
   # `prefill_iterations`); XLA dense prefill only up to prefill_xla_max keys (T x S scores)
   config.iterations, config.prefill_iterations, config.repeats = 20, 5, 5
+  # timing=false: parity only (any backend, e.g. CPU): no timing, no floors' ceilings
+  config.timing = args.get("timing", "true") == "true"
   config.prefill_xla_max = 16 * K
   if name == "smoke":
     config.q_heads, config.kv_heads, config.head_dim, config.prefill_heads = 4, 2, 32, 2

@@ -121,8 +121,21 @@ def _xla(q, k, v, causal):
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
 
-def decode_parity(q, k, v, ids, eps, spec, o, o_ref):
-  """Captured mass of the set (all scores, float32), eps and error vs o_ref."""
+def _set_parity(s, in_set, v_rows):
+  """s [..., S] float32 scores (-inf = invisible), in_set [..., S], v_rows [..., S, D]:
+  captured mass and |o_set - o_dense| (float32, from all scores)."""
+  m = jnp.max(s, -1, keepdims=True)
+  e = jnp.exp(s - m)
+  e_set = jnp.where(in_set, e, 0.0)
+  z, z_set = jnp.sum(e, -1), jnp.sum(e_set, -1)
+  o = jnp.einsum("...s,...sd->...d", e, v_rows) / z[..., None]
+  o_set = jnp.einsum("...s,...sd->...d", e_set, v_rows) / z_set[..., None]
+  return z_set / z, jnp.max(jnp.abs(o - o_set), -1), m[..., 0], z_set
+
+
+def decode_parity(q, k, v, ids, eps, spec):
+  """Captured mass of the selected set (all scores, float32), the certified eps, and
+  max |o_set - o_dense| in float32 (the kernel computes o_set: tests/blocks)."""
   b, _, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
@@ -130,36 +143,20 @@ def decode_parity(q, k, v, ids, eps, spec, o, o_ref):
   qg = q[:, 0].reshape(b, hkv, g, d)
   s = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
   j = jnp.arange(s_len)
-  hi = s_len - 1
-  static = (j < spec.anchor) | (j > hi - spec.window)
+  static = (j < spec.anchor) | (j > s_len - 1 - spec.window)
   chosen = jnp.zeros((b, hkv, s_len // p + 1), bool).at[
       jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None],
       jnp.where(ids >= 0, ids, s_len // p)].set(True)[..., :-1]
   in_set = static | jnp.repeat(chosen, p, axis=-1)[..., :s_len]        # [B, K, S]
-  m = jnp.max(s, -1, keepdims=True)
-  e = jnp.exp(s - m)
-  cap = jnp.sum(jnp.where(in_set[:, :, None], e, 0.0), -1) / jnp.sum(e, -1)
-  err = jnp.max(jnp.abs(o.astype(jnp.float32) - o_ref.astype(jnp.float32)))
-  ref_scale = jnp.max(jnp.abs(o_ref.astype(jnp.float32)))
+  vt = v.transpose(0, 2, 1, 3).astype(jnp.float32)[:, :, None]          # [B, K, 1, S, D]
+  cap, err, _, _ = _set_parity(s, in_set[:, :, None], vt)
   return dict(captured_mean=float(cap.mean()), captured_min=float(cap.min()),
               dropped_max=float(1 - cap.min()), eps_bound_max=float(eps.max()),
-              eps_bound_median=float(jnp.median(eps)),
-              max_abs_err_vs_cudnn=float(err), max_abs_out=float(ref_scale),
+              eps_bound_median=float(jnp.median(eps)), max_abs_err=float(err.max()),
               set_keys=int(in_set[0, 0].sum()))
 
 
-def run_decode(case, spec, cfg, ceilings, inputs="topic"):
-  b, s_len = case["batch"], case["kv_len"]
-  hq, hkv, d = cfg.q_heads, cfg.kv_heads, cfg.head_dim
-  q, k, v = make_inputs(inputs, cfg.seed, b, 1, s_len, hq, hkv, d, dict(cfg.data))
-  lengths = jnp.full((b,), s_len, jnp.int32)
-  summ = blocks.build_summaries(k, spec.block_size, lengths)
-  scale = d**-0.5
-  it, rep = cfg.iterations, cfg.repeats
-  row = dict(op="decode", inputs=inputs, batch=b, kv_len=s_len, block_size=spec.block_size,
-             top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window)
-  method = case.get("method", "top_k")
-  row["select_method"] = method
+def _time_decode(row, q, k, v, summ, lengths, spec, scale, method, it, rep):
   step = lambda q, k, v, mn, mx, l: blocks_pallas.decode_step(q, k, v, mn, mx, l,
                                                               spec=spec, scale=scale,
                                                               method=method)
@@ -174,12 +171,28 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   att_fn = lambda q, k, v, ids, u, l: blocks_pallas.decode_attend(q, k, v, ids, u, l,
                                                                   spec=spec, scale=scale)
   row["attend_s"], _ = time_loop(att_fn, q, (k, v, ids, u, lengths), it, rep)
-  if inputs == "topic" and jax.default_backend() == "gpu":
+  if row["inputs"] == "topic" and jax.default_backend() == "gpu":
     row["cudnn_s"], _ = time_loop(lambda q, k, v: _cudnn(q, k, v, False), q, (k, v), it, rep)
     try:
       row["xla_s"], _ = time_loop(lambda q, k, v: _xla(q, k, v, False), q, (k, v), it, rep)
     except Exception as err:  # noqa: BLE001 (OOM at the largest sizes)
       row["xla_s"], row["xla_error"] = None, f"{type(err).__name__}: {str(err)[:120]}"
+
+
+def run_decode(case, spec, cfg, ceilings, inputs="topic"):
+  b, s_len = case["batch"], case["kv_len"]
+  hq, hkv, d = cfg.q_heads, cfg.kv_heads, cfg.head_dim
+  q, k, v = make_inputs(inputs, cfg.seed, b, 1, s_len, hq, hkv, d, dict(cfg.data))
+  lengths = jnp.full((b,), s_len, jnp.int32)
+  summ = blocks.build_summaries(k, spec.block_size, lengths)
+  scale = d**-0.5
+  it, rep = cfg.iterations, cfg.repeats
+  row = dict(op="decode", inputs=inputs, batch=b, kv_len=s_len, block_size=spec.block_size,
+             top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window)
+  method = case.get("method", "top_k")
+  row["select_method"] = method
+  if cfg.timing:
+    _time_decode(row, q, k, v, summ, lengths, spec, scale, method, it, rep)
   bw, _ = ceilings
   nb = summ.num_blocks
   kv_bytes = 2 * b * s_len * hkv * d * 2
@@ -188,19 +201,26 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
                               + spec.window) * d * 2
   row["dense_floor_s"] = kv_bytes / bw
   row["condensate_floor_s"] = (sel_bytes + read_bytes) / bw
-  out, _, eps, ids = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
+  if cfg.timing:
+    _, _, eps, ids = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
                                                spec=spec, scale=scale, method=method,
                                                return_blocks=True)
-  o_ref = _cudnn(q, k, v, False)
-  row.update(decode_parity(q, k, v, ids, eps, spec, out, o_ref))
+  else:   # parity only (any backend): same selection, eps from the XLA specification
+    ids, _ = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, lengths, spec=spec,
+                                         scale=scale, method=method)
+    _, st = blocks.block_condensate_attention(q, k, v, spec, summaries=summ,
+                                              return_stats=True)
+    eps = st.dropped_mass_bound
+  row.update(decode_parity(q, k, v, ids, eps, spec))
   return row
 
 
 # ------------------------------------------------------------------------------ prefill
 
 
-def prefill_parity(q, k, v, spec, kblocks, kflags, o, o_ref, n_rows=32):
-  """Sampled query rows: captured mass of the set, per-query certified eps, error."""
+def prefill_parity(q, k, v, spec, kblocks, kflags, n_rows=32):
+  """Sampled query rows: captured mass of the set, the per-query certified eps (from
+  per-query bounds of the blocks not attended), max |o_set - o_dense| in float32."""
   b, t, h, d = q.shape
   s_len = k.shape[1]
   p = spec.block_size
@@ -208,12 +228,12 @@ def prefill_parity(q, k, v, spec, kblocks, kflags, o, o_ref, n_rows=32):
   summ = blocks.build_summaries(k, p)
   rows = np.unique(np.linspace(t // 8, t - 1, n_rows).astype(int))
   j = jnp.arange(s_len)
-  caps, epss = [], []
+  vt = v.transpose(0, 2, 1, 3).astype(jnp.float32)                      # [B, H, S, D]
+  caps, epss, errs = [], [], []
   for r in rows:
     pos = s_len - t + int(r)
     lists, flags = kblocks[:, :, r // p], kflags[:, :, r // p]          # [B, H, L]
-    blk = j // p
-    hit = lists[..., None] == blk                                         # [B, H, L, S]
+    hit = lists[..., None] == (j // p)                                    # [B, H, L, S]
     listed = jnp.any(hit, -2)
     flagged = jnp.any(hit & (flags[..., None] > 0), -2)
     static = (j < spec.anchor) | (j > pos - spec.window)
@@ -222,26 +242,42 @@ def prefill_parity(q, k, v, spec, kblocks, kflags, o, o_ref, n_rows=32):
     in_set = listed & vis & (static | (flagged & middle))
     s = jnp.einsum("bhd,bshd->bhs", q[:, r], k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(vis, s, NEG_INF)
-    m = jnp.max(s, -1, keepdims=True)
-    e = jnp.exp(s - m)
-    z_set = jnp.sum(jnp.where(in_set, e, 0.0), -1)
-    caps.append(z_set / jnp.sum(e, -1))
-    # certificate: unselected blocks holding middle keys of this query, per-query U_b
+    cap, err, m, z_set = _set_parity(s, in_set, vt)
+    caps.append(cap)
+    errs.append(err)
+    # certificate: blocks holding middle keys of this query whose middle keys were not
+    # attended, each bounded by its per-query U_b
     u = blocks_pallas.fast_bounds(q[:, r], summ.kmin, summ.kmax, scale)[..., 0]   # [B,H,nb]
     nbk = summ.num_blocks
     start = jnp.arange(nbk) * p
     n_mid = jnp.maximum(jnp.minimum(pos - spec.window, start + p - 1)
                         - jnp.maximum(spec.anchor, start) + 1, 0)
     taken = jnp.any((lists[..., None] == jnp.arange(nbk)) & (flags[..., None] > 0), -2)
-    terms = jnp.where((n_mid > 0) & ~taken, u - m + jnp.log(jnp.maximum(n_mid, 1)), NEG_INF)
-    log_delta = jax.nn.logsumexp(terms, -1)
-    epss.append(blocks._log_delta_to_eps(log_delta, jnp.log(z_set)))
-  cap, eps = jnp.stack(caps), jnp.stack(epss)
-  err = jnp.max(jnp.abs(o[:, rows].astype(jnp.float32) - o_ref[:, rows].astype(jnp.float32)))
+    terms = jnp.where((n_mid > 0) & ~taken,
+                      u - m[..., None] + jnp.log(jnp.maximum(n_mid, 1)), NEG_INF)
+    epss.append(blocks._log_delta_to_eps(jax.nn.logsumexp(terms, -1), jnp.log(z_set)))
+  cap, eps, err = jnp.stack(caps), jnp.stack(epss), jnp.stack(errs)
   return dict(captured_mean=float(cap.mean()), captured_min=float(cap.min()),
               dropped_max=float(1 - cap.min()), eps_bound_max=float(eps.max()),
-              eps_bound_median=float(jnp.median(eps)), max_abs_err_vs_cudnn=float(err),
+              eps_bound_median=float(jnp.median(eps)), max_abs_err=float(err.max()),
               parity_rows=len(rows))
+
+
+def _time_prefill(row, q, k, v, spec, scale, cfg, it, rep):
+  step = lambda q, k, v: blocks_pallas.prefill_step(q, k, v, spec=spec, scale=scale)
+  row["condensate_s"], _ = time_loop(step, q, (k, v), it, rep)
+  lists_fn = lambda q, k: blocks_pallas.prefill_lists(q, k, spec)
+  row["select_s"], _ = time_loop(lists_fn, q, (k,), it, rep)
+  kblocks, kflags = blocks_pallas.prefill_lists(q, k, spec)
+  att_fn = lambda q, k, v, kb, kf: blocks_pallas.prefill_attend(q, k, v, kb, kf, spec=spec,
+                                                                scale=scale)
+  row["attend_s"], _ = time_loop(att_fn, q, (k, v, kblocks, kflags), it, rep)
+  if jax.default_backend() == "gpu":
+    row["cudnn_s"], _ = time_loop(lambda q, k, v: _cudnn(q, k, v, True), q, (k, v), it, rep)
+  if q.shape[1] <= cfg.prefill_xla_max:
+    row["xla_s"], _ = time_loop(lambda q, k, v: _xla(q, k, v, True), q, (k, v), it, rep)
+  else:
+    row["xla_s"], row["xla_error"] = None, f"not run: T x S scores exceed memory above {cfg.prefill_xla_max}"
 
 
 def run_prefill(case, spec, cfg, ceilings):
@@ -253,21 +289,10 @@ def run_prefill(case, spec, cfg, ceilings):
   rep = cfg.repeats
   row = dict(op="prefill", inputs="topic", batch=1, kv_len=t, block_size=spec.block_size,
              top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window)
-  step = lambda q, k, v: blocks_pallas.prefill_step(q, k, v, spec=spec, scale=scale)
-  row["condensate_s"], _ = time_loop(step, q, (k, v), it, rep)
-  lists_fn = lambda q, k: blocks_pallas.prefill_lists(q, k, spec)
-  row["select_s"], _ = time_loop(lists_fn, q, (k,), it, rep)
-  kblocks, kflags = blocks_pallas.prefill_lists(q, k, spec)
-  att_fn = lambda q, k, v, kb, kf: blocks_pallas.prefill_attend(q, k, v, kb, kf, spec=spec,
-                                                                scale=scale)
-  row["attend_s"], _ = time_loop(att_fn, q, (k, v, kblocks, kflags), it, rep)
-  if jax.default_backend() == "gpu":
-    row["cudnn_s"], _ = time_loop(lambda q, k, v: _cudnn(q, k, v, True), q, (k, v), it, rep)
-  if t <= cfg.prefill_xla_max:
-    row["xla_s"], _ = time_loop(lambda q, k, v: _xla(q, k, v, True), q, (k, v), it, rep)
-  else:
-    row["xla_s"], row["xla_error"] = None, f"not run: T x S scores exceed memory above {cfg.prefill_xla_max}"
+  if cfg.timing:
+    _time_prefill(row, q, k, v, spec, scale, cfg, it, rep)
   _, mm = ceilings
+  kblocks, kflags = blocks_pallas.prefill_lists(q, k, spec)
   listed = int(jnp.sum(kblocks >= 0))                    # over batch, heads, query blocks
   nq = -(-t // spec.block_size)
   row["blocks_per_query_block"] = listed / (h * nq)
@@ -275,9 +300,7 @@ def run_prefill(case, spec, cfg, ceilings):
   # attention over the listed tiles (QK and PV) + the selection matmul (2D contraction)
   flops = 4 * listed * spec.block_size**2 * d + 2 * h * nq * nq * 2 * d
   row["condensate_floor_s"] = flops / mm
-  o, _ = blocks_pallas.prefill_step(q, k, v, spec=spec, scale=scale)
-  o_ref = _cudnn(q, k, v, True)
-  row.update(prefill_parity(q, k, v, spec, kblocks, kflags, o, o_ref))
+  row.update(prefill_parity(q, k, v, spec, kblocks, kflags))
   return row
 
 
@@ -300,15 +323,16 @@ def table(rows, device, ceilings):
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     dense = [x for x in (r.get("cudnn_s"), r.get("xla_s")) if x]
-    speed = f"{min(dense) / r['condensate_s']:.1f}×" if dense else "—"
+    speed = (f"{min(dense) / r['condensate_s']:.1f}×" if dense and r.get("condensate_s")
+             else "—")
     out.append(
         f"| {r['op']} | {r['inputs']} | {r['batch']} | {r['kv_len'] // 1024}K | "
         f"{r['block_size']}/{r['top_blocks']}{' ' + r['select_method'] if r.get('select_method') == 'chunked' else ''} | "
-        f"{_fmt_t(r['condensate_s'])} ({_fmt_t(r.get('select_s'))} + {_fmt_t(r.get('attend_s'))}) | "
+        f"{_fmt_t(r.get('condensate_s'))} ({_fmt_t(r.get('select_s'))} + {_fmt_t(r.get('attend_s'))}) | "
         f"{_fmt_t(r['condensate_floor_s'])} | {_fmt_t(r.get('cudnn_s'))} | "
         f"{_fmt_t(r.get('xla_s'))} | {_fmt_t(r['dense_floor_s'])} | {speed} | "
         f"{r['captured_mean']:.4f}/{r['captured_min']:.4f} | {r['eps_bound_max']:.2e} | "
-        f"{r['max_abs_err_vs_cudnn']:.3g} |")
+        f"{r.get('max_abs_err', r.get('max_abs_err_vs_cudnn', float('nan'))):.3g} |")
   return "\n".join(out)
 
 
@@ -317,7 +341,8 @@ def run(config, workdir):
   workdir.mkdir(parents=True, exist_ok=True)
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
   print(f"fast_bench on {device}", flush=True)
-  ceilings = measure_ceilings() if jax.default_backend() == "gpu" else (1e11, 1e12)
+  ceilings = (measure_ceilings() if jax.default_backend() == "gpu" and config.timing
+              else (1e11, 1e12))
   rows = []
   results = workdir / "results.jsonl"
   for case in config.cases:
@@ -342,8 +367,9 @@ def run(config, workdir):
 
 
 def main(argv=None):
-  """`python -m experiments.fast_bench [CASES [WORKDIR]]`, or `... table RESULTS.jsonl`
-  to print the table of a (possibly interrupted) run."""
+  """`python -m experiments.fast_bench [ARG [WORKDIR]]` (ARG as after `fast_bench.py:`,
+  e.g. `cases=ordered` or `cases=parity,timing=false`), or `... table RESULTS.jsonl` to
+  print the table of a (possibly interrupted) run."""
   import sys
   arg = (argv or sys.argv)[1:]
   if arg and arg[0] == "table":
@@ -351,7 +377,7 @@ def main(argv=None):
     print(table(rows, rows[0]["device"], (rows[0]["bandwidth"], rows[0]["matmul_rate"])))
     return
   from configs import fast_bench as fast_bench_config
-  config = fast_bench_config.get_config(f"cases={arg[0]}" if arg else None)
+  config = fast_bench_config.get_config(arg[0] if arg else None)
   workdir = arg[1] if len(arg) > 1 else f"runs/fast_bench-{time.strftime('%Y%m%d-%H%M%S')}"
   print("\n" + run(config, workdir)["table"])
 
