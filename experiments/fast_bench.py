@@ -150,7 +150,20 @@ def decode_parity(q, k, v, ids, eps, spec):
   in_set = static | jnp.repeat(chosen, p, axis=-1)[..., :s_len]        # [B, K, S]
   vt = v.transpose(0, 2, 1, 3).astype(jnp.float32)[:, :, None]          # [B, K, 1, S, D]
   cap, err, _, _ = _set_parity(s, in_set[:, :, None], vt)
-  return dict(captured_mean=float(cap.mean()), captured_min=float(cap.min()),
+  # diagnostic, not timed: the same M blocks ranked by the block centre q.c_b instead of
+  # the upper bound (blocks straddling two segments have loose min/max boxes)
+  summ = blocks.build_summaries(k, p)
+  c, _ = blocks.centre_radius(summ)
+  cen = jnp.einsum("bkgd,bnkd->bkgn", qg.astype(jnp.float32) * (d**-0.5), c)
+  _, ids_c = jax.lax.top_k(blocks.group_score(cen, head_axis=2, block_axis=3),
+                           ids.shape[-1])
+  chosen_c = jnp.zeros((b, hkv, s_len // p), bool).at[
+      jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None], ids_c].set(True)
+  in_set_c = static | jnp.repeat(chosen_c, p, axis=-1)[..., :s_len]
+  cap_c, _, _, _ = _set_parity(s, in_set_c[:, :, None], vt)
+  return dict(captured_centre_rank_mean=float(cap_c.mean()),
+              captured_centre_rank_min=float(cap_c.min()),
+              captured_mean=float(cap.mean()), captured_min=float(cap.min()),
               dropped_max=float(1 - cap.min()), eps_bound_max=float(eps.max()),
               eps_bound_median=float(jnp.median(eps)), max_abs_err=float(err.max()),
               set_keys=int(in_set[0, 0].sum()))
