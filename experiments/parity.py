@@ -155,6 +155,11 @@ def dense_reference(lm, prompt, new_tokens: int) -> DenseReference:
   return DenseReference(tokens, full, generated, logits, time.perf_counter() - start)
 
 
+def _top2_margin(logits: np.ndarray) -> float:
+  top2 = np.partition(logits.astype(np.float64), -2)[-2:]
+  return float(top2[1] - top2[0])
+
+
 def condensate_row(lm, ref: DenseReference, point: GridPoint, config) -> dict[str, Any]:
   spec = point.spec(config.attention.dense_layers)
   impl = config.attention.implementation
@@ -172,6 +177,11 @@ def condensate_row(lm, ref: DenseReference, point: GridPoint, config) -> dict[st
          **{f"greedy_{k}": v for k, v in greedy.items()},
          **metrics.attention_summary(stats), "tokens": generated.tolist(),
          "seconds": seconds}
+  first = greedy["first_divergence"]
+  # Dense top-1 minus top-2 logit where greedy first diverged (same context up to there):
+  # a tiny margin means a near-tie flipped; a large one means the output really moved.
+  row["greedy_divergence_margin"] = None if first is None else _top2_margin(
+      ref.logits[ref.tokens.shape[1] - 1 + first])
   row["covers"] = point.budget >= ref.full.shape[1]
   row["exact"] = row["bitwise_frac"] == 1.0 and greedy["exact"]
   return row

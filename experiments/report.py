@@ -24,6 +24,7 @@ COLUMNS = (
     ("greedy exact", "greedy", "{}"),
     ("greedy prefix", "greedy_prefix_frac", "{:.3f}"),
     ("first div (min)", "first_divergence_min", "{}"),
+    ("div margin (min)", "divergence_margin_min", "{:.3g}"),
     ("captured min", "captured_mass_min", "{:.6f}"),
     ("captured mean", "captured_mass_mean", "{:.6f}"),
     ("max cert eps", "certified_eps_max", "{:.2e}"),
@@ -48,6 +49,8 @@ def aggregate(rows: Sequence[dict[str, Any]], points) -> list[dict[str, Any]]:
     first_div = [r["greedy_first_divergence"] for r in mine
                  if r["greedy_first_divergence"] is not None]
     n_exact = sum(bool(r["greedy_exact"]) for r in mine)
+    margins = [r["greedy_divergence_margin"] for r in mine
+               if r.get("greedy_divergence_margin") is not None]
     out.append({
         "key": point.key, "anchor": point.anchor, "window": point.window,
         "top_k": point.top_k, "budget": point.budget, "covering": point.covering,
@@ -63,6 +66,7 @@ def aggregate(rows: Sequence[dict[str, Any]], points) -> list[dict[str, Any]]:
         "greedy_prefix_frac": float(np.mean([r["greedy_prefix"] / r["greedy_n"]
                                              for r in mine])),
         "first_divergence_min": min(first_div) if first_div else "-",
+        "divergence_margin_min": min(margins) if margins else "-",
         "captured_mass_min": min(_num(r["captured_mass_min"]) for r in mine),
         "captured_mass_mean": float(np.mean([_num(r["captured_mass_mean"]) for r in mine])),
         "dropped_mass_max": max(_num(r["dropped_mass_max"]) for r in mine),
@@ -113,7 +117,8 @@ def write_summary(workdir: pathlib.Path, config, summary, table: str,
       "KL(dense||condensate) per position; top-1 agree = teacher-forced argmax agreement "
       "over prompt + continuation; greedy exact = prompts whose N greedy tokens are all "
       "identical; greedy prefix = mean identical prefix / N; first div = earliest "
-      "divergence step; captured = true softmax mass of the set (worst / mean over "
+      "divergence step; div margin = smallest dense top-1 minus top-2 logit at a first "
+      "divergence (near 0: a near-tie flipped); captured = true softmax mass of the set (worst / mean over "
       "layers, heads, queries); max cert eps = worst certified dropped-mass bound; keys "
       "read/visible = set size / visible keys; s = seconds (generate + logits).",
       "",

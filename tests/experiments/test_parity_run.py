@@ -65,6 +65,11 @@ def test_smoke_numbers_are_real(smoke_run):
     assert r["certified_eps_max"] >= r["dropped_mass_max"] * (1 - 1e-4)
     assert math.isfinite(r["mean_kl"]) and r["mean_kl"] > 0
     assert len(r["tokens"]) == 16 and r["greedy_n"] == 16
+  for r in rows:
+    if r["greedy_first_divergence"] is None:
+      assert r["greedy_divergence_margin"] is None
+    else:
+      assert 0.0 <= r["greedy_divergence_margin"] < 1e3
   by_key = {e["key"]: e for e in result["summary"]}
   assert by_key["a1-w8-k4"]["keys_read_frac"] < by_key["a1-w32-k16"]["keys_read_frac"]
 
