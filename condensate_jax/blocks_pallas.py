@@ -255,19 +255,37 @@ def top_m(x, m, method="top_k", chunk=256):
   return v2, jnp.take_along_axis(i1.reshape(x.shape[:-1] + (-1,)), i2, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "method"))
-def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="top_k"):
+def fast_centres(q, kmin, kmax, scale):
+  """q . c_b [B, K, nb, G] with c_b = (min + max) / 2: a ranking score, not a bound."""
+  b, hq, d = q.shape
+  hkv = kmin.shape[2]
+  qs = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(b, 1, hkv, hq // hkv, d)
+  c = 0.5 * (kmin.astype(jnp.float32) + kmax.astype(jnp.float32))[:, :, :, None, :]
+  return jnp.sum(qs * c, axis=-1).transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "method", "rank"))
+def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="top_k",
+                  rank="bound"):
   """Selection half of `decode_step`: (ids [B, Hkv, M] block ids, -1 = none;
-  u [B, Hkv, nb, G] bounds with -inf where a block holds no middle key)."""
+  u [B, Hkv, nb, G] bounds with -inf where a block holds no middle key).
+
+  rank="bound" (selection="blocks" as specified: the M highest bounds); rank="centre"
+  ranks by q.c_b instead (an experiment: blocks straddling two topics have loose boxes,
+  see BENCHMARKS.md); eps still comes from the bounds u either way."""
+  if rank not in ("bound", "centre"):
+    raise ValueError(f"rank={rank!r}: expected 'bound' or 'centre'.")
   nb, s_len = kmin.shape[1], kmin.shape[1] * spec.block_size
   pos = kv_lengths[:, None] - 1
   lo, hi = sel.visible_range(pos, kv_lengths, causal=True, sliding_window=None)
   n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)           # [B, 1, nb]
   u = fast_bounds(q[:, 0], kmin, kmax, scale)                            # [B, K, nb, G]
   u = jnp.where(n_mid[:, :, :, None] > 0, u, NEG_INF)
-  top_u, ids = top_m(_blocks.group_score(u, head_axis=3, block_axis=2),
+  r = u if rank == "bound" else jnp.where(jnp.isneginf(u), NEG_INF,
+                                          fast_centres(q[:, 0], kmin, kmax, scale))
+  top_r, ids = top_m(_blocks.group_score(r, head_axis=3, block_axis=2),
                      min(spec.top_blocks, nb), method)
-  return jnp.where(jnp.isneginf(top_u), -1, ids), u
+  return jnp.where(jnp.isneginf(top_r), -1, ids), u
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits"))
@@ -296,22 +314,23 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=8):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "method",
-                                             "return_blocks"))
+                                             "rank", "return_blocks"))
 def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8,
-                method="top_k", return_blocks=False):
+                method="top_k", rank="bound", return_blocks=False):
   """One decode step of selection="blocks" (the timed path).
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries
   (kept beside the cache, updated by `blocks.append_summaries`); kv_lengths [B].
   Reads the summaries, selects spec.top_blocks blocks per GQA group by
-  `blocks.group_score` (`top_m` with `method`), runs the split-K kernel over them plus anchor and window.
+  `blocks.group_score` (`top_m` with `method`; `rank`: see `decode_select`), runs the split-K kernel over them plus anchor and window.
   Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq] (from the
   unselected blocks' U_b); with return_blocks also the block ids [B, Hkv, M].
   """
   if k.shape[1] != kmin.shape[1] * spec.block_size:
     raise ValueError(f"k.shape[1]={k.shape[1]}: decode_step needs S = nb * block_size "
                      f"= {kmin.shape[1] * spec.block_size} (a whole-block cache).")
-  ids, u = decode_select(q, kmin, kmax, kv_lengths, spec=spec, scale=scale, method=method)
+  ids, u = decode_select(q, kmin, kmax, kv_lengths, spec=spec, scale=scale, method=method,
+                         rank=rank)
   out, lse, eps = decode_attend(q, k, v, ids, u, kv_lengths, spec=spec, scale=scale,
                                 num_splits=num_splits)
   return (out, lse, eps, ids) if return_blocks else (out, lse, eps)

@@ -27,9 +27,9 @@ from configs import common
 K = 1024
 
 
-def _dec(s, b=1, p=64, m=64, method="chunked", inputs="topic"):
+def _dec(s, b=1, p=64, m=64, method="chunked", inputs="topic", rank="bound"):
   return dict(op="decode", batch=b, kv_len=s * K, block_size=p, top_blocks=m,
-              method=method, inputs=inputs)
+              method=method, inputs=inputs, rank=rank)
 
 
 def _pre(s, p=64, m=16):
@@ -51,9 +51,12 @@ _CASES = {
                 _dec(32), _dec(512), _PREFILL[0], _PREFILL[1], _GAUSS[0], _VARIANTS[4],
                 _VARIANTS[5], _dec(8, b=8), _dec(32, b=8), _dec(512, b=8)],
     "quick": [_dec(8), _dec(128), _dec(1024), _PREFILL[0]],
+    # blocks ranked by the centre score q.c_b instead of the bound (eps still certified)
+    "centre": [_dec(128, rank="centre"), _dec(1024, rank="centre"),
+               _dec(1024, p=128, m=32, rank="centre"), _dec(128, b=8, rank="centre")],
     # parity-only rows cheap enough for a CPU (with timing=false)
     "parity": [_dec(128), _dec(128, p=128, m=32), _dec(128, m=16), _GAUSS[0],
-               _PREFILL[0], _PREFILL[1]],
+               _dec(128, rank="centre"), _PREFILL[0], _PREFILL[1]],
     "smoke": [dict(op="decode", batch=2, kv_len=256, block_size=16, top_blocks=2,
                    method="chunked"),
               dict(op="prefill", batch=1, kv_len=64, block_size=16, top_blocks=1)],

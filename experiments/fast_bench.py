@@ -133,8 +133,9 @@ def _set_parity(s, in_set, v_rows):
   return z_set / z, jnp.max(jnp.abs(o - o_set), -1), m[..., 0], z_set
 
 
-def decode_parity(q, k, v, ids, eps, spec):
-  """Captured mass of the selected set (all scores, float32), the certified eps, and
+def decode_parity(q, k, v, ids, eps, spec, u=None):
+  """Captured mass of the selected set (all scores, float32), the certified eps (given,
+  or computed here from the bounds u [B, K, nb, G] as decode_attend does), and
   max |o_set - o_dense| in float32 (the kernel computes o_set: tests/blocks)."""
   b, _, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
@@ -149,7 +150,14 @@ def decode_parity(q, k, v, ids, eps, spec):
       jnp.where(ids >= 0, ids, s_len // p)].set(True)[..., :-1]
   in_set = static | jnp.repeat(chosen, p, axis=-1)[..., :s_len]        # [B, K, S]
   vt = v.transpose(0, 2, 1, 3).astype(jnp.float32)[:, :, None]          # [B, K, 1, S, D]
-  cap, err, _, _ = _set_parity(s, in_set[:, :, None], vt)
+  cap, err, m, z_set = _set_parity(s, in_set[:, :, None], vt)
+  if eps is None:
+    n_mid = jnp.clip(jnp.minimum(s_len - 1 - spec.window, jnp.arange(s_len // p) * p + p - 1)
+                     - jnp.maximum(spec.anchor, jnp.arange(s_len // p) * p) + 1, 0)
+    terms = jnp.where(chosen[..., None] | (n_mid[:, None] == 0), NEG_INF,
+                      u + jnp.log(jnp.maximum(n_mid, 1))[:, None])      # [B, K, nb, G]
+    log_delta = jax.nn.logsumexp(terms, axis=2) - m                      # [B, K, G]
+    eps = blocks._log_delta_to_eps(log_delta, jnp.log(z_set))
   # diagnostic, not timed: the same M blocks ranked by the block centre q.c_b instead of
   # the upper bound (blocks straddling two segments have loose min/max boxes)
   summ = blocks.build_summaries(k, p)
@@ -170,17 +178,19 @@ def decode_parity(q, k, v, ids, eps, spec):
 
 
 def _time_decode(row, q, k, v, summ, lengths, spec, scale, method, it, rep):
+  rank = row["rank"]
   step = lambda q, k, v, mn, mx, l: blocks_pallas.decode_step(q, k, v, mn, mx, l,
                                                               spec=spec, scale=scale,
-                                                              method=method)
+                                                              method=method, rank=rank)
   row["condensate_s"], _ = time_loop(step, q, (k, v, summ.kmin, summ.kmax, lengths), it, rep)
   # components, each timed alone the same way: selection (bounds + top-M) and kernel
   # (split-K kernel + merge + eps) on fixed block ids
   sel_fn = lambda q, mn, mx, l: blocks_pallas.decode_select(q, mn, mx, l, spec=spec,
-                                                            scale=scale, method=method)
+                                                            scale=scale, method=method,
+                                                            rank=rank)
   row["select_s"], _ = time_loop(sel_fn, q, (summ.kmin, summ.kmax, lengths), it, rep)
   ids, u = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, lengths, spec=spec,
-                                       scale=scale, method=method)
+                                       scale=scale, method=method, rank=rank)
   att_fn = lambda q, k, v, ids, u, l: blocks_pallas.decode_attend(q, k, v, ids, u, l,
                                                                   spec=spec, scale=scale)
   row["attend_s"], _ = time_loop(att_fn, q, (k, v, ids, u, lengths), it, rep)
@@ -203,7 +213,8 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   row = dict(op="decode", inputs=inputs, batch=b, kv_len=s_len, block_size=spec.block_size,
              top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window)
   method = case.get("method", "top_k")
-  row["select_method"] = method
+  rank = case.get("rank", "bound")
+  row["select_method"], row["rank"] = method, rank
   if cfg.timing:
     _time_decode(row, q, k, v, summ, lengths, spec, scale, method, it, rep)
   bw, _ = ceilings
@@ -217,14 +228,13 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   if cfg.timing:
     _, _, eps, ids = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
                                                spec=spec, scale=scale, method=method,
-                                               return_blocks=True)
-  else:   # parity only (any backend): same selection, eps from the XLA specification
-    ids, _ = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, lengths, spec=spec,
-                                         scale=scale, method=method)
-    _, st = blocks.block_condensate_attention(q, k, v, spec, summaries=summ,
-                                              return_stats=True)
-    eps = st.dropped_mass_bound
-  row.update(decode_parity(q, k, v, ids, eps, spec))
+                                               rank=rank, return_blocks=True)
+    u = None
+  else:   # parity only (any backend, no kernel): same selection; eps from its bounds u
+    ids, u = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, lengths, spec=spec,
+                                         scale=scale, method=method, rank=rank)
+    eps = None
+  row.update(decode_parity(q, k, v, ids, eps, spec, u))
   return row
 
 
@@ -340,7 +350,7 @@ def table(rows, device, ceilings):
              else "—")
     out.append(
         f"| {r['op']} | {r['inputs']} | {r['batch']} | {r['kv_len'] // 1024}K | "
-        f"{r['block_size']}/{r['top_blocks']}{' ' + r['select_method'] if r.get('select_method') == 'chunked' else ''} | "
+        f"{r['block_size']}/{r['top_blocks']}{' ' + r['select_method'] if r.get('select_method') == 'chunked' else ''}{' centre' if r.get('rank') == 'centre' else ''} | "
         f"{_fmt_t(r.get('condensate_s'))} ({_fmt_t(r.get('select_s'))} + {_fmt_t(r.get('attend_s'))}) | "
         f"{_fmt_t(r['condensate_floor_s'])} | {_fmt_t(r.get('cudnn_s'))} | "
         f"{_fmt_t(r.get('xla_s'))} | {_fmt_t(r['dense_floor_s'])} | {speed} | "

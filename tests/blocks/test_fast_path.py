@@ -47,3 +47,25 @@ def test_decode_step_needs_whole_blocks():
   with pytest.raises(ValueError, match="k.shape\\[1\\]=40"):
     blocks_pallas.decode_step(q, k, k, summ.kmin, summ.kmax, jnp.array([40]), spec=spec,
                               scale=0.25)
+
+
+def test_decode_select_centre_rank():
+  rng = np.random.default_rng(2)
+  b, s, hq, hkv, d, p, m = 2, 128, 4, 2, 16, 16, 3
+  q = jnp.asarray(rng.standard_normal((b, 1, hq, d)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.float32)
+  spec = cj.CondensateSpec(anchor=1, window=16, selection="blocks", block_size=p,
+                           top_blocks=m)
+  summ = blocks.build_summaries(k, p)
+  ids, _ = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, jnp.array([s, s]),
+                                       spec=spec, scale=0.25, rank="centre")
+  c = (np.asarray(summ.kmin) + np.asarray(summ.kmax)) / 2                 # [B, nb, K, D]
+  qn = np.asarray(q)[:, 0].reshape(b, hkv, hq // hkv, d) * 0.25
+  cen = np.einsum("bkgd,bnkd->bkgn", qn, c)
+  cen[..., s // p - 1] = -np.inf          # the last block holds only window keys
+  rel = (cen - cen.max(-1, keepdims=True)).max(2)                          # [B, K, nb]
+  want = np.argsort(-rel, axis=-1, kind="stable")[..., :m]
+  np.testing.assert_array_equal(np.sort(np.asarray(ids), -1), np.sort(want, -1))
+  with pytest.raises(ValueError, match="rank='mean'"):
+    blocks_pallas.decode_select(q, summ.kmin, summ.kmax, jnp.array([s, s]), spec=spec,
+                                scale=0.25, rank="mean")
