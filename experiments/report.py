@@ -153,9 +153,9 @@ def _heatmap(ax, summary, anchor, value_key, title, transform, cmap, vmin=None, 
 
 def plot_all(workdir: pathlib.Path, summary) -> list[pathlib.Path]:
   """heatmap_greedy.png, heatmap_logit_diff.png, captured_mass.png."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # Figures through the object API: no pyplot state and no global backend switch, so a
+  # notebook that calls this keeps its own inline backend for later plots.
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
   anchors = sorted({e["anchor"] for e in summary if not e["covering"]})
   paths = []
@@ -165,17 +165,17 @@ def plot_all(workdir: pathlib.Path, summary) -> list[pathlib.Path]:
              ("heatmap_logit_diff.png", "max_abs_logit_diff", "log10 max |dlogit|",
               lambda v: math.log10(v) if v > 0 else -8.0, "magma_r", None, None)]
     for name, key, title, transform, cmap, vmin, vmax in specs:
-      fig, axes = plt.subplots(1, len(anchors), figsize=(4.5 * len(anchors), 3.8),
-                               squeeze=False)
+      fig = Figure(figsize=(4.5 * len(anchors), 3.8))
+      axes = fig.subplots(1, len(anchors), squeeze=False)
       for ax, anchor in zip(axes[0], anchors):
         image = _heatmap(ax, summary, anchor, key, title, transform, cmap, vmin, vmax)
         fig.colorbar(image, ax=ax)
       fig.tight_layout()
       fig.savefig(workdir / name, dpi=110)
-      plt.close(fig)
       paths.append(workdir / name)
 
-  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig = Figure(figsize=(10, 3.8))
+  ax0, ax1 = fig.subplots(1, 2)
   budgets = [e["budget"] for e in summary]
   ax0.scatter(budgets, [e["dropped_mass_max"] for e in summary], label="worst query")
   ax0.scatter(budgets, [e["dropped_mass_mean"] for e in summary], marker="x",
@@ -197,6 +197,5 @@ def plot_all(workdir: pathlib.Path, summary) -> list[pathlib.Path]:
   ax1.set_title("certificate vs budget", fontsize=9)
   fig.tight_layout()
   fig.savefig(workdir / "captured_mass.png", dpi=110)
-  plt.close(fig)
   paths.append(workdir / "captured_mass.png")
   return paths
