@@ -10,6 +10,8 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
   attention.anchor      tuple of anchor sizes
   attention.dense_layers  layers kept dense in every condensate point ("pillars"), a tuple
   attention.implementation  "xla" (default), "xla_gathered", "pallas", ...
+  attention.selection   "exact" (default), "bounded", "blocks", "certified" (+ block_size,
+                        top_blocks, epsilon)
   prompts.num           number of distinct prompts (built-in texts or texts from files)
   prompts.lengths       tuple of prompt lengths in tokens (each + new_tokens <= context)
   prompts.files         comma-separated .txt / .jsonl paths ("" = built-in texts)
@@ -67,6 +69,12 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
   config.attention.anchor = tuple(anchor)
   config.attention.dense_layers = ()
   config.attention.implementation = "xla"
+  # Block-summary selection (DESIGN.md §4): "exact" (default), "bounded", "blocks",
+  # "certified"; the covers-everything gate point always uses "exact".
+  config.attention.selection = "exact"
+  config.attention.block_size = 64
+  config.attention.top_blocks = 8
+  config.attention.epsilon = 2.0**-24
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.num = num_prompts

@@ -72,6 +72,7 @@ def check_config(config) -> None:
   _int_tuple(config.attention.top_k, "attention.top_k", 0)
   _int_tuple(config.attention.window, "attention.window", 0)
   _int_tuple(config.attention.anchor, "attention.anchor", 0)
+  point_spec(GridPoint(0, 0, 0), config)  # selection / block_size / ... are valid
   if tuple(config.attention.dense_layers):
     _int_tuple(config.attention.dense_layers, "attention.dense_layers", 0)
   _int_tuple(config.prompts.lengths, "prompts.lengths", 1)
@@ -160,8 +161,23 @@ def _top2_margin(logits: np.ndarray) -> float:
   return float(top2[1] - top2[0])
 
 
-def condensate_row(lm, ref: DenseReference, point: GridPoint, config) -> dict[str, Any]:
+def point_spec(point: GridPoint, config) -> cj.CondensateSpec:
+  """The spec of a grid point; the covers-everything point always uses exact selection
+  (it is the exactness gate of the implementation)."""
   spec = point.spec(config.attention.dense_layers)
+  a = config.attention
+  selection = a.get("selection", "exact")
+  if point.covering or selection == "exact":
+    return spec
+  try:
+    return spec.replace(selection=selection, block_size=a.block_size,
+                        top_blocks=a.top_blocks, epsilon=a.epsilon)
+  except ValueError as err:
+    raise ConfigError(f"config.attention: {err}") from None
+
+
+def condensate_row(lm, ref: DenseReference, point: GridPoint, config) -> dict[str, Any]:
+  spec = point_spec(point, config)
   impl = config.attention.implementation
   start = time.perf_counter()
   generated = np.asarray(
@@ -192,8 +208,12 @@ def _keys(config, model_id: str, prompt, point: Optional[GridPoint]) -> str:
           f"N{config.generate.new_tokens}")
   if point is None:
     return f"{base}|dense"
-  layers = ",".join(map(str, config.attention.dense_layers))
-  return f"{base}|{config.attention.implementation}|dl[{layers}]|{point.key}"
+  a = config.attention
+  layers = ",".join(map(str, a.dense_layers))
+  selection = a.get("selection", "exact")
+  if selection != "exact" and not point.covering:
+    layers += f"|{selection}-P{a.block_size}-M{a.top_blocks}-e{a.epsilon:g}"
+  return f"{base}|{a.implementation}|dl[{layers}]|{point.key}"
 
 
 def _gate_message(row: dict[str, Any]) -> str:
@@ -271,6 +291,7 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
         row = condensate_row(lm, ref, point, config)
         row.update({"key": key, **common, "point_key": point.key,
                     "implementation": config.attention.implementation,
+                    "selection": point_spec(point, config).selection,
                     "dense_layers": list(config.attention.dense_layers),
                     "finished": _now()})
         store.append(row)

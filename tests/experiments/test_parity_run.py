@@ -159,3 +159,26 @@ def test_smoke_config_with_the_registry_model(tmp_path):
   covering = [r for r in rows if r["kind"] == "condensate" and r["point"]["covering"]]
   assert covering and all(r["bitwise_frac"] == 1.0 and r["greedy_exact"] for r in covering)
   assert all((tmp_path / n).exists() for n in ("summary.md", "captured_mass.png"))
+
+
+def test_block_selection_points_run_and_are_keyed_apart(tmp_path):
+  """attention.selection reaches the spec of every non-gate point; the gate point stays
+  exact; rows of different selections never collide on resume."""
+  from experiments import cli, parity
+  config = cli.load_config("smoke.py")
+  config.attention.top_k = (8,)
+  config.attention.window = (8,)
+  config.prompts.num = 1
+  config.generate.new_tokens = 4
+  config.plots = False
+  exact = parity.run(config, tmp_path, progress=False)
+  config.attention.selection = "blocks"
+  config.attention.block_size = 16
+  config.attention.top_blocks = 1
+  blocks = parity.run(config, tmp_path, progress=False)
+  assert exact["computed"] == 3 and blocks["computed"] == 1  # gate point reused
+  rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert sorted(r.get("selection", "-") for r in rows) == ["-", "blocks", "exact", "exact"]
+  config.attention.top_blocks = -1
+  with pytest.raises(ValueError, match="top_blocks=-1"):
+    parity.run(config, tmp_path, progress=False)
