@@ -133,7 +133,16 @@ def _scores(q, k, scale):
 
 
 def _masked_softmax(scores, mask, v, out_dtype):
-  """softmax(scores | mask) @ v; rows with an empty mask give 0. Returns [B,T,Hq,D]."""
+  """softmax(scores | mask) @ v; rows with an empty mask give 0. Returns [B,T,Hq,D].
+
+  The optimization barrier makes the dense and the condensate graphs hand this function
+  the same materialised operands (full-shape float32 scores, full-shape bool mask, v):
+  without it XLA fuses the mask (and on GPU the score scaling) differently into each
+  graph, and on GPU the covers-everything outputs drifted from dense by ~1e-6 (seen on an
+  H200, jax 0.11.2). With it both graphs compile this part to the same kernels.
+  """
+  mask = jnp.broadcast_to(mask, scores.shape)
+  scores, mask, v = jax.lax.optimization_barrier((scores, mask, v))
   s = jnp.where(mask, scores, sel.NEG_INF)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isneginf(m), 0.0, m)

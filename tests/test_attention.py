@@ -166,7 +166,10 @@ def test_masked_and_gathered_agree(case):
   # Same set, different summation order: agreement to a few float32 ulps of the output.
   assert rel_err(g, np.asarray(a, np.float64)) <= 2e-6
   for x, y in zip(sa, sg):
-    np.testing.assert_array_equal(x, y)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      np.testing.assert_array_equal(x, y)  # same set: sizes equal exactly
+    else:  # same code, but XLA may fuse it differently inside each graph (GPU)
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
 def test_deterministic():
@@ -204,7 +207,8 @@ def test_jit_and_vmap():
 def test_dense_matches_jax_nn():
   q, k, v, _ = make_inputs(CASES[0], seed=4)
   ours = cj.dense_attention(q, k, v)
-  theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  with jax.default_matmul_precision("highest"):  # no TF32 on GPU: compare float32 math
+    theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True)
   np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
