@@ -92,6 +92,26 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
   return config
 
 
+def hub_parity_config(arg: Optional[str], *, name: str, model: str,
+                      full_lengths: Sequence[int], dtype: str = "float32"
+                      ) -> ml_collections.ConfigDict:
+  """The grid every hub-model parity config shares; `:size=small|full` picks one.
+
+  full: top_k (8, 32, 128) x window (16, 64, 256) x anchor (1, 4); 4 prompts at
+  `full_lengths`; 128 greedy tokens. small: top_k (8, 32) x window (16, 64), anchor 1;
+  2 prompts of 256 tokens; 32 greedy tokens.
+  """
+  sizes = {
+      "full": dict(top_k=(8, 32, 128), window=(16, 64, 256), anchor=(1, 4),
+                   lengths=tuple(full_lengths), num_prompts=4, new_tokens=128),
+      "small": dict(top_k=(8, 32), window=(16, 64), anchor=(1,), lengths=(256,),
+                    num_prompts=2, new_tokens=32),
+  }
+  args = parse_arg(arg, {"size": tuple(sizes)})
+  return parity_config(name=name, model=model, dtype=dtype,
+                       **sizes[args.get("size", "full")])
+
+
 def sweep_of(config: ml_collections.ConfigDict) -> list[dict[str, int]]:
   """The grid a config sweeps, as a list of {anchor, window, top_k} (the runner adds
   the covers-everything point and the dense reference)."""

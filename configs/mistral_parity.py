@@ -16,19 +16,10 @@ top_k (8, 32, 128) x window (16, 64, 256) x anchor (1, 4); 4 built-in prompts at
 
 from configs import common
 
-_SIZES = {
-    "full": dict(top_k=(8, 32, 128), window=(16, 64, 256), anchor=(1, 4),
-                 lengths=(1024, 3968), num_prompts=4, new_tokens=128),
-    "small": dict(top_k=(8, 32), window=(16, 64), anchor=(1,), lengths=(256,),
-                  num_prompts=2, new_tokens=32),
-}
-
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, {"size": tuple(_SIZES)})
-  return common.parity_config(name="mistral_parity",
-                              model="mistralai/Mistral-7B-v0.1",
-                              dtype="bfloat16", **_SIZES[args.get("size", "full")])
+  return common.hub_parity_config(arg, name="mistral_parity", model="mistralai/Mistral-7B-v0.1",
+                                  full_lengths=(1024, 3968), dtype="bfloat16")
 
 
 def sweep():

@@ -16,18 +16,10 @@ tokens; 128 greedy tokens. `:size=small` runs top_k (8, 32) x window (16, 64), a
 
 from configs import common
 
-_SIZES = {
-    "full": dict(top_k=(8, 32, 128), window=(16, 64, 256), anchor=(1, 4),
-                 lengths=(512, 1920), num_prompts=4, new_tokens=128),
-    "small": dict(top_k=(8, 32), window=(16, 64), anchor=(1,), lengths=(256,),
-                  num_prompts=2, new_tokens=32),
-}
-
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, {"size": tuple(_SIZES)})
-  return common.parity_config(name="pythia_parity", model="EleutherAI/pythia-160m", dtype="float32",
-                              **_SIZES[args.get("size", "full")])
+  return common.hub_parity_config(arg, name="pythia_parity", model="EleutherAI/pythia-160m",
+                                  full_lengths=(512, 1920))
 
 
 def sweep():

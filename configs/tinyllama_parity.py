@@ -16,19 +16,10 @@ anchor 1, 2 prompts of 256 tokens, 32 greedy tokens.
 
 from configs import common
 
-_SIZES = {
-    "full": dict(top_k=(8, 32, 128), window=(16, 64, 256), anchor=(1, 4),
-                 lengths=(512, 1920), num_prompts=4, new_tokens=128),
-    "small": dict(top_k=(8, 32), window=(16, 64), anchor=(1,), lengths=(256,),
-                  num_prompts=2, new_tokens=32),
-}
-
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, {"size": tuple(_SIZES)})
-  return common.parity_config(name="tinyllama_parity",
-                              model="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-                              dtype="float32", **_SIZES[args.get("size", "full")])
+  return common.hub_parity_config(arg, name="tinyllama_parity", model="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                                  full_lengths=(512, 1920))
 
 
 def sweep():

@@ -261,6 +261,23 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
   return out, new, stats
 
 
+def run_layers(layers, x, ctx: Context, cfg):
+  """Runs the decoder blocks in order; returns (x, per-layer (k, v), per-layer stats)."""
+  new_kv, stats = [], []
+  for i, block in enumerate(layers):
+    x, kv, st = block(x, ctx, i, cfg)
+    new_kv.append(kv)
+    stats.append(st)
+  return x, new_kv, stats
+
+
+def unembed(x, embed_vd, unembed_dv):
+  """Logits from the tied embedding (unembed_dv None) or a separate output matrix."""
+  if unembed_dv is None:
+    return einsum("btd,vd->btv", x, embed_vd[...])
+  return einsum("btd,dv->btv", x, unembed_dv[...])
+
+
 def finish(logits, ctx: Context, new_kv: list, stats: list, t: int):
   """Assembles the model's (logits f32, cache, stacked stats) result."""
   cache = None

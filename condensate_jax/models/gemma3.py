@@ -191,11 +191,7 @@ class Model(nnx.Module):
     ctx = common.make_context(tokens, cache, attention, implementation, return_stats)
     emb = self.embed_vd[...]
     x = emb[tokens] * jnp.asarray(self.cfg.width**0.5, emb.dtype)
-    new_kv, stats = [], []
-    for i, block in enumerate(self.layers):
-      x, kv, st = block(x, ctx, i, self.cfg)
-      new_kv.append(kv)
-      stats.append(st)
+    x, new_kv, stats = common.run_layers(self.layers, x, ctx, self.cfg)
     logits = einsum("btd,vd->btv", self.final_norm(x), emb).astype(jnp.float32)
     cap = self.cfg.final_logit_softcapping
     if cap is not None:

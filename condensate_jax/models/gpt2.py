@@ -145,11 +145,7 @@ class Model(nnx.Module):
     ctx = common.make_context(tokens, cache, attention, implementation, return_stats)
     emb = self.embed_vd[...]
     x = emb[tokens] + self.pos_embed_sd[...][ctx.positions]
-    new_kv, stats = [], []
-    for i, block in enumerate(self.layers):
-      x, kv, st = block(x, ctx, i, self.cfg)
-      new_kv.append(kv)
-      stats.append(st)
+    x, new_kv, stats = common.run_layers(self.layers, x, ctx, self.cfg)
     logits = einsum("btd,vd->btv", self.ln_f(x), emb)
     return common.finish(logits, ctx, new_kv, stats, tokens.shape[1])
 

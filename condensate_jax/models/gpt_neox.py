@@ -157,16 +157,8 @@ class Model(nnx.Module):
                return_stats=False):
     ctx = common.make_context(tokens, cache, attention, implementation, return_stats)
     x = self.embed_vd[...][tokens]
-    new_kv, stats = [], []
-    for i, block in enumerate(self.layers):
-      x, kv, st = block(x, ctx, i, self.cfg)
-      new_kv.append(kv)
-      stats.append(st)
-    x = self.ln_f(x)
-    if self.unembed_dv is None:
-      logits = einsum("btd,vd->btv", x, self.embed_vd[...])
-    else:
-      logits = einsum("btd,dv->btv", x, self.unembed_dv[...])
+    x, new_kv, stats = common.run_layers(self.layers, x, ctx, self.cfg)
+    logits = common.unembed(self.ln_f(x), self.embed_vd, self.unembed_dv)
     return common.finish(logits, ctx, new_kv, stats, tokens.shape[1])
 
 
