@@ -507,6 +507,38 @@ def block_condensate_attention(q, k, v, spec: CondensateSpec, *, summaries=None,
                      scale=scale, return_stats=bool(return_stats))
 
 
+_XLA_NAMES = ("xla", "xla_blocks")
+_PALLAS_NAMES = ("pallas", "pallas_blocks")
+
+
+def attend_with_summaries(q, k, v, spec: CondensateSpec, summaries: BlockSummaries, *,
+                          implementation: str = "xla", causal: bool = True,
+                          q_positions=None, kv_lengths=None, sliding_window=None,
+                          scale=None, return_stats=False):
+  """Block-selection attention with precomputed `summaries` of k (what a model layer
+  calls with the summaries its KV cache keeps). implementation "xla" / "xla_blocks":
+  the XLA specification (`block_condensate_attention`); "pallas" / "pallas_blocks": the
+  Pallas kernels of `blocks_pallas` (same sets), fed the same summaries."""
+  _check_block_spec(spec)
+  if implementation in _XLA_NAMES:
+    return block_condensate_attention(
+        q, k, v, spec, summaries=summaries, causal=causal, q_positions=q_positions,
+        kv_lengths=kv_lengths, sliding_window=sliding_window, scale=scale,
+        return_stats=return_stats)
+  if implementation not in _PALLAS_NAMES:
+    raise ValueError(f"implementation={implementation!r} with spec.selection="
+                     f"{spec.selection!r}: expected one of {_XLA_NAMES + _PALLAS_NAMES}.")
+  from condensate_jax import blocks_pallas   # imports pallas
+  kv_lengths, q_positions, scale = _attention._prepare(
+      q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
+      sliding_window=sliding_window, scale=scale)
+  _check_summaries(summaries, k, spec)
+  return blocks_pallas._pallas_blocks(
+      q, k, v, q_positions, kv_lengths, summaries, spec=spec, causal=bool(causal),
+      sliding_window=_attention._static_window(sliding_window), scale=scale,
+      return_stats=bool(return_stats))
+
+
 _attention.register_implementation("xla_blocks", condensate_xla_blocks)
 
 

@@ -186,10 +186,20 @@ def rope_from_hf(params: Optional[dict], *, theta: float, rotary_dim: int, where
 
 
 class KVCache(NamedTuple):
-  """Static-shape cache: k[i], v[i] [B, S_max, K, H] per layer; lengths [B] int32."""
+  """Static-shape cache: k[i], v[i] [B, S_max, K, H] per layer; lengths [B] int32.
+
+  summaries: None, or one entry per layer: None or a `blocks.BlockSummaries` (min / max
+  of every spec.block_size cached keys per KV head, [B, ceil(S_max / P), K, H] in the
+  cache dtype). A layer that runs a block-selection spec (selection != "exact", not a
+  pillar layer) builds its summaries from the cached keys on its first cached call
+  (prefill) and updates them with `blocks.append_summaries` on every later call; dense
+  and exact layers carry None and pay nothing. Summaries assume append-only writes: to
+  rewind `lengths` or overwrite keys, drop them first (`cache._replace(summaries=None)`).
+  """
   k: tuple
   v: tuple
   lengths: jax.Array
+  summaries: Optional[tuple] = None
 
   @staticmethod
   def zeros(num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
@@ -232,22 +242,45 @@ def dense_stats(q_positions, kv_lengths, num_heads, sliding_window) -> Attention
   return AttentionStats(ones, 0 * ones, 0 * ones, n, n, n)
 
 
+def uses_block_summaries(spec) -> bool:
+  """True when a layer's spec (from `CondensateSpec.for_layer`) selects by block
+  summaries, i.e. the layer keeps summaries in the cache."""
+  return spec is not None and spec.selection != "exact"
+
+
+def _cache_summaries(ctx: Context, layer: int, spec, k_new, keys, kv_lengths):
+  """The layer's summaries after this call's write: the input cache's, updated with the
+  new keys (positions ctx.positions), or built from all cached keys when the input cache
+  has none of this block size (the first cached call: prefill)."""
+  from condensate_jax import blocks   # lazy: blocks imports attention, not the models
+  old = None if ctx.cache.summaries is None else ctx.cache.summaries[layer]
+  if (isinstance(old, blocks.BlockSummaries) and old.block_size == spec.block_size
+      and old.num_blocks == blocks.num_blocks(keys.shape[1], spec.block_size)
+      and old.kmin.dtype == keys.dtype):
+    return blocks.append_summaries(old, k_new.astype(keys.dtype), ctx.positions)
+  return blocks.build_summaries(keys, spec.block_size, kv_lengths)
+
+
 def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
                  sliding_window: Optional[int]):
   """Attention of one layer through the cache. q [B,T,N,H], k/v [B,T,K,H].
 
-  Returns (out [B,T,N,H], (k_cache, v_cache) or None, stats or None).
+  Returns (out [B,T,N,H], (k_cache, v_cache, summaries or None) or None, stats or None).
   """
   b, t = q.shape[:2]
+  spec = None if ctx.attention is None else ctx.attention.for_layer(layer)
+  summaries = None
   if ctx.cache is None:
     keys, values, kv_lengths, new = k, v, jnp.full((b,), t, jnp.int32), None
   else:
     start = ctx.cache.lengths
     keys = _write(ctx.cache.k[layer], k, start)
     values = _write(ctx.cache.v[layer], v, start)
-    kv_lengths, new = start + t, (keys, values)
+    kv_lengths = start + t
     q = q.astype(keys.dtype)
-  spec = None if ctx.attention is None else ctx.attention.for_layer(layer)
+    if uses_block_summaries(spec):
+      summaries = _cache_summaries(ctx, layer, spec, k, keys, kv_lengths)
+    new = (keys, values, summaries)
   kwargs = dict(q_positions=ctx.positions, kv_lengths=kv_lengths,
                 sliding_window=sliding_window, scale=scale)
   if spec is None:
@@ -255,14 +288,21 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
     stats = (dense_stats(ctx.positions, kv_lengths, q.shape[2], sliding_window)
              if ctx.return_stats else None)
   else:
-    res = attention_lib.attend(q, keys, values, spec, implementation=ctx.implementation,
-                               return_stats=ctx.return_stats, **kwargs)
+    if summaries is not None:
+      from condensate_jax import blocks
+      res = blocks.attend_with_summaries(q, keys, values, spec, summaries,
+                                         implementation=ctx.implementation,
+                                         return_stats=ctx.return_stats, **kwargs)
+    else:
+      res = attention_lib.attend(q, keys, values, spec, implementation=ctx.implementation,
+                                 return_stats=ctx.return_stats, **kwargs)
     out, stats = res if ctx.return_stats else (res, None)
   return out, new, stats
 
 
 def run_layers(layers, x, ctx: Context, cfg):
-  """Runs the decoder blocks in order; returns (x, per-layer (k, v), per-layer stats)."""
+  """Runs the decoder blocks in order; returns (x, per-layer (k, v, summaries) or None,
+  per-layer stats)."""
   new_kv, stats = [], []
   for i, block in enumerate(layers):
     x, kv, st = block(x, ctx, i, cfg)
@@ -282,8 +322,10 @@ def finish(logits, ctx: Context, new_kv: list, stats: list, t: int):
   """Assembles the model's (logits f32, cache, stacked stats) result."""
   cache = None
   if ctx.cache is not None:
+    summaries = tuple(kv[2] for kv in new_kv)
     cache = KVCache(tuple(kv[0] for kv in new_kv), tuple(kv[1] for kv in new_kv),
-                    ctx.cache.lengths + t)
+                    ctx.cache.lengths + t,
+                    summaries if any(x is not None for x in summaries) else None)
   stacked = None
   if ctx.return_stats:
     stacked = AttentionStats(*[jnp.stack(fields) for fields in zip(*stats)])
