@@ -3,6 +3,11 @@
 Functional style: the model is `nnx.split` once (by `LanguageModel`); these jitted pure
 functions take (graphdef, state) and `nnx.merge` inside. `attention` (None or a
 CondensateSpec), `implementation` and `return_stats` are static.
+
+With a block-selection spec (selection != "exact") the cache also carries per-layer block
+summaries (`KVCache.summaries`): the prefill call builds them from the cached keys and each
+decode step appends its key, so a step reads summaries instead of rebuilding them from K.
+Dense and exact runs carry none.
 """
 
 from __future__ import annotations

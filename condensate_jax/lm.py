@@ -124,6 +124,8 @@ class LanguageModel:
     """Feeds tokens [B,T] through `cache`: (logits [B,T,V] float32, updated cache).
 
     The caller keeps cache.lengths + T <= the cache size (writes past it are clipped).
+    With a block-selection spec the returned cache carries the layers' block summaries
+    (built on the first call, appended on later ones; see `common.KVCache`).
     """
     tokens = self._tokens(tokens)
     return gen.step(self.graphdef, self.state, tokens, cache,
