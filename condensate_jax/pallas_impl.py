@@ -50,7 +50,9 @@ def split_set(selection, lo, hi, spec, num_keys, num_q_heads):
                                              "return_stats"))
 def condensate_pallas(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window,
                       scale, return_stats):
-  """Same contract as `condensate_jax.attention._condensate_masked`."""
+  """Signature and stats of `condensate_jax.attention._condensate_masked`; the output
+  equals it to float rounding, not bitwise (the kernel sums the set in its own order; not
+  in `attention.BITWISE_DENSE`, so the experiments' gate uses a tolerance)."""
   if spec.selection != "exact":
     raise ValueError(
         f"spec.selection={spec.selection!r} with implementation='pallas': this kernel "

@@ -38,6 +38,12 @@ def _num(value) -> float:
   return float(value)
 
 
+def _worst(values, pick):
+  """max/min that propagates NaN (Python's max/min drop a NaN unless it comes first)."""
+  values = [_num(v) for v in values]
+  return math.nan if any(math.isnan(v) for v in values) else pick(values)
+
+
 def aggregate(rows: Sequence[dict[str, Any]], points) -> list[dict[str, Any]]:
   """One entry per grid point, aggregated over its prompts (worst case for maxima and
   minima, mean for fractions and KL)."""
@@ -57,7 +63,7 @@ def aggregate(rows: Sequence[dict[str, Any]], points) -> list[dict[str, Any]]:
         "covers_all_prompts": all(r["covers"] for r in mine),
         "prompts": len(mine),
         "bitwise_frac": float(np.mean([_num(r["bitwise_frac"]) for r in mine])),
-        "max_abs_logit_diff": max(_num(r["max_abs_logit_diff"]) for r in mine),
+        "max_abs_logit_diff": _worst([r["max_abs_logit_diff"] for r in mine], max),
         "max_ulp_diff": max(int(r["max_ulp_diff"]) for r in mine),
         "mean_kl": float(np.mean([_num(r["mean_kl"]) for r in mine])),
         "top1_agreement": float(np.mean([_num(r["top1_agreement"]) for r in mine])),
@@ -67,11 +73,11 @@ def aggregate(rows: Sequence[dict[str, Any]], points) -> list[dict[str, Any]]:
                                              for r in mine])),
         "first_divergence_min": min(first_div) if first_div else "-",
         "divergence_margin_min": min(margins) if margins else "-",
-        "captured_mass_min": min(_num(r["captured_mass_min"]) for r in mine),
+        "captured_mass_min": _worst([r["captured_mass_min"] for r in mine], min),
         "captured_mass_mean": float(np.mean([_num(r["captured_mass_mean"]) for r in mine])),
-        "dropped_mass_max": max(_num(r["dropped_mass_max"]) for r in mine),
+        "dropped_mass_max": _worst([r["dropped_mass_max"] for r in mine], max),
         "dropped_mass_mean": float(np.mean([_num(r["dropped_mass_mean"]) for r in mine])),
-        "certified_eps_max": max(_num(r["certified_eps_max"]) for r in mine),
+        "certified_eps_max": _worst([r["certified_eps_max"] for r in mine], max),
         "keys_read_frac": float(np.mean([_num(r["keys_read_frac"]) for r in mine])),
         "seconds": sum(_num(r["seconds"]) for r in mine),
     })

@@ -79,6 +79,12 @@ FNS = [cj.dense_attention, cj.condensate_attention]
     (qkv, dict(causal="yes"), r"causal='yes'.*True or False"),
     (lambda: (jnp.ones((1, 1, 2, 4)), jnp.ones((1, 0, 2, 4)), jnp.ones((1, 0, 2, 4))), {},
      r"k.shape\[1\]=0"),
+    (lambda: (jnp.ones((1, 1, 2, 0)), jnp.ones((1, 3, 2, 0)), jnp.ones((1, 3, 2, 0))), {},
+     r"q.shape\[3\]=0.*head dim >= 1"),
+    (qkv, dict(kv_lengths=np.array([2**32 + 3, 8], np.uint64)),
+     r"kv_lengths has values in \[8, 4294967299\].*\[0, 8\]"),
+    (qkv, dict(q_positions=np.full((2, 4), -2**40, np.int64)),
+     r"q_positions has values in \[-1099511627776, -1099511627776\]"),
 ])
 def test_attention_validation(fn, make, kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -97,6 +103,10 @@ def test_condensate_specific_validation():
                      match=r"implementation='xla_masked' with spec.selection='blocks'"):
     cj.condensate_attention(q, k, v, SPEC.replace(selection="blocks"),
                             implementation="xla_masked")
+  with pytest.raises(ValueError, match=r"implementation=\['xla'\]: expected a str"):
+    cj.condensate_attention(q, k, v, SPEC, implementation=["xla"])
+  with pytest.raises(ValueError, match=r"selection='blocks': condensate_mask"):
+    cj.condensate_mask(q, k, SPEC.replace(selection="blocks"))
   with pytest.raises(ValueError, match=r"v: expected an array"):
     cj.condensate_attention(q, k, [[1.0]], SPEC)
 
