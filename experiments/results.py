@@ -54,6 +54,9 @@ class ResultsStore:
         raise ValueError(
             f"{self.path} line {number} is not valid JSON ({err}); only a truncated "
             "last line is repaired automatically.") from None
+      if not isinstance(row, dict) or "key" not in row:
+        raise ValueError(f"{self.path} line {number}: expected a JSON object with a "
+                         "'key' field (a results row).")
       self.rows[row["key"]] = row
 
   def __contains__(self, key: str) -> bool:

@@ -40,3 +40,11 @@ def test_malformed_middle_line_is_an_error(tmp_path):
 def test_row_needs_key(tmp_path):
   with pytest.raises(ValueError, match="key"):
     ResultsStore(tmp_path / "r.jsonl").append({"x": 1})
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '{"no_key": 1}', '"text"'])
+def test_complete_lines_that_are_not_rows_are_refused_with_the_line_number(tmp_path, line):
+  path = tmp_path / "results.jsonl"
+  path.write_text('{"key": "a"}\n' + line + "\n")
+  with pytest.raises(ValueError, match=r"line 2: expected a JSON object with a 'key'"):
+    ResultsStore(path)
