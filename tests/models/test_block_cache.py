@@ -62,8 +62,10 @@ def test_blocks_generate_matches_teacher_forcing(lm):
 
 
 def test_cached_summaries_equal_build_of_cached_keys(lm, stepped):
-  _, _, prefill_cache, cache = stepped
-  for c, n in ((prefill_cache, PROMPT), (cache, PROMPT + NEW)):
+  tokens, _, prefill_cache, cache = stepped
+  # A 3-token chunk appended to the prefill cache (T > 1 appends, one call).
+  _, chunked = lm.step(tokens[:, PROMPT:PROMPT + 3], prefill_cache, attention=BLOCKS)
+  for c, n in ((prefill_cache, PROMPT), (cache, PROMPT + NEW), (chunked, PROMPT + 3)):
     assert np.asarray(c.lengths).tolist() == [n, n]
     assert len(c.summaries) == lm.num_layers
     for layer in range(lm.num_layers):
