@@ -533,7 +533,7 @@ def attend_with_summaries(q, k, v, spec: CondensateSpec, summaries: BlockSummari
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
   _check_summaries(summaries, k, spec)
-  return blocks_pallas._pallas_blocks(
+  return blocks_pallas.pallas_blocks_attention(
       q, k, v, q_positions, kv_lengths, summaries, spec=spec, causal=bool(causal),
       sliding_window=_attention._static_window(sliding_window), scale=scale,
       return_stats=bool(return_stats))

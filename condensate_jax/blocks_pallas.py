@@ -180,8 +180,10 @@ def _bounded(q, k, v, summ, lo, hi, spec, scale):
 
 @functools.partial(jax.jit, static_argnames=("spec", "causal", "sliding_window", "scale",
                                              "return_stats", "num_splits"))
-def _pallas_blocks(q, k, v, q_positions, kv_lengths, summaries, *, spec, causal,
-                   sliding_window, scale, return_stats, num_splits=8):
+def pallas_blocks_attention(q, k, v, q_positions, kv_lengths, summaries, *, spec, causal,
+                            sliding_window, scale, return_stats, num_splits=8):
+  """Block-selection attention through the Pallas kernels on validated inputs, with
+  optional precomputed `summaries` (None: built from k). Same sets as the XLA spec."""
   lo, hi = sel.visible_range(q_positions, kv_lengths, causal=causal,
                              sliding_window=sliding_window)
   if summaries is None:
@@ -206,9 +208,9 @@ def condensate_pallas_blocks(q, k, v, q_positions, kv_lengths, *, spec, causal,
                              sliding_window, scale, return_stats):
   """`implementation="pallas_blocks"`: contract of `attention._condensate_masked`."""
   _blocks._check_block_spec(spec)
-  return _pallas_blocks(q, k, v, q_positions, kv_lengths, None, spec=spec, causal=causal,
-                        sliding_window=sliding_window, scale=scale,
-                        return_stats=return_stats)
+  return pallas_blocks_attention(q, k, v, q_positions, kv_lengths, None, spec=spec,
+                                 causal=causal, sliding_window=sliding_window,
+                                 scale=scale, return_stats=return_stats)
 
 
 _attention.register_implementation("pallas_blocks", condensate_pallas_blocks)
