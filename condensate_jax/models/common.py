@@ -332,6 +332,22 @@ def finish(logits, ctx: Context, new_kv: list, stats: list, t: int):
   return logits.astype(jnp.float32), cache, stacked
 
 
+def check_mha_config(cfg) -> None:
+  """Checks of a multi-head (no GQA) config with `width`, `num_heads`, `activation`."""
+  if cfg.width % cfg.num_heads:
+    raise ValueError(f"width={cfg.width}, num_heads={cfg.num_heads}: expected width "
+                     "to be a multiple of num_heads.")
+  check_activation(cfg.activation, "activation")
+
+
+def mha_head_dim(cfg) -> int:
+  return cfg.width // cfg.num_heads
+
+
+def mha_num_kv_heads(cfg) -> int:
+  return cfg.num_heads
+
+
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),

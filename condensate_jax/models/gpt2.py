@@ -31,18 +31,10 @@ class GPT2Config:
   scale_attn_weights: bool = True
 
   def __post_init__(self):
-    if self.width % self.num_heads:
-      raise ValueError(f"width={self.width}, num_heads={self.num_heads}: expected width "
-                       "to be a multiple of num_heads.")
-    common.check_activation(self.activation, "activation")
+    common.check_mha_config(self)
 
-  @property
-  def head_dim(self) -> int:
-    return self.width // self.num_heads
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.num_heads
+  head_dim = property(common.mha_head_dim)
+  num_kv_heads = property(common.mha_num_kv_heads)
 
   # ------------------------------------------------------------------ presets
   @classmethod

@@ -113,6 +113,16 @@ def _decode_kernel(ranges_ref, blocks_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
   lse_ref[...] = lse
 
 
+def _check_supported(q, block_size, interpret):
+  """NotImplementedError (api.py then falls back) where these Triton kernels can't run."""
+  if not interpret and jax.default_backend() != "gpu":
+    raise NotImplementedError("the Triton backend needs a GPU (or interpret=True).")
+  d, p = q.shape[-1], block_size
+  if p < 16 or p & (p - 1) or d & (d - 1) or d < 16:
+    raise NotImplementedError(f"block_size={p}, head dim {d}: the Triton kernel needs "
+                              "powers of two >= 16.")
+
+
 def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
                  with_static=True, interpret=False, num_warps=4, num_stages=2):
   """Triton block decode; semantics of reference.block_decode.
@@ -120,14 +130,10 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
   anchor, window: static upper bounds on the anchor / window range lengths (chunk counts).
   Returns o_parts [B, T, Hq, NS, D] float32, lse_parts [B, Hq, T, NS] float32.
   """
-  if not interpret and jax.default_backend() != "gpu":
-    raise NotImplementedError("the Triton backend needs a GPU (or interpret=True).")
+  _check_supported(q, block_size, interpret)
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   p = block_size
-  if p < 16 or p & (p - 1) or d & (d - 1) or d < 16:
-    raise NotImplementedError(f"block_size={p}, head dim {d}: the Triton kernel needs "
-                              "powers of two >= 16.")
   g = hq // hkv
   gp = max(16, next_pow2(g))
   ns, bps = blocks.shape[3], blocks.shape[4]
@@ -222,14 +228,10 @@ def _prefill_kernel(kblocks_ref, kflags_ref, q_ref, k_ref, v_ref, o_ref, lse_ref
 def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale,
                   interpret=False, num_warps=4, num_stages=2):
   """Triton block-sparse causal prefill; semantics of reference.block_prefill."""
-  if not interpret and jax.default_backend() != "gpu":
-    raise NotImplementedError("the Triton backend needs a GPU (or interpret=True).")
+  _check_supported(q, block_size, interpret)
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   p = block_size
-  if p < 16 or p & (p - 1) or d & (d - 1) or d < 16:
-    raise NotImplementedError(f"block_size={p}, head dim {d}: the Triton kernel needs "
-                              "powers of two >= 16.")
   g = hq // hkv
   nq = -(-t // p)
   tp = nq * p
