@@ -66,7 +66,7 @@ def _check_qkv(q, k, v):
   if k.shape[3] != d:
     raise ValueError(f"k.shape[3]={k.shape[3]}: expected the head dim of q, {d}.")
   if d == 0:
-    raise ValueError(f"q.shape[3]=0: expected a head dim >= 1.")
+    raise ValueError("q.shape[3]=0: expected a head dim >= 1.")
   hkv = k.shape[2]
   if hkv == 0 or hq % hkv:
     raise ValueError(

@@ -29,7 +29,6 @@ from condensate_jax import attention as _attention
 from condensate_jax import blocks as _blocks
 from condensate_jax import selection as sel
 from pallas_kernels.block_sparse import api as _bs_api
-from pallas_kernels.block_sparse.reference import combine
 
 NEG_INF = float("-inf")
 # Which block-sparse kernel runs: None = the best for the platform (see
@@ -103,7 +102,6 @@ def _combine5(o, lse):
 def _select_certified(q, k, v, summ, lo, hi, spec, scale):
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
-  g = hq // hkv
   nb = summ.num_blocks
   n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)
   u = _blocks.block_bounds(q, summ, scale)

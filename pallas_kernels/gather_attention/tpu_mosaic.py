@@ -129,7 +129,7 @@ def gather_attention(q, k, v, indices, valid, *, scale=None, shared_indices=None
   if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
     raise ValueError(f"chunk={chunk!r}: expected an int >= 1.")
   b, t, hq, d = q.shape
-  s_len, hkv = k.shape[1], k.shape[2]
+  hkv = k.shape[2]
   g = hq // hkv
   gq = layout.group(q, k, v, indices, valid, shared_indices, shared_valid,
                     head_chunk=chunk, shared_chunk=chunk)
