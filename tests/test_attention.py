@@ -1,6 +1,7 @@
 """Core attention: against a float64 NumPy reference, bitwise exactness, determinism."""
 
 import dataclasses
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,8 @@ def rel_err(x, ref, mask=None):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_matches_float64_reference(case, impl):
-  q, k, v, kw = make_inputs(case, seed=hash(case.name) % 2**31)
+  # A stable seed per case (str hash() is salted per process: it made this test flaky).
+  q, k, v, kw = make_inputs(case, seed=zlib.crc32(case.name.encode()))
   spec = spec_of(case)
   out, stats = cj.condensate_attention(q, k, v, spec, implementation=impl,
                                        return_stats=True, **kw)
