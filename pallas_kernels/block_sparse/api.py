@@ -3,22 +3,30 @@
 implementation:
   "reference"  plain jnp (reference.py), any platform (dense masks: small shapes only);
   "triton"     GPU kernels (gpu_triton.py), Triton lowering of pallas_call;
-  None         the best for the platform: GPU "triton", CPU "triton" interpreted (so the
-               kernel itself runs, slowly, everywhere), else "reference".
+  "mosaic_tpu" TPU kernels (tpu_mosaic.py): scalar-prefetched block ids drive the K/V
+               BlockSpecs, so the Mosaic pipeline DMAs only the listed [P, D] blocks.
+               Tested only in TPU interpret mode on CPU (`implementation="mosaic_tpu",
+               interpret=True`, which runs it under `pltpu.InterpretParams()`); never
+               compiled on a real TPU, so its speed and even its lowering there are
+               unverified;
+  None         the best for the platform: GPU "triton", TPU "mosaic_tpu", CPU "triton"
+               interpreted (so the kernel itself runs, slowly, everywhere), else
+               "reference".
 interpret: None = True exactly when the platform is CPU (Pallas interpret mode).
-With implementation=None a backend raising NotImplementedError (e.g. a block size the
-Triton kernel does not take) falls back to "reference"; a named one never falls back.
-No TPU (Mosaic) backend yet: on TPU these ops run the reference.
+With implementation=None a backend raising NotImplementedError (e.g. a block size or head
+dim the kernel does not take) falls back to "reference"; a named one never falls back.
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels.block_sparse import gpu_triton, reference
+from pallas_kernels.block_sparse import gpu_triton, reference, tpu_mosaic
 
-_BEST = {"gpu": ("triton", "reference"), "cpu": ("triton", "reference")}
-IMPLEMENTATIONS = ("reference", "triton")
+_BEST = {"gpu": ("triton", "reference"), "tpu": ("mosaic_tpu", "reference"),
+         "cpu": ("triton", "reference")}
+IMPLEMENTATIONS = ("reference", "triton", "mosaic_tpu")
+_KERNELS = {"triton": gpu_triton, "mosaic_tpu": tpu_mosaic}
 
 
 def _names(implementation):
@@ -38,13 +46,13 @@ def _interpret(interpret):
   return interpret
 
 
-def _dispatch(implementation, ref_fn, kernel_fn, args, kw, kernel_kw):
+def _dispatch(implementation, op, args, kw, kernel_kw):
   error = None
   for name in _names(implementation):
     try:
       if name == "reference":
-        return ref_fn(*args, **kw)
-      return kernel_fn(*args, **kw, **kernel_kw)
+        return getattr(reference, op)(*args, **kw)
+      return getattr(_KERNELS[name], op)(*args, **kw, **kernel_kw)
     except NotImplementedError as e:
       error = e
   raise NotImplementedError(f"no block-sparse implementation accepts these inputs: {error}")
@@ -63,8 +71,7 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
   kw = dict(block_size=block_size, scale=scale, with_static=with_static)
   kernel_kw = dict(kernel_kw, anchor=anchor, window=window,
                    interpret=_interpret(interpret))
-  return _dispatch(implementation, reference.block_decode, gpu_triton.block_decode,
-                   (q, k, v, blocks, ranges), kw, kernel_kw)
+  return _dispatch(implementation, "block_decode", (q, k, v, blocks, ranges), kw, kernel_kw)
 
 
 def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale,
@@ -72,8 +79,8 @@ def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale
   """Block-sparse causal prefill (see reference.block_prefill); returns (o, lse)."""
   kw = dict(block_size=block_size, anchor=anchor, window=window, scale=scale)
   kernel_kw = dict(kernel_kw, interpret=_interpret(interpret))
-  return _dispatch(implementation, reference.block_prefill, gpu_triton.block_prefill,
-                   (q, k, v, kblocks, kflags), kw, kernel_kw)
+  return _dispatch(implementation, "block_prefill", (q, k, v, kblocks, kflags), kw,
+                   kernel_kw)
 
 
 combine = reference.combine
