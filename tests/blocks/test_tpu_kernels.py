@@ -1,6 +1,7 @@
 """Mosaic TPU block-sparse kernels (pallas_kernels/block_sparse/tpu_mosaic.py) against the
-jnp reference, run in TPU interpret mode on CPU (`implementation="mosaic_tpu",
-interpret=True`). Nothing here compiles for a real TPU.
+jnp reference. Off TPU they run in TPU interpret mode on the CPU device
+(`implementation="mosaic_tpu", interpret=True`); on a TPU they would be compiled (never
+done so far).
 
 Poisoning: TPU interpret mode fills uninitialised memory (VMEM buffers, outputs) with NaN
 (asked for explicitly below), so an output the kernel never writes comes back NaN or, for
@@ -8,9 +9,10 @@ a reused pipeline buffer, as the previous block's values; the exact comparisons 
 reference (including empty splits, which must be o = 0 and lse = -inf) catch both.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse import api, reference, tpu_mosaic
@@ -18,7 +20,22 @@ from pallas_kernels.block_sparse import api, reference, tpu_mosaic
 # f32: HIGHEST-precision matmuls on both sides; bf16: the kernel rounds p to bf16 for the
 # second matmul (flash-attention style), the reference keeps it in f32.
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
-NAN_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
+ON_TPU = jax.default_backend() == "tpu"
+try:
+  INTERPRET = False if ON_TPU else pltpu.InterpretParams(uninitialized_memory="nan")
+except TypeError:   # a jax whose InterpretParams lacks the field (NaN is its default)
+  INTERPRET = pltpu.InterpretParams()
+API_INTERPRET = not ON_TPU
+
+
+@pytest.fixture(autouse=True)
+def _on_cpu_unless_tpu():
+  """Interpret mode runs on the CPU device (also on a GPU host); a TPU compiles."""
+  if ON_TPU:
+    yield
+  else:
+    with jax.default_device(jax.devices("cpu")[0]):
+      yield
 
 
 def _close(a, e, dtype, what):
@@ -73,7 +90,7 @@ def test_decode_matches_reference(dtype, hq, hkv, t, with_static, ranges):
   args = (q, k, v, ids, jnp.asarray(ranges, jnp.int32))
   kw = dict(block_size=p, scale=d**-0.5, with_static=with_static)
   o, lse = tpu_mosaic.block_decode(*args, **kw, anchor=3, window=10,
-                                   interpret=NAN_INTERPRET)
+                                   interpret=INTERPRET)
   ro, rl = reference.block_decode(*args, **kw)
   assert o.shape == (b, t, hq, ns, d) and o.dtype == jnp.float32
   assert lse.shape == (b, hq, t, ns) and lse.dtype == jnp.float32
@@ -86,7 +103,7 @@ def test_decode_matches_reference(dtype, hq, hkv, t, with_static, ranges):
   assert np.isfinite(np.asarray(lse)).sum() > lse.size // 3    # most sets are non-empty
   if dtype == jnp.float32 and with_static:   # through api, and deterministic
     o2, lse2 = api.block_decode(*args, **kw, anchor=3, window=10,
-                                implementation="mosaic_tpu", interpret=True)
+                                implementation="mosaic_tpu", interpret=API_INTERPRET)
     np.testing.assert_array_equal(np.asarray(o), np.asarray(o2))
     np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse2))
 
@@ -110,7 +127,7 @@ def test_prefill_matches_reference(dtype, hq, hkv):
   kblocks, kflags = _prefill_lists(hq, b, hq, nq, 4, nb)
   kw = dict(block_size=p, anchor=3, window=20, scale=d**-0.5)
   o, lse = tpu_mosaic.block_prefill(q, k, v, kblocks, kflags, **kw,
-                                    interpret=NAN_INTERPRET)
+                                    interpret=INTERPRET)
   ro, rl = reference.block_prefill(q, k, v, kblocks, kflags, **kw)
   assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == (b, hq, t)
   _close(o, ro, dtype, "o")
@@ -118,7 +135,7 @@ def test_prefill_matches_reference(dtype, hq, hkv):
   assert np.isfinite(np.asarray(lse)).mean() > 0.5
   # flags matter: with every flag off the middle keys go (the sets shrink)
   o0, lse0 = api.block_prefill(q, k, v, kblocks, jnp.zeros_like(kflags), **kw,
-                               implementation="mosaic_tpu", interpret=True)
+                               implementation="mosaic_tpu", interpret=API_INTERPRET)
   r0, rl0 = reference.block_prefill(q, k, v, kblocks, jnp.zeros_like(kflags), **kw)
   _close(o0, r0, dtype, "o, flags 0")
   _close(lse0, rl0, dtype, "lse, flags 0")
@@ -146,8 +163,9 @@ def test_validation():
   ids = jnp.zeros((1, 1, 1, 1, 1), jnp.int32)
   rng_ = jnp.zeros((1, 1, 6), jnp.int32)
   kw = dict(block_size=16, scale=1.0, anchor=1, window=1, implementation="mosaic_tpu")
-  with pytest.raises(NotImplementedError, match="needs a TPU"):
-    api.block_decode(q, k, v, ids, rng_, **kw, interpret=False)
+  if not ON_TPU:
+    with pytest.raises(NotImplementedError, match="needs a TPU"):
+      api.block_decode(q, k, v, ids, rng_, **kw, interpret=False)
   with pytest.raises(NotImplementedError, match="head dim D=32.*multiple of 128"):
     api.block_decode(q[..., :32], k[..., :32], v[..., :32], ids, rng_, **kw,
                      interpret=True)
@@ -166,4 +184,4 @@ def test_validation():
   kb = jnp.zeros((1, 2, 2, 1), jnp.int32)       # T=1 needs ceil(1/16) = 1 query block
   with pytest.raises(ValueError, match=r"kblocks \(1, 2, 2, 1\)"):
     api.block_prefill(q, k, v, kb, kb, block_size=16, anchor=1, window=1, scale=1.0,
-                      implementation="mosaic_tpu", interpret=True)
+                      implementation="mosaic_tpu", interpret=API_INTERPRET)
