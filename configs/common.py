@@ -11,7 +11,8 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
   attention.dense_layers  layers kept dense in every condensate point ("pillars"), a tuple
   attention.implementation  "xla" (default), "xla_gathered", "pallas", ...
   attention.selection   "exact" (default), "bounded", "blocks", "certified" (+ block_size,
-                        top_blocks, epsilon)
+                        top_blocks, epsilon); any of these four may be a tuple, and they
+                        are then grid axes (experiments.parity.selection_variants)
   prompts.num           number of distinct prompts (built-in texts or texts from files)
   prompts.lengths       tuple of prompt lengths in tokens (each + new_tokens <= context)
   prompts.files         comma-separated .txt / .jsonl paths ("" = built-in texts)
@@ -47,12 +48,21 @@ def parse_arg(arg: Optional[str], allowed: dict[str, Sequence[str]]) -> dict[str
   return out
 
 
+def _scalar_or_tuple(value):
+  return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
 def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequence[int],
                   anchor: Sequence[int] = (1,), lengths: Sequence[int] = (512,),
                   num_prompts: int = 4, new_tokens: int = 128,
-                  dtype: str = "float32") -> ml_collections.ConfigDict:
+                  dtype: str = "float32", selection="exact", block_size=64,
+                  top_blocks=8, epsilon=2.0**-24) -> ml_collections.ConfigDict:
   """A parity sweep: top_k x window x anchor, plus the dense reference and a
-  covers-everything point (added by the runner), over prompts x lengths."""
+  covers-everything point (added by the runner), over prompts x lengths.
+
+  selection, block_size, top_blocks, epsilon: scalars (every non-gate point uses them)
+  or tuples (block-selection grid axes; see experiments.parity.selection_variants).
+  """
   config = ml_collections.ConfigDict()
   config.name = name
   config.job = "parity"
@@ -71,10 +81,10 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
   config.attention.implementation = "xla"
   # Block-summary selection (DESIGN.md §4): "exact" (default), "bounded", "blocks",
   # "certified"; the covers-everything gate point always uses "exact".
-  config.attention.selection = "exact"
-  config.attention.block_size = 64
-  config.attention.top_blocks = 8
-  config.attention.epsilon = 2.0**-24
+  config.attention.selection = _scalar_or_tuple(selection)
+  config.attention.block_size = _scalar_or_tuple(block_size)
+  config.attention.top_blocks = _scalar_or_tuple(top_blocks)
+  config.attention.epsilon = _scalar_or_tuple(epsilon)
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.num = num_prompts
@@ -114,7 +124,13 @@ def hub_parity_config(arg: Optional[str], *, name: str, model: str,
 
 def sweep_of(config: ml_collections.ConfigDict) -> list[dict[str, int]]:
   """The grid a config sweeps, as a list of {anchor, window, top_k} (the runner adds
-  the covers-everything point and the dense reference)."""
+  the covers-everything point and the dense reference); for a block-selection grid
+  each entry also holds selection, block_size, top_blocks and epsilon."""
   a = config.attention
+  if any(isinstance(a[k], tuple) for k in ("selection", "block_size", "top_blocks",
+                                             "epsilon")):
+    from experiments import parity  # pylint: disable=import-outside-toplevel
+    return [dict(anchor=x, window=w, **v) for x in a.anchor for w in a.window
+            for v in parity.selection_variants(config)]
   return [dict(anchor=x, window=w, top_k=k) for x in a.anchor for w in a.window
           for k in a.top_k]

@@ -9,6 +9,10 @@ grid point x prompt (plus one "dense" row per prompt holding the reference token
 A covers-everything point (budget >= prompt length + N) is always added: it must be
 bitwise equal to dense (logits and tokens) or the run stops with `GateFailure`.
 
+Block-summary selection (DESIGN.md §4): attention.selection / block_size / top_blocks /
+epsilon set the selection of every non-gate point; when any of them is a tuple they are
+grid axes too (`selection_variants`), and each row records its point's settings.
+
 Entry point for notebooks: `run(config, workdir)`; `load_model=` injects a model loader.
 """
 
@@ -40,22 +44,58 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class GridPoint:
+  """One condensate setting of the sweep.
+
+  selection/block_size/top_blocks/epsilon are the block-selection settings of the point
+  (DESIGN.md §4); for selection="exact" (and the covering point) they are unused.
+  """
   anchor: int
   window: int
   top_k: int
   covering: bool = False  # the point added to cover every key (the exactness gate)
+  selection: str = "exact"
+  block_size: int = 64
+  top_blocks: int = 8
+  epsilon: float = 2.0**-24
+
+  @property
+  def exact(self) -> bool:
+    """True when the point uses exact selection (always for the covering point)."""
+    return self.covering or self.selection == "exact"
 
   @property
   def budget(self) -> int:
+    """anchor + window + top_k: the set size of exact selection; for "blocks" points of
+    a block grid top_k = top_blocks * block_size; "certified" sets vary per query (see
+    set_size in the rows)."""
     return self.anchor + self.window + self.top_k
 
   @property
-  def key(self) -> str:
+  def budget_key(self) -> str:
+    """a{anchor}-w{window}-k{top_k}: the last part of every results.jsonl key."""
     return f"a{self.anchor}-w{self.window}-k{self.top_k}"
 
+  @property
+  def key(self) -> str:
+    """Unique within a grid: budget_key, plus the settings of its selection mode that
+    change the set (block_size for "bounded"; block_size and top_blocks for "blocks";
+    block_size and epsilon for "certified")."""
+    if self.exact:
+      return self.budget_key
+    extra = {"bounded": "", "blocks": f"-M{self.top_blocks}",
+             "certified": f"-e{self.epsilon:g}"}[self.selection]
+    return f"{self.budget_key}-{self.selection}-P{self.block_size}{extra}"
+
   def spec(self, dense_layers=()) -> cj.CondensateSpec:
-    return cj.CondensateSpec(anchor=self.anchor, window=self.window, top_k=self.top_k,
+    spec = cj.CondensateSpec(anchor=self.anchor, window=self.window, top_k=self.top_k,
                              dense_layers=tuple(dense_layers))
+    if self.exact:
+      return spec
+    return spec.replace(selection=self.selection, block_size=self.block_size,
+                        top_blocks=self.top_blocks, epsilon=self.epsilon)
+
+
+BLOCK_AXES = ("selection", "block_size", "top_blocks", "epsilon")
 
 
 def _int_tuple(config_value, name: str, minimum: int) -> tuple[int, ...]:
@@ -67,12 +107,82 @@ def _int_tuple(config_value, name: str, minimum: int) -> tuple[int, ...]:
   return values
 
 
+def _tuple(value) -> tuple:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def is_block_grid(config) -> bool:
+  """True when any of attention.selection/block_size/top_blocks/epsilon is a tuple: the
+  block settings are then grid axes (see `selection_variants`). With all four scalar
+  (every config before block grids) the grid and the results keys are unchanged."""
+  return any(isinstance(config.attention.get(name), (tuple, list)) for name in BLOCK_AXES)
+
+
+def _check_block_axes(config) -> None:
+  a = config.attention
+  selections = _tuple(a.get("selection", "exact"))
+  if not selections or any(s not in cj.spec.SELECTIONS for s in selections):
+    raise ConfigError(
+        f"config.attention.selection={a.get('selection')!r}: expected one of "
+        f"{cj.spec.SELECTIONS} or a non-empty tuple of them.")
+  _int_tuple(a.block_size, "attention.block_size", 1)
+  _int_tuple(a.top_blocks, "attention.top_blocks", 0)
+  eps = _tuple(a.epsilon)
+  if not eps or any(isinstance(e, bool) or not isinstance(e, (int, float))
+                    or not 0.0 < e < 1.0 for e in eps):
+    raise ConfigError(f"config.attention.epsilon={a.epsilon!r}: expected a float in "
+                      "(0, 1) or a non-empty tuple of them.")
+
+
+def selection_variants(config) -> list[dict[str, Any]]:
+  """The selection settings each (anchor, window) pair is swept over, as GridPoint
+  fields (top_k, selection, block_size, top_blocks, epsilon).
+
+  Scalar block settings (`is_block_grid` False): one variant per top_k, every one with
+  the configured selection (the behaviour of every config before block grids).
+  Block grid: each selection mode takes only the axes that change its set, so no two
+  points compute the same thing:
+    "exact":     top_k;
+    "bounded":   top_k x block_size;
+    "blocks":    block_size x top_blocks, with top_k = top_blocks * block_size (the
+                 number of middle keys it reads, so its budget is comparable with the
+                 exact point of the same top_k);
+    "certified": block_size x epsilon, with top_k = 0 (its set size varies per query and
+                 is reported as set_size) and top_blocks = the first value (in the
+                 Pallas kernel it only sets the read round, not the set).
+  """
+  a = config.attention
+  top_ks = _tuple(a.top_k)
+  if not is_block_grid(config):
+    base = dict(selection=a.get("selection", "exact"), block_size=a.block_size,
+                top_blocks=a.top_blocks, epsilon=a.epsilon)
+    return [dict(top_k=k, **base) for k in top_ks]
+  sizes, blocks, epsilons = _tuple(a.block_size), _tuple(a.top_blocks), _tuple(a.epsilon)
+  first = dict(block_size=sizes[0], top_blocks=blocks[0], epsilon=epsilons[0])
+  out = []
+  for selection in dict.fromkeys(_tuple(a.selection)):  # ordered, deduplicated
+    if selection == "exact":
+      out += [dict(first, top_k=k, selection=selection) for k in top_ks]
+    elif selection == "bounded":
+      out += [dict(first, top_k=k, selection=selection, block_size=p)
+              for k in top_ks for p in sizes]
+    elif selection == "blocks":
+      out += [dict(first, top_k=m * p, selection=selection, block_size=p, top_blocks=m)
+              for p in sizes for m in blocks]
+    else:
+      out += [dict(first, top_k=0, selection=selection, block_size=p, epsilon=e)
+              for p in sizes for e in epsilons]
+  return out
+
+
 def check_config(config) -> None:
   """Raises ConfigError naming the first invalid key."""
   _int_tuple(config.attention.top_k, "attention.top_k", 0)
   _int_tuple(config.attention.window, "attention.window", 0)
   _int_tuple(config.attention.anchor, "attention.anchor", 0)
-  point_spec(GridPoint(0, 0, 0), config)  # selection / block_size / ... are valid
+  _check_block_axes(config)
+  for variant in selection_variants(config):  # every spec of the grid is valid
+    point_spec(GridPoint(0, 0, **variant), config)
   if tuple(config.attention.dense_layers):
     _int_tuple(config.attention.dense_layers, "attention.dense_layers", 0)
   _int_tuple(config.prompts.lengths, "prompts.lengths", 1)
@@ -87,14 +197,16 @@ def check_config(config) -> None:
 
 
 def grid(config, total_length: int) -> list[GridPoint]:
-  """The covers-everything point first, then top_k x window x anchor (deduplicated)."""
+  """The covers-everything point first, then anchor x window x `selection_variants`
+  (top_k for exact selection), deduplicated."""
   a = config.attention
   a0, w0 = tuple(a.anchor)[0], tuple(a.window)[0]
   points = [GridPoint(a0, w0, max(0, total_length - a0 - w0), covering=True)]
+  variants = selection_variants(config)
   for anchor in a.anchor:
     for window in a.window:
-      for top_k in a.top_k:
-        point = GridPoint(anchor, window, top_k)
+      for variant in variants:
+        point = GridPoint(anchor, window, **variant)
         if point.key != points[0].key and point not in points:
           points.append(point)
   return points
@@ -164,14 +276,8 @@ def _top2_margin(logits: np.ndarray) -> float:
 def point_spec(point: GridPoint, config) -> cj.CondensateSpec:
   """The spec of a grid point; the covers-everything point always uses exact selection
   (it is the exactness gate of the implementation)."""
-  spec = point.spec(config.attention.dense_layers)
-  a = config.attention
-  selection = a.get("selection", "exact")
-  if point.covering or selection == "exact":
-    return spec
   try:
-    return spec.replace(selection=selection, block_size=a.block_size,
-                        top_blocks=a.top_blocks, epsilon=a.epsilon)
+    return point.spec(config.attention.dense_layers)
   except ValueError as err:
     raise ConfigError(f"config.attention: {err}") from None
 
@@ -215,9 +321,27 @@ def condensate_row(lm, ref: DenseReference, point: GridPoint, config) -> dict[st
   # a tiny margin means a near-tie flipped; a large one means the output really moved.
   row["greedy_divergence_margin"] = None if first is None else _top2_margin(
       ref.logits[ref.tokens.shape[1] - 1 + first])
+  row.update(set_size_summary(stats))
   row["covers"] = point.budget >= ref.full.shape[1]
   row["exact"] = gate_passes(row, greedy, impl, config.model.dtype, ref.logits)
   return row
+
+
+def set_size_summary(stats) -> dict[str, float]:
+  """Keys attended per query (the budget a query used; it varies per query in
+  "certified" mode): mean and max over layers, heads and queries, and the mean at the
+  last position (the longest context)."""
+  size = np.asarray(stats.set_size, np.float64)
+  return {"set_size_mean": float(np.mean(size)), "set_size_max": float(np.max(size)),
+          "set_size_last_mean": float(np.mean(size[..., -1]))}
+
+
+def _fails_gate(row: dict[str, Any]) -> bool:
+  """A finished row of an exact-selection point that covers every key but is not equal
+  to dense. Block-selection points are never gate points (their top_k is a budget, and
+  their sum runs in another order)."""
+  return (row["covers"] and not row["exact"]
+          and row.get("selection", "exact") == "exact")
 
 
 def _keys(config, model_id: str, prompt, point: Optional[GridPoint]) -> str:
@@ -227,10 +351,10 @@ def _keys(config, model_id: str, prompt, point: Optional[GridPoint]) -> str:
     return f"{base}|dense"
   a = config.attention
   layers = ",".join(map(str, a.dense_layers))
-  selection = a.get("selection", "exact")
-  if selection != "exact" and not point.covering:
-    layers += f"|{selection}-P{a.block_size}-M{a.top_blocks}-e{a.epsilon!r}"
-  return f"{base}|{a.implementation}|dl[{layers}]|{point.key}"
+  if not point.exact:  # the same string as before block grids for scalar settings
+    layers += (f"|{point.selection}-P{point.block_size}-M{point.top_blocks}"
+               f"-e{point.epsilon!r}")
+  return f"{base}|{a.implementation}|dl[{layers}]|{point.budget_key}"
 
 
 def _gate_message(row: dict[str, Any]) -> str:
@@ -271,7 +395,7 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
   plan = [(p, pt, _keys(config, model_id, p, pt)) for p in prompts for pt in points]
   for prompt, point, key in plan:  # a finished failing gate row still fails the run
     row = store.rows.get(key)
-    if row is not None and config.gate and row["covers"] and not row["exact"]:
+    if row is not None and config.gate and _fails_gate(row):
       raise GateFailure(_gate_message(row))
   pending = [item for item in plan if item[2] not in store]
   dense_pending = [p for p in prompts if _keys(config, model_id, p, None) not in store]
@@ -318,11 +442,13 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
         store.append(row)
         computed += 1
         bar.update()
-        if config.gate and row["covers"] and not row["exact"]:
+        if config.gate and _fails_gate(row):
           raise GateFailure(_gate_message(row))
       del ref
 
-  rows = [store.rows[key] for _, _, key in plan]
+  # Rows are matched to their point by results key; point_key is restamped so rows
+  # written before a point's key gained its selection suffix still aggregate.
+  rows = [dict(store.rows[key], point_key=point.key) for _, point, key in plan]
   summary = report.aggregate(rows, points)
   table = report.markdown_table(summary)
   report.write_summary(workdir, config, summary, table,

@@ -31,6 +31,31 @@ COLUMNS = (
     ("keys read/visible", "keys_read_frac", "{:.3f}"),
     ("s", "seconds", "{:.1f}"),
 )
+# Inserted after top_k when the grid holds block-selection points (DESIGN.md §4):
+# P = block_size, M = top_blocks ("blocks"), eps = target ("certified"); "-" where the
+# mode does not use the setting.
+SELECTION_COLUMNS = (
+    ("selection", "selection", "{}"),
+    ("P", "block_size_cell", "{}"),
+    ("M", "top_blocks_cell", "{}"),
+    ("eps", "epsilon_cell", "{:g}"),
+)
+# Inserted before "s" for such grids: keys attended per query (mean over everything; mean
+# at the last position) and keys whose score the selection computed / visible.
+SET_SIZE_COLUMNS = (
+    ("set size mean", "set_size_mean", "{:.0f}"),
+    ("set size last", "set_size_last_mean", "{:.0f}"),
+    ("keys scored/visible", "keys_scored_frac", "{:.3f}"),
+)
+
+
+def columns(summary: Sequence[dict[str, Any]]) -> tuple:
+  """COLUMNS, plus the selection and set-size columns when any point is not exact."""
+  if all(e.get("selection", "exact") == "exact" for e in summary):
+    return COLUMNS
+  at, end = [h for h, _, _ in COLUMNS].index("top_k") + 1, len(COLUMNS) - 1
+  return (COLUMNS[:at] + SELECTION_COLUMNS + COLUMNS[at:end] + SET_SIZE_COLUMNS
+          + COLUMNS[end:])
 
 
 def _num(value) -> float:
@@ -80,16 +105,44 @@ def aggregate(rows: Sequence[dict[str, Any]], points) -> list[dict[str, Any]]:
         "certified_eps_max": _worst([r["certified_eps_max"] for r in mine], max),
         "keys_read_frac": float(np.mean([_num(r["keys_read_frac"]) for r in mine])),
         "seconds": sum(_num(r["seconds"]) for r in mine),
+        **_selection_fields(point, mine),
     })
   return out
 
 
+def _mean_or_dash(rows, key):
+  values = [_num(r[key]) for r in rows if r.get(key) is not None]
+  return float(np.mean(values)) if len(values) == len(rows) else "-"
+
+
+def _selection_fields(point, rows) -> dict[str, Any]:
+  """The point's selection settings (cells "-" where its mode does not use them) and
+  the set-size summaries (rows written before they existed give "-")."""
+  selection = "exact" if point.covering else getattr(point, "selection", "exact")
+  block = selection != "exact"
+  return {
+      "selection": selection,
+      "block_size": getattr(point, "block_size", None) if block else None,
+      "top_blocks": point.top_blocks if selection == "blocks" else None,
+      "epsilon": point.epsilon if selection == "certified" else None,
+      "block_size_cell": point.block_size if block else "-",
+      "top_blocks_cell": point.top_blocks if selection == "blocks" else "-",
+      "epsilon_cell": point.epsilon if selection == "certified" else "-",
+      "set_size_mean": _mean_or_dash(rows, "set_size_mean"),
+      "set_size_max": (max(_num(r["set_size_max"]) for r in rows)
+                       if all(r.get("set_size_max") is not None for r in rows) else "-"),
+      "set_size_last_mean": _mean_or_dash(rows, "set_size_last_mean"),
+      "keys_scored_frac": _mean_or_dash(rows, "keys_scored_frac"),
+  }
+
+
 def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
-  lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-           "|" + "|".join("---" for _ in COLUMNS) + "|"]
+  cols = columns(summary)
+  lines = ["| " + " | ".join(h for h, _, _ in cols) + " |",
+           "|" + "|".join("---" for _ in cols) + "|"]
   for entry in summary:
     cells = []
-    for _, key, fmt in COLUMNS:
+    for _, key, fmt in cols:
       value = entry[key]
       cells.append(fmt.format(value) if not isinstance(value, str) else value)
     if entry["covering"]:
@@ -129,13 +182,38 @@ def write_summary(workdir: pathlib.Path, config, summary, table: str,
       "read/visible = set size / visible keys; s = seconds (generate + logits).",
       "",
   ]
+  if columns(summary) is not COLUMNS:
+    text[-1:-1] = [
+        "Block selection (DESIGN.md §4): selection = how the top part of the set is "
+        "found; P = keys per block; M = blocks read besides anchor and window "
+        "(\"blocks\", whose top_k is shown as M*P so its budget compares with the exact "
+        "point of the same top_k); eps = certified dropped-mass target (\"certified\": "
+        "top_k 0, the set grows per query until the certificate is <= eps); set size "
+        "mean / last = keys attended per query, mean over everything / at the last "
+        "position; keys scored/visible = keys whose exact score the selection computed. "
+        "Only exact-selection points are exactness-gate points.", ""]
   path = workdir / "summary.md"
   path.write_text("\n".join(text))
   return path
 
 
+def _variant(entry) -> tuple:
+  return tuple(entry.get(k, "-") for k in ("selection", "block_size_cell",
+                                            "top_blocks_cell", "epsilon_cell"))
+
+
+def heatmap_entries(summary) -> list[dict[str, Any]]:
+  """The non-covering entries the window x top_k heatmaps show: all of them when they
+  share one selection setting; in a block grid only the exact-selection ones (block
+  points are in selection.png)."""
+  entries = [e for e in summary if not e["covering"]]
+  if len({_variant(e) for e in entries}) <= 1:
+    return entries
+  return [e for e in entries if e.get("selection", "exact") == "exact"]
+
+
 def _heatmap(ax, summary, anchor, value_key, title, transform, cmap, vmin=None, vmax=None):
-  entries = [e for e in summary if e["anchor"] == anchor and not e["covering"]]
+  entries = [e for e in heatmap_entries(summary) if e["anchor"] == anchor]
   windows = sorted({e["window"] for e in entries})
   top_ks = sorted({e["top_k"] for e in entries})
   grid = np.full((len(windows), len(top_ks)), np.nan)
@@ -163,7 +241,7 @@ def plot_all(workdir: pathlib.Path, summary) -> list[pathlib.Path]:
   # notebook that calls this keeps its own inline backend for later plots.
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
-  anchors = sorted({e["anchor"] for e in summary if not e["covering"]})
+  anchors = sorted({e["anchor"] for e in heatmap_entries(summary)})
   paths = []
   if anchors:
     specs = [("heatmap_greedy.png", "greedy_prefix_frac",
@@ -180,13 +258,15 @@ def plot_all(workdir: pathlib.Path, summary) -> list[pathlib.Path]:
       fig.savefig(workdir / name, dpi=110)
       paths.append(workdir / name)
 
+  # "certified" points have no fixed budget (their set size is in selection.png).
+  fixed = [e for e in summary if e.get("selection", "exact") != "certified"]
   fig = Figure(figsize=(10, 3.8))
   ax0, ax1 = fig.subplots(1, 2)
-  budgets = [e["budget"] for e in summary]
-  ax0.scatter(budgets, [e["dropped_mass_max"] for e in summary], label="worst query")
-  ax0.scatter(budgets, [e["dropped_mass_mean"] for e in summary], marker="x",
+  budgets = [e["budget"] for e in fixed]
+  ax0.scatter(budgets, [e["dropped_mass_max"] for e in fixed], label="worst query")
+  ax0.scatter(budgets, [e["dropped_mass_mean"] for e in fixed], marker="x",
               label="mean")
-  ax1.scatter(budgets, [e["certified_eps_max"] for e in summary], color="C3")
+  ax1.scatter(budgets, [e["certified_eps_max"] for e in fixed], color="C3")
   for ax, label in ((ax0, "dropped mass = 1 - captured mass"),
                     (ax1, "max certified eps")):
     ax.set_xscale("log")
@@ -204,4 +284,48 @@ def plot_all(workdir: pathlib.Path, summary) -> list[pathlib.Path]:
   fig.tight_layout()
   fig.savefig(workdir / "captured_mass.png", dpi=110)
   paths.append(workdir / "captured_mass.png")
+  if any(e.get("selection", "exact") != "exact" for e in summary):
+    paths.append(plot_selection(workdir, summary))
   return paths
+
+
+_MARKERS = {"exact": "o", "bounded": "s", "blocks": "^", "certified": "D"}
+
+
+def plot_selection(workdir: pathlib.Path, summary) -> pathlib.Path:
+  """selection.png: every non-covering point against the fraction of keys it read —
+  greedy identical-prefix fraction (left) and worst true dropped mass / certified eps
+  (right) — one marker per selection mode, each point labelled with its key."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  entries = [e for e in summary if not e["covering"]]
+  fig = Figure(figsize=(11, 4.2))
+  ax0, ax1 = fig.subplots(1, 2)
+  for selection, marker in _MARKERS.items():
+    mine = [e for e in entries if e.get("selection", "exact") == selection]
+    if not mine:
+      continue
+    x = [e["keys_read_frac"] for e in mine]
+    ax0.scatter(x, [e["greedy_prefix_frac"] for e in mine], marker=marker,
+                label=selection)
+    ax1.scatter(x, [e["dropped_mass_max"] for e in mine], marker=marker,
+                label=f"{selection}: true dropped (worst)")
+    ax1.scatter(x, [e["certified_eps_max"] for e in mine], marker=marker,
+                facecolors="none", edgecolors="C3", label=f"{selection}: certified eps")
+    for e in mine:
+      ax0.annotate(e["key"].split("-", 2)[-1], (e["keys_read_frac"],
+                                                e["greedy_prefix_frac"]), fontsize=6)
+  ax0.set_ylim(-0.05, 1.05)
+  ax0.set_ylabel("greedy identical-prefix fraction")
+  ax1.set_yscale("symlog", linthresh=1e-9)
+  ax1.set_ylim(0.0, 1.5)
+  ax1.axhline(2.0**-24, color="gray", lw=0.8, ls="--")
+  ax1.set_ylabel("dropped mass")
+  for ax in (ax0, ax1):
+    ax.set_xlabel("keys read / keys visible")
+    ax.legend(fontsize=7)
+  ax0.set_title("greedy parity vs keys read", fontsize=9)
+  ax1.set_title("dropped mass vs keys read (dashed: 2^-24)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(workdir / "selection.png", dpi=110)
+  return workdir / "selection.png"
