@@ -401,7 +401,9 @@ def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale
 
   def kv_map(b_, h, i, e, ids_ref, flags_ref, fetch_ref):
     del ids_ref, flags_ref
-    return b_, fetch_ref[((b_ * hq + h) * nq + i) * n_entries + e], h // g
+    # lax.div (truncating, h >= 0): jnp's floor division lowers through sign(), which
+    # Mosaic only lowers when it can query the TPU generation
+    return b_, fetch_ref[((b_ * hq + h) * nq + i) * n_entries + e], jax.lax.div(h, g)
 
   kernel = functools.partial(
       _prefill_kernel, scale=float(scale), block_size=p, num_heads=hq, num_qblocks=nq,

@@ -9,6 +9,8 @@ a reused pipeline buffer, as the previous block's values; the exact comparisons 
 reference (including empty splits, which must be o = 0 and lse = -inf) catch both.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,3 +187,28 @@ def test_validation():
   with pytest.raises(ValueError, match=r"kblocks \(1, 2, 2, 1\)"):
     api.block_prefill(q, k, v, kb, kb, block_size=16, anchor=1, window=1, scale=1.0,
                       implementation="mosaic_tpu", interpret=API_INTERPRET)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowers_to_mosaic(dtype, monkeypatch):
+  """jax.export for platform "tpu" runs the Pallas -> Mosaic lowering (block-shape and op
+  checks) without a TPU; the Mosaic compiler itself (libtpu) is not run here."""
+  monkeypatch.setattr(tpu_mosaic, "_interpret_params", lambda interpret: False)
+  b, t, s, hq, hkv, d, p = 2, 3, 1000, 8, 2, 128, 64
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((b, t, hq, d), dtype), sds((b, s, hkv, d), dtype)
+  decode = functools.partial(tpu_mosaic.block_decode, block_size=p, scale=0.1, anchor=4,
+                             window=64)
+  prefill = functools.partial(tpu_mosaic.block_prefill, block_size=p, scale=0.1, anchor=4,
+                              window=64)
+  qp, lists = sds((b, 300, hq, d), dtype), sds((b, hq, 5, 6), jnp.int32)
+  for fn, args in ((decode, (q, kv, kv, sds((b, hkv, t, 2, 4), jnp.int32),
+                             sds((b, t, 6), jnp.int32))),
+                   (prefill, (qp, kv, kv, lists, lists))):
+    try:
+      text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+    except ValueError as e:
+      if "Unsupported TPU device kind" in str(e):   # a rule that asks for the chip
+        pytest.skip(f"this jax's Mosaic lowering needs a TPU: {e}")
+      raise
+    assert "tpu_custom_call" in text
