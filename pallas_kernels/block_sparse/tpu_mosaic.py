@@ -251,6 +251,9 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
   gp = -(-g // 8) * 8
   ns = blocks.shape[3]
   nb = -(-s_len // p)
+  if ns == 0 or t == 0:   # nothing to compute (an empty grid would write nothing)
+    return (jnp.zeros((b, t, hq, ns, d), jnp.float32),
+            jnp.zeros((b, hq, t, ns), jnp.float32))
 
   # Ranges clipped to the keys (and to the anchor / window bounds), then entry ids.
   r = ranges.astype(jnp.int32)
@@ -271,6 +274,8 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
     static = jnp.broadcast_to(static[:, None, :, None], (b, hkv, t, ns, static.shape[-1]))
     static = jnp.where((jnp.arange(ns) == 0)[:, None], static, -1)
     ids = jnp.concatenate([static, ids], -1)
+  if ids.shape[-1] == 0:   # one skipped entry, so every split still writes o = 0, -inf
+    ids = jnp.full(ids.shape[:-1] + (1,), -1, jnp.int32)
   n_entries = ids.shape[-1]
   ids = ids.reshape(-1)
   fetch = _fetch_ids(ids)
@@ -387,6 +392,10 @@ def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale
     if isinstance(val, bool) or not isinstance(val, int):
       raise ValueError(f"{name}={val!r}: expected an int.")
   interpret = _interpret_params(interpret)
+  if t == 0:
+    return jnp.zeros(q.shape, q.dtype), jnp.zeros((b, hq, 0), jnp.float32)
+  if kblocks.shape[-1] == 0:   # one skipped entry, so every query block is written
+    kblocks = kflags = jnp.full(kblocks.shape[:-1] + (1,), -1, jnp.int32)
   n_entries = kblocks.shape[-1]
   shape = (b, hq, nq, n_entries)
   ids, flags = _first_valid(jnp.broadcast_to(kblocks.astype(jnp.int32), shape), nb,

@@ -144,6 +144,20 @@ def test_prefill_matches_reference(dtype, hq, hkv):
   assert not np.allclose(np.asarray(lse0, np.float32), np.asarray(lse, np.float32))
 
 
+@pytest.mark.parametrize("with_static", [False, True])
+def test_decode_without_listed_blocks(with_static):
+  """BPS = 0: split 0 holds only the static ranges (or nothing), the others are empty."""
+  q, k, v = _qkv(11, 1, 1, 40, 2, 1, 128, jnp.float32)
+  args = (q, k, v, jnp.zeros((1, 1, 1, 2, 0), jnp.int32),
+          jnp.asarray([[[0, 1, 30, 39, 2, 29]]], jnp.int32))
+  kw = dict(block_size=16, scale=0.1, with_static=with_static)
+  o, lse = tpu_mosaic.block_decode(*args, **kw, anchor=2, window=10, interpret=INTERPRET)
+  ro, rl = reference.block_decode(*args, **kw)
+  _close(o, ro, jnp.float32, "o_parts")
+  _close(lse, rl, jnp.float32, "lse_parts")
+  assert np.isfinite(np.asarray(lse)[..., 0]).all() == with_static
+
+
 def test_skipped_entries_keep_the_fetched_block():
   """-1 entries reuse the previous valid block index (no new DMA); repeats and ids out of
   range are dropped before the kernel sees them."""
