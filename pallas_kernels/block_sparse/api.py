@@ -6,9 +6,10 @@ implementation:
   "mosaic_tpu" TPU kernels (tpu_mosaic.py): scalar-prefetched block ids drive the K/V
                BlockSpecs, so the Mosaic pipeline DMAs only the listed [P, D] blocks.
                Tested only in TPU interpret mode on CPU (`implementation="mosaic_tpu",
-               interpret=True`, which runs it under `pltpu.InterpretParams()`); never
-               compiled on a real TPU, so its speed and even its lowering there are
-               unverified;
+               interpret=True`, which runs it under `pltpu.InterpretParams()`) and by
+               lowering it to Mosaic for platform "tpu" (jax.export); never compiled
+               or run on a real TPU, so whether libtpu accepts it and its speed there
+               are unverified;
   None         the best for the platform: GPU "triton", TPU "mosaic_tpu", CPU "triton"
                interpreted (so the kernel itself runs, slowly, everywhere), else
                "reference".

@@ -16,21 +16,27 @@ block_decode: grid (B, Hkv, T, NS, E). The G query heads of a K/V group (zero-pa
   position masks keep a_lo..a_hi, w_lo..w_hi), then split s's BPS listed blocks masked
   to m_lo..m_hi. Keys are counted once (a window entry drops anchor keys, a middle entry
   of split 0 drops static keys), and the wrapper drops repeated / out-of-range ids, so
-  each split's set is exactly the reference's.
+  each split's set is exactly the reference's. E = n_a + n_w + BPS with
+  n_x = ceil((x + P - 1) / P) blocks for a range of x keys at any alignment; splits > 0
+  carry the n_a + n_w static slots as -1 entries (a grid step each, no DMA).
 block_prefill: grid (B, Hq, T/P, L): one [P, D] query block of one head against its L
   listed key blocks (lists are per query head, so heads do not share reads here).
 
 Precision: float32 inputs use Precision.HIGHEST; bf16 inputs bf16 matmuls with float32
 accumulation (p cast to v's dtype for the second matmul, as flash attention does).
 
-Limits: every id of the call sits in SMEM at once (decode: 2 * B*Hkv*T*NS*E int32,
-prefill: 3 * B*Hq*ceil(T/P)*L int32); SMEM is small (it is per core, far below VMEM), so
-this suits decode and modest prefill; long prefill would need the lists streamed.
+Limits: every id of the call sits in SMEM at once (decode: 2 * B*Hkv*T*NS*E + 8 * B*T
+int32, prefill: 3 * B*Hq*ceil(T/P)*L int32); SMEM is small (per core, far below VMEM;
+the size depends on the TPU generation), so this suits decode and modest prefill; long
+prefill would need the lists streamed per query block (not done).
 Shapes a TPU tiles: head dim D a multiple of 128, block size P a multiple of 8 (float32)
-or 16 (bfloat16); other dtypes are refused. anchor / window bound the anchor / window
-range lengths: longer ranges are cut to their first anchor / window keys.
-Tested only in TPU interpret mode on CPU (`interpret=pltpu.InterpretParams()`); never
-compiled for a real TPU here.
+or 16 (bfloat16); other dtypes are refused (NotImplementedError, so api.py falls back).
+P below 128 leaves lanes of the [R, P] score tile idle; P = 128 suits the MXU best.
+anchor / window bound the anchor / window range lengths: longer ranges are cut to their
+first anchor / window keys (callers' ranges never are longer).
+Verification: TPU interpret mode on CPU (`interpret=pltpu.InterpretParams()`) against
+reference.py, and the Pallas -> Mosaic lowering for platform "tpu" via jax.export. The
+Mosaic compiler (libtpu) never ran: not compiled or timed on a real TPU.
 """
 
 from __future__ import annotations
