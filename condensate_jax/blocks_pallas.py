@@ -217,112 +217,166 @@ _attention.register_implementation("pallas_blocks", condensate_pallas_blocks)
 # ------------------------------------------------------------------- timed fast paths
 
 
-def fast_bounds(q, kmin, kmax, scale):
-  """U [B, K, nb, G] float32 for a decode query q [B, Hq, D] from bf16/f32 min/max
-  summaries [B, nb, K, D]: sum_d max(q_d min_d, q_d max_d) plus the rounding slack, as
-  one fused XLA reduction. G is the minor output axis, so the G heads of a group reduce
-  adjacent rows and each summary row is fetched from memory once, not G times."""
+def _bounds_kernel_name(kernel, kmin):
+  if kernel not in (None, "triton", "xla"):
+    raise ValueError(f"bounds={kernel!r}: expected None, 'triton' or 'xla'.")
+  if kernel is None:
+    nb, d = kmin.shape[1], kmin.shape[3]
+    ok = (jax.default_backend() == "gpu" and nb % 16 == 0 and d >= 16 and not d & (d - 1))
+    return "triton" if ok else "xla"
+  return kernel
+
+
+def fast_bounds(q, kmin, kmax, scale, *, bounds=None, with_centre=False):
+  """U [B, K, G, nb] float32 for a decode query q [B, Hq, D] from min/max summaries
+  [B, nb, K, D]: sum_d max(q_d min_d, q_d max_d) plus a rounding slack (a rigorous upper
+  bound on scale * q.k over each block's keys); with_centre also q.(min + max) / 2.
+
+  bounds="triton": one Pallas kernel reading each summary row once (q+.max + q-.min as
+  tensor-core matmuls); "xla": the same bound as one fused XLA reduction (G times the
+  arithmetic); None: Triton on a GPU where it applies, else XLA.
+  """
   b, hq, d = q.shape
   hkv = kmin.shape[2]
-  qs = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(b, 1, hkv, hq // hkv, d)
+  g = hq // hkv
+  # slack x2: tensor-core float32 accumulation may truncate instead of rounding
+  slack = 2 * _blocks.bound_slack(d)
+  if _bounds_kernel_name(bounds, kmin) == "triton":
+    from pallas_kernels.block_sparse import gpu_triton
+    res = gpu_triton.block_bounds(q, kmin, kmax, scale=scale, slack=slack,
+                                  with_centre=with_centre,
+                                  interpret=jax.default_backend() != "gpu")
+    return tuple(x[:, :, :g] for x in res) if with_centre else res[:, :, :g]
+  qs = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(b, 1, hkv, g, d)
   mn = kmin.astype(jnp.float32)[:, :, :, None, :]                      # [B, nb, K, 1, D]
   mx = kmax.astype(jnp.float32)[:, :, :, None, :]
-  s = _blocks.bound_slack(d)
-  term = jnp.maximum(qs * mn, qs * mx) + s * jnp.abs(qs) * jnp.maximum(jnp.abs(mn),
-                                                                       jnp.abs(mx))
-  return jnp.sum(term, axis=-1).transpose(0, 2, 1, 3)                   # [B, K, nb, G]
+  term = jnp.maximum(qs * mn, qs * mx) + slack * jnp.abs(qs) * jnp.maximum(jnp.abs(mn),
+                                                                           jnp.abs(mx))
+  u = jnp.sum(term, axis=-1).transpose(0, 2, 3, 1)                      # [B, K, G, nb]
+  if not with_centre:
+    return u
+  c = jnp.sum(qs * (0.5 * (mn + mx)), axis=-1).transpose(0, 2, 3, 1)
+  return u, c
+
+
+TOP_M_METHODS = ("top_k", "chunked", "superblock")
 
 
 def top_m(x, m, method="top_k", chunk=256):
-  """Exact top-m along the last axis (values, indices; ties to the lower index).
+  """Exact top-m along the last axis (values, indices; ties to the lower index), the same
+  result as `lax.top_k` by every method:
 
-  "top_k": one lax.top_k over the row. "chunked": lax.top_k inside chunks of `chunk`
-  entries, then over the m * n_chunks candidates — the same result (each of the row's
-  top m is among its chunk's top m; candidates are laid out chunk by chunk, so ties still
-  go to the lower index), with small sorts instead of one long one.
+  "top_k":      one lax.top_k over the row;
+  "chunked":    lax.top_k inside chunks of `chunk` entries, then over the m * n_chunks
+                candidates (each of the row's top m is among its chunk's top m;
+                candidates are laid out chunk by chunk, so ties still go to the lower
+                index);
+  "superblock": the max of each superblock of `chunk` entries, the top m superblocks by
+                it (put back in index order), then the top m of their m * chunk entries.
+                Exact: each of the row's top m lies in a superblock whose max is at least
+                the m-th value, and at most m superblocks have such a max (ties: the
+                lowest-index ones, which hold the lowest-index tied entries).
+  Falls back to "top_k" where the row is too short for the method to help.
   """
+  if method not in TOP_M_METHODS:
+    raise ValueError(f"method={method!r}: expected one of {list(TOP_M_METHODS)}.")
   n = x.shape[-1]
-  if method == "top_k" or n <= chunk or m > chunk:
-    return jax.lax.top_k(x, m)
-  if method != "chunked":
-    raise ValueError(f"method={method!r}: expected 'top_k' or 'chunked'.")
+  lead = x.shape[:-1]
   pad = -n % chunk
-  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=NEG_INF)
-  xc = xp.reshape(x.shape[:-1] + (-1, chunk))
-  v1, i1 = jax.lax.top_k(xc, m)                                          # [..., C, m]
-  i1 = i1 + (jnp.arange(xc.shape[-2]) * chunk)[:, None]
-  v2, i2 = jax.lax.top_k(v1.reshape(x.shape[:-1] + (-1,)), m)
-  return v2, jnp.take_along_axis(i1.reshape(x.shape[:-1] + (-1,)), i2, axis=-1)
+  n_chunks = (n + pad) // chunk
+  if method == "top_k" or n <= chunk or (method == "chunked" and m > chunk) or (
+      method == "superblock" and n_chunks <= m):
+    return jax.lax.top_k(x, m)
+  xp = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)], constant_values=NEG_INF)
+  xc = xp.reshape(lead + (n_chunks, chunk))
+  if method == "chunked":
+    v1, i1 = jax.lax.top_k(xc, m)                                        # [..., C, m]
+    i1 = i1 + (jnp.arange(n_chunks) * chunk)[:, None]
+    v2, i2 = jax.lax.top_k(v1.reshape(lead + (-1,)), m)
+    return v2, jnp.take_along_axis(i1.reshape(lead + (-1,)), i2, axis=-1)
+  _, sb = jax.lax.top_k(jnp.max(xc, axis=-1), m)                         # [..., m]
+  sb = jnp.sort(sb, axis=-1)                                             # index order
+  cand = jnp.take_along_axis(xc, sb[..., None], axis=-2)                 # [..., m, chunk]
+  v2, i2 = jax.lax.top_k(cand.reshape(lead + (-1,)), m)
+  return v2, jnp.take_along_axis(sb, i2 // chunk, axis=-1) * chunk + i2 % chunk
 
 
-def fast_centres(q, kmin, kmax, scale):
-  """q . c_b [B, K, nb, G] with c_b = (min + max) / 2: a ranking score, not a bound."""
-  b, hq, d = q.shape
-  hkv = kmin.shape[2]
-  qs = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(b, 1, hkv, hq // hkv, d)
-  c = 0.5 * (kmin.astype(jnp.float32) + kmax.astype(jnp.float32))[:, :, :, None, :]
-  return jnp.sum(qs * c, axis=-1).transpose(0, 2, 1, 3)
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "method", "rank"))
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "method", "rank", "bounds"))
 def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="top_k",
-                  rank="bound"):
+                  rank="bound", bounds=None):
   """Selection half of `decode_step`: (ids [B, Hkv, M] block ids, -1 = none;
-  u [B, Hkv, nb, G] bounds with -inf where a block holds no middle key).
+  u [B, Hkv, G, nb] bounds with -inf where a block holds no middle key).
 
   rank="bound" (selection="blocks" as specified: the M highest bounds); rank="centre"
-  ranks by q.c_b instead (an experiment: blocks straddling two topics have loose boxes,
-  see BENCHMARKS.md); eps still comes from the bounds u either way."""
+  ranks by q.c_b with c_b = (min + max) / 2 instead (blocks straddling two topics have
+  loose boxes, see BENCHMARKS.md); eps still comes from the bounds u either way.
+  bounds: see `fast_bounds` (the centre score comes from the same summary read)."""
   if rank not in ("bound", "centre"):
     raise ValueError(f"rank={rank!r}: expected 'bound' or 'centre'.")
   nb, s_len = kmin.shape[1], kmin.shape[1] * spec.block_size
   pos = kv_lengths[:, None] - 1
   lo, hi = sel.visible_range(pos, kv_lengths, causal=True, sliding_window=None)
   n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)           # [B, 1, nb]
-  u = fast_bounds(q[:, 0], kmin, kmax, scale)                            # [B, K, nb, G]
-  u = jnp.where(n_mid[:, :, :, None] > 0, u, NEG_INF)
-  r = u if rank == "bound" else jnp.where(jnp.isneginf(u), NEG_INF,
-                                          fast_centres(q[:, 0], kmin, kmax, scale))
-  top_r, ids = top_m(_blocks.group_score(r, head_axis=3, block_axis=2),
+  has = n_mid[:, :, None, :] > 0                                         # [B, 1, 1, nb]
+  if rank == "bound":
+    u = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds)           # [B, K, G, nb]
+    u = r = jnp.where(has, u, NEG_INF)
+  else:
+    u, c = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds, with_centre=True)
+    u, r = jnp.where(has, u, NEG_INF), jnp.where(has, c, NEG_INF)
+  top_r, ids = top_m(_blocks.group_score(r, head_axis=2, block_axis=3),
                      min(spec.top_blocks, nb), method)
   return jnp.where(jnp.isneginf(top_r), -1, ids), u
 
 
+def decode_eps(ids, u, n_mid, lse):
+  """Certified eps [B, K, G] of a decode step: ids [B, K, M] chosen blocks (-1 = none),
+  u [B, K, G, nb] bounds (-inf: no middle key), n_mid [B, nb] middle keys per block, lse
+  [B, K, G] log-normaliser of the attended set."""
+  b, hkv, nb = ids.shape[0], ids.shape[1], u.shape[-1]
+  chosen = jnp.zeros((b, hkv, nb + 1), bool).at[
+      jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None],
+      jnp.where(ids >= 0, ids, nb)].set(True)[..., :nb]                  # [B, K, nb]
+  logn = jnp.log(jnp.maximum(n_mid, 1).astype(jnp.float32))[:, None, None, :]
+  terms = jnp.where(chosen[:, :, None, :] | (n_mid[:, None, None, :] == 0), NEG_INF,
+                    u + logn)
+  return _blocks._log_delta_to_eps(jax.nn.logsumexp(terms, axis=-1), lse)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits"))
-def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=8):
+def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None):
   """Kernel half of `decode_step`: split-K kernel over the blocks `ids` plus anchor and
-  window, split merge, and eps from the unselected blocks' bounds `u`."""
+  window (num_splits programs per K/V head; None = one block per program), split merge,
+  and eps from the unselected blocks' bounds `u`."""
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
-  nb = u.shape[2]
+  nb = u.shape[-1]
   pos = kv_lengths[:, None] - 1
   lo, hi = sel.visible_range(pos, kv_lengths, causal=True, sliding_window=None)
   n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)           # [B, 1, nb]
   m = ids.shape[-1]
-  ns = max(1, min(num_splits, m))
+  ns = max(1, min(num_splits or m, m))
   bps = -(-m // ns)
   ids_p = jnp.pad(ids, ((0, 0), (0, 0), (0, ns * bps - m)), constant_values=-1)
   ranges = static_ranges(lo, hi, spec, s_len)
   o, lse = _decode(q, k, v, ids_p.reshape(b, hkv, 1, ns, bps), ranges, spec, scale)
   o, lse = _combine5(o, lse)                                             # [B,K,G,1,(D)]
-  chosen = jnp.any(jnp.arange(nb) == ids[..., None], axis=-2)            # [B, K, nb]
-  terms = jnp.where((chosen | (n_mid == 0))[..., None], NEG_INF,
-                    u + jnp.log(jnp.maximum(n_mid, 1).astype(jnp.float32))[..., None])
-  eps = _blocks._log_delta_to_eps(jax.nn.logsumexp(terms, axis=2), lse[..., 0])
+  eps = decode_eps(ids, u, n_mid[:, 0], lse[..., 0])
   out = o.transpose(0, 3, 1, 2, 4).reshape(b, 1, hq, d).astype(q.dtype)
   return out, lse.reshape(b, hq), eps.reshape(b, hq)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "method",
-                                             "rank", "return_blocks"))
-def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8,
-                method="top_k", rank="bound", return_blocks=False):
+                                             "rank", "bounds", "return_blocks"))
+def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None,
+                method="top_k", rank="bound", bounds=None, return_blocks=False):
   """One decode step of selection="blocks" (the timed path).
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries
   (kept beside the cache, updated by `blocks.append_summaries`); kv_lengths [B].
-  Reads the summaries, selects spec.top_blocks blocks per GQA group by
-  `blocks.group_score` (`top_m` with `method`; `rank`: see `decode_select`), runs the split-K kernel over them plus anchor and window.
+  Reads the summaries once (`fast_bounds`), selects spec.top_blocks blocks per GQA group
+  by `blocks.group_score` (`top_m` with `method`; `rank`: see `decode_select`), runs the
+  split-K kernel over them plus anchor and window (`decode_attend`).
   Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq] (from the
   unselected blocks' U_b); with return_blocks also the block ids [B, Hkv, M].
   """
@@ -330,14 +384,14 @@ def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=8,
     raise ValueError(f"k.shape[1]={k.shape[1]}: decode_step needs S = nb * block_size "
                      f"= {kmin.shape[1] * spec.block_size} (a whole-block cache).")
   ids, u = decode_select(q, kmin, kmax, kv_lengths, spec=spec, scale=scale, method=method,
-                         rank=rank)
+                         rank=rank, bounds=bounds)
   out, lse, eps = decode_attend(q, k, v, ids, u, kv_lengths, spec=spec, scale=scale,
                                 num_splits=num_splits)
   return (out, lse, eps, ids) if return_blocks else (out, lse, eps)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def prefill_lists(q, k, spec, *, kmin=None, kmax=None):
+@functools.partial(jax.jit, static_argnames=("spec", "method", "chunk"))
+def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chunk=16):
   """Key-block lists of the block-sparse prefill (causal, queries = the last T keys).
 
   Each query block is ranked against the key-block summaries by the bound of its centre
@@ -346,8 +400,9 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None):
   full box bound (adding r_q terms) overshoots by ~scale * sum_d r_qd |c_kd| and then
   ranks by key norm rather than alignment (measured: captured mass fell). Each query
   block takes its spec.top_blocks best blocks among those holding middle keys of its
-  queries, plus the anchor blocks and the window band. Certificates come per query from
-  the per-query bounds (see the benchmark's parity). Returns kblocks, kflags
+  queries, plus the anchor blocks and the window band (`top_m` with `method` / `chunk`:
+  the same lists by every method). Certificates come per query from the per-query bounds
+  (see the benchmark's parity). Returns kblocks, kflags
   [B, Hq, nq, L] int32 (deduplicated; flag 1 = the block's middle keys are attended).
   """
   b, t, hq, d = q.shape
@@ -379,7 +434,7 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None):
   has_mid = (j * p <= last - spec.window) & (j * p + p - 1 >= spec.anchor)
   u = jnp.where(has_mid, u, NEG_INF)
   m = min(spec.top_blocks, nk)
-  top_u, top = jax.lax.top_k(u, m)
+  top_u, top = top_m(u, m, method, chunk)
   top = jnp.where(jnp.isneginf(top_u), -1, top)
   n_anchor = -(-spec.anchor // p) if spec.anchor else 0
   anchor = jnp.broadcast_to(jnp.arange(n_anchor), (nq, n_anchor))
@@ -400,16 +455,18 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None):
   return ids, jnp.where(ids >= 0, flag, False).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale"))
-def prefill_attend(q, k, v, kblocks, kflags, *, spec, scale):
-  """The prefill kernel alone on given lists. Returns (o, lse)."""
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "kernel_kw"))
+def prefill_attend(q, k, v, kblocks, kflags, *, spec, scale, kernel_kw=()):
+  """The prefill kernel alone on given lists (kernel_kw: a tuple of (name, value) pairs
+  for the Triton kernel, e.g. (("skip", "mask"), ("num_stages", 3))). Returns (o, lse)."""
   return _bs_api.block_prefill(q, k, v, kblocks, kflags, block_size=spec.block_size,
                                anchor=spec.anchor, window=spec.window, scale=scale,
-                               implementation=KERNEL_IMPLEMENTATION)
+                               implementation=KERNEL_IMPLEMENTATION, **dict(kernel_kw))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale"))
-def prefill_step(q, k, v, *, spec, scale):
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "method", "kernel_kw"))
+def prefill_step(q, k, v, *, spec, scale, method="superblock", kernel_kw=()):
   """Block-sparse causal prefill (the timed path): lists + kernel. Returns (o, lse)."""
-  kblocks, kflags = prefill_lists(q, k, spec)
-  return prefill_attend(q, k, v, kblocks, kflags, spec=spec, scale=scale)
+  kblocks, kflags = prefill_lists(q, k, spec, method=method)
+  return prefill_attend(q, k, v, kblocks, kflags, spec=spec, scale=scale,
+                        kernel_kw=kernel_kw)

@@ -41,19 +41,22 @@ NEG_INF = float("-inf")
 # ------------------------------------------------------------------------------ timing
 
 
-def time_loop(fn, q, args, iterations, repeats):
-  """Median seconds per call of fn(q, *args) -> out (or tuple, out first)."""
+def time_loop(fn, q, args, iterations, repeats, unroll=False):
+  """Median seconds per call of fn(q, *args) -> out (or a tuple / pytree).
+
+  Every output leaf, integer ones included (block lists, ids), feeds the carry, so no part
+  of fn can be dead-code eliminated. unroll=True unrolls the loop into straight-line code
+  (no per-iteration loop bookkeeping, as in a model whose layers are unrolled)."""
 
   @jax.jit
   def loop(q, *args):
     def body(_, q):
       res = fn(q, *args)
-      leaves = jax.tree_util.tree_leaves(res)
-      dep = sum(jnp.sum(x.astype(jnp.float32)) for x in leaves
-                if jnp.issubdtype(x.dtype, jnp.floating))
+      dep = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree_util.tree_leaves(res)
+                if jnp.issubdtype(x.dtype, jnp.number))
       dep = jnp.where(jnp.isfinite(dep), dep, 0.0)
       return q.at[:, :1].add((1e-3 * dep).astype(q.dtype))
-    return jax.lax.fori_loop(0, iterations, body, q)
+    return jax.lax.fori_loop(0, iterations, body, q, unroll=bool(unroll))
 
   jax.block_until_ready(loop(q, *args))            # compile + warm up
   times = []
@@ -135,7 +138,7 @@ def _set_parity(s, in_set, v_rows):
 
 def decode_parity(q, k, v, ids, eps, spec, u=None):
   """Captured mass of the selected set (all scores, float32), the certified eps (given,
-  or computed here from the bounds u [B, K, nb, G] as decode_attend does), and
+  or computed here from the bounds u [B, K, G, nb] as decode_attend does), and
   max |o_set - o_dense| in float32 (the kernel computes o_set: tests/blocks)."""
   b, _, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
@@ -154,9 +157,9 @@ def decode_parity(q, k, v, ids, eps, spec, u=None):
   if eps is None:
     n_mid = jnp.clip(jnp.minimum(s_len - 1 - spec.window, jnp.arange(s_len // p) * p + p - 1)
                      - jnp.maximum(spec.anchor, jnp.arange(s_len // p) * p) + 1, 0)
-    terms = jnp.where(chosen[..., None] | (n_mid[:, None] == 0), NEG_INF,
-                      u + jnp.log(jnp.maximum(n_mid, 1))[:, None])      # [B, K, nb, G]
-    log_delta = jax.nn.logsumexp(terms, axis=2) - m                      # [B, K, G]
+    terms = jnp.where(chosen[:, :, None] | (n_mid == 0), NEG_INF,
+                      u + jnp.log(jnp.maximum(n_mid, 1)))                 # [B, K, G, nb]
+    log_delta = jax.nn.logsumexp(terms, axis=-1) - m                     # [B, K, G]
     eps = blocks._log_delta_to_eps(log_delta, jnp.log(z_set))
   # diagnostic, not timed: the same M blocks ranked by the block centre q.c_b instead of
   # the upper bound (blocks straddling two segments have loose min/max boxes)
@@ -177,22 +180,23 @@ def decode_parity(q, k, v, ids, eps, spec, u=None):
               set_keys=int(in_set[0, 0].sum()))
 
 
-def _time_decode(row, q, k, v, summ, lengths, spec, scale, method, it, rep):
-  rank = row["rank"]
-  step = lambda q, k, v, mn, mx, l: blocks_pallas.decode_step(q, k, v, mn, mx, l,
-                                                              spec=spec, scale=scale,
-                                                              method=method, rank=rank)
+def _time_decode(row, q, k, v, summ, lengths, spec, scale, it, rep):
+  kw = dict(method=row["select_method"], rank=row["rank"], bounds=row["bounds"])
+  ns = row["num_splits"]
+  step = lambda q, k, v, mn, mx, l: blocks_pallas.decode_step(q, k, v, mn, mx, l, spec=spec,
+                                                              scale=scale, num_splits=ns,
+                                                              **kw)
   row["condensate_s"], _ = time_loop(step, q, (k, v, summ.kmin, summ.kmax, lengths), it, rep)
   # components, each timed alone the same way: selection (bounds + top-M) and kernel
   # (split-K kernel + merge + eps) on fixed block ids
   sel_fn = lambda q, mn, mx, l: blocks_pallas.decode_select(q, mn, mx, l, spec=spec,
-                                                            scale=scale, method=method,
-                                                            rank=rank)
+                                                            scale=scale, **kw)
   row["select_s"], _ = time_loop(sel_fn, q, (summ.kmin, summ.kmax, lengths), it, rep)
   ids, u = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, lengths, spec=spec,
-                                       scale=scale, method=method, rank=rank)
+                                       scale=scale, **kw)
   att_fn = lambda q, k, v, ids, u, l: blocks_pallas.decode_attend(q, k, v, ids, u, l,
-                                                                  spec=spec, scale=scale)
+                                                                  spec=spec, scale=scale,
+                                                                  num_splits=ns)
   row["attend_s"], _ = time_loop(att_fn, q, (k, v, ids, u, lengths), it, rep)
   if row["inputs"] == "topic" and jax.default_backend() == "gpu":
     row["cudnn_s"], _ = time_loop(lambda q, k, v: _cudnn(q, k, v, False), q, (k, v), it, rep)
@@ -212,11 +216,13 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   it, rep = cfg.iterations, cfg.repeats
   row = dict(op="decode", inputs=inputs, batch=b, kv_len=s_len, block_size=spec.block_size,
              top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window)
-  method = case.get("method", "top_k")
-  rank = case.get("rank", "bound")
-  row["select_method"], row["rank"] = method, rank
+  row["select_method"] = case.get("method", "top_k")
+  row["rank"] = case.get("rank", "bound")
+  row["bounds"] = case.get("bounds")             # None: the Triton kernel on a GPU
+  row["num_splits"] = case.get("num_splits")     # None: one block per program
+  kw = dict(method=row["select_method"], rank=row["rank"], bounds=row["bounds"])
   if cfg.timing:
-    _time_decode(row, q, k, v, summ, lengths, spec, scale, method, it, rep)
+    _time_decode(row, q, k, v, summ, lengths, spec, scale, it, rep)
   bw, _ = ceilings
   nb = summ.num_blocks
   kv_bytes = 2 * b * s_len * hkv * d * 2
@@ -227,12 +233,13 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   row["condensate_floor_s"] = (sel_bytes + read_bytes) / bw
   if cfg.timing:
     _, _, eps, ids = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
-                                               spec=spec, scale=scale, method=method,
-                                               rank=rank, return_blocks=True)
+                                               spec=spec, scale=scale,
+                                               num_splits=row["num_splits"],
+                                               return_blocks=True, **kw)
     u = None
   else:   # parity only (any backend, no kernel): same selection; eps from its bounds u
     ids, u = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, lengths, spec=spec,
-                                         scale=scale, method=method, rank=rank)
+                                         scale=scale, **kw)
     eps = None
   row.update(decode_parity(q, k, v, ids, eps, spec, u))
   return row
@@ -270,7 +277,7 @@ def prefill_parity(q, k, v, spec, kblocks, kflags, n_rows=32):
     errs.append(err)
     # certificate: blocks holding middle keys of this query whose middle keys were not
     # attended, each bounded by its per-query U_b
-    u = blocks_pallas.fast_bounds(q[:, r], summ.kmin, summ.kmax, scale)[..., 0]   # [B,H,nb]
+    u = blocks_pallas.fast_bounds(q[:, r], summ.kmin, summ.kmax, scale)[:, :, 0]   # [B,H,nb]
     nbk = summ.num_blocks
     start = jnp.arange(nbk) * p
     n_mid = jnp.maximum(jnp.minimum(pos - spec.window, start + p - 1)

@@ -186,7 +186,7 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
 
 def _prefill_kernel(kblocks_ref, kflags_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                     scale, block_size, n_entries, anchor, window, q_offset, num_keys,
-                    precision):
+                    precision, skip):
   # Inputs
   # kblocks_ref [L]      int32 key block ids of this query block, -1 = none
   # kflags_ref  [L]      int32 1 = the block's middle keys are attended
@@ -202,22 +202,23 @@ def _prefill_kernel(kblocks_ref, kflags_ref, q_ref, k_ref, v_ref, o_ref, lse_ref
   carry = (jnp.full((p,), NEG_INF, jnp.float32), jnp.zeros((p,), jnp.float32),
            jnp.zeros((p, d), jnp.float32))
 
-  def entry(e, carry):
-    blk = kblocks_ref[e]
-    flag = kflags_ref[e]
+  def read(carry, blk, flag):
+    start = pl.multiple_of(jnp.maximum(blk, 0) * block_size, block_size)
+    kpos = start + jnp.arange(block_size, dtype=jnp.int32)
+    i, j = qpos[:, None], kpos[None, :]
+    static = (j < anchor) | (j > i - window)
+    middle = (j >= anchor) & (j <= i - window) & (flag > 0)
+    ok = (j <= i) & (j < num_keys) & (static | middle) & (blk >= 0)
+    s = jnp.dot(q, k_ref[pl.ds(start, block_size), :].T,
+                preferred_element_type=jnp.float32, precision=precision) * scale
+    return _step(carry, jnp.where(ok, s, NEG_INF), v_ref[pl.ds(start, block_size), :],
+                 precision)
 
-    def read(carry):
-      start = pl.multiple_of(blk * block_size, block_size)
-      kpos = start + jnp.arange(block_size, dtype=jnp.int32)
-      i, j = qpos[:, None], kpos[None, :]
-      static = (j < anchor) | (j > i - window)
-      middle = (j >= anchor) & (j <= i - window) & (flag > 0)
-      ok = (j <= i) & (j < num_keys) & (static | middle)
-      s = jnp.dot(q, k_ref[pl.ds(start, block_size), :].T,
-                  preferred_element_type=jnp.float32, precision=precision) * scale
-      return _step(carry, jnp.where(ok, s, NEG_INF), v_ref[pl.ds(start, block_size), :],
-                   precision)
-    return jax.lax.cond(blk >= 0, read, lambda c: c, carry)
+  def entry(e, carry):
+    blk, flag = kblocks_ref[e], kflags_ref[e]
+    if skip == "cond":    # an empty entry (-1) costs no memory traffic
+      return jax.lax.cond(blk >= 0, lambda c: read(c, blk, flag), lambda c: c, carry)
+    return read(carry, blk, flag)   # "mask": block 0 read and masked; loads pipeline
 
   carry = jax.lax.fori_loop(0, n_entries, entry, carry)
   o, lse = _finish(*carry)
@@ -226,8 +227,13 @@ def _prefill_kernel(kblocks_ref, kflags_ref, q_ref, k_ref, v_ref, o_ref, lse_ref
 
 
 def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale,
-                  interpret=False, num_warps=4, num_stages=2):
-  """Triton block-sparse causal prefill; semantics of reference.block_prefill."""
+                  interpret=False, num_warps=4, num_stages=2, skip="cond"):
+  """Triton block-sparse causal prefill; semantics of reference.block_prefill.
+
+  skip: "cond" skips empty list entries (-1) behind a branch (no traffic, but the loop's
+  loads cannot be software-pipelined); "mask" reads block 0 for them and masks it."""
+  if skip not in ("cond", "mask"):
+    raise ValueError(f"skip={skip!r}: expected 'cond' or 'mask'.")
   _check_supported(q, block_size, interpret)
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
@@ -250,7 +256,8 @@ def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale
     kflags = jnp.pad(kflags, padw)
   kernel = functools.partial(
       _prefill_kernel, scale=float(scale), block_size=p, n_entries=lp, anchor=anchor,
-      window=window, q_offset=s_len - t, num_keys=s_len, precision=_precision(q.dtype))
+      window=window, q_offset=s_len - t, num_keys=s_len, precision=_precision(q.dtype),
+      skip=skip)
   in_specs = [
       pl.BlockSpec((None, None, None, lp), lambda b_, h, i: (b_, h, i, 0)),
       pl.BlockSpec((None, None, None, lp), lambda b_, h, i: (b_, h, i, 0)),
@@ -270,3 +277,71 @@ def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale
       name="condensate_block_prefill")(kblocks.astype(jnp.int32),
                                        kflags.astype(jnp.int32), q, k, v)
   return o[:, :t], lse[:, :, :t]
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def _bounds_kernel(q_ref, kmin_ref, kmax_ref, u_ref, *c_ref, scale, slack, precision):
+  # q_ref    [Gp, D]   the group's decode queries (zero rows beyond G), unscaled
+  # kmin_ref [C, D]    min / max summaries of C consecutive blocks of one K/V head
+  # kmax_ref [C, D]
+  # u_ref    [Gp, C]   float32 upper bounds on scale * q.k over each block
+  # c_ref    [Gp, C]   (optional) float32 scale * q.(min + max) / 2, the centre score
+  q = q_ref[...]
+  zero = jnp.zeros_like(q)
+  qp, qn = jnp.maximum(q, zero), jnp.minimum(q, zero)        # exact in any dtype
+  mn, mx = kmin_ref[...], kmax_ref[...]
+
+  def dot(a, b):
+    return jnp.dot(a, b.T, preferred_element_type=jnp.float32, precision=precision)
+
+  # sum_d max(q_d mn_d, q_d mx_d) = q+ . mx + q- . mn (q_d >= 0 picks the max end)
+  up, un = dot(qp, mx), dot(qn, mn)
+  # rounding slack: relative to sum_d |q_d| |picked end| (a product of two values of
+  # the summaries' dtype is exact in float32 for bf16/f16; only the accumulation rounds)
+  a = dot(qp, jnp.abs(mx)) - dot(qn, jnp.abs(mn))
+  u_ref[...] = scale * (up + un) + (slack * scale) * a
+  if c_ref:
+    # q.(mn + mx) / 2 from the same four products: q+.mx + q-.mn + q+.mn + q-.mx
+    c_ref[0][...] = (0.5 * scale) * (up + un + dot(qp, mn) + dot(qn, mx))
+
+
+def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, chunk=128,
+                 interpret=False, num_warps=4, num_stages=1):
+  """U [B, K, Gp, nb] float32 for decode queries q [B, Hq, D] against min/max summaries
+  [B, nb, K, D] (rows beyond G are padding): the box bound as tensor-core matmuls
+  (q+ . max + q- . min) plus `slack` times sum_d |q_d| |picked end|, all times `scale`;
+  with_centre also returns scale * q.(min + max) / 2 (a ranking score, not a bound).
+  Empty blocks (min > max) give values that callers mask. The summaries are read once,
+  in their cache layout. nb must be divisible by 16 (`chunk` shrinks to fit)."""
+  if not interpret and jax.default_backend() != "gpu":
+    raise NotImplementedError("the Triton backend needs a GPU (or interpret=True).")
+  b, hq, d = q.shape
+  nb, hkv = kmin.shape[1], kmin.shape[2]
+  g = hq // hkv
+  gp = max(16, next_pow2(g))
+  c = min(chunk, nb & -nb)          # largest power of two dividing nb, at most chunk
+  if c < 16 or d < 16 or d & (d - 1):
+    raise NotImplementedError(f"num_blocks={nb}, head dim {d}: the bounds kernel needs "
+                              "num_blocks divisible by 16 and a power-of-two head dim.")
+  dt = jnp.promote_types(q.dtype, kmin.dtype)    # never round q or the summaries
+  qg = q.reshape(b, hkv, g, d).astype(dt)
+  if gp != g:
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+  kernel = functools.partial(_bounds_kernel, scale=float(scale), slack=float(slack),
+                             precision=_precision(dt))
+  out = pl.BlockSpec((None, None, gp, c), lambda b_, h, i: (b_, h, 0, i))
+  shape = jax.ShapeDtypeStruct((b, hkv, gp, nb), jnp.float32)
+  res = pl.pallas_call(
+      kernel, grid=(b, hkv, nb // c),
+      in_specs=[pl.BlockSpec((None, None, gp, d), lambda b_, h, i: (b_, h, 0, 0)),
+                pl.BlockSpec((None, c, None, d), lambda b_, h, i: (b_, i, h, 0)),
+                pl.BlockSpec((None, c, None, d), lambda b_, h, i: (b_, i, h, 0))],
+      out_specs=(out, out) if with_centre else out,
+      out_shape=(shape, shape) if with_centre else shape,
+      interpret=interpret,
+      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
+                                                  num_stages=num_stages),
+      name="condensate_block_bounds")(qg, kmin.astype(dt), kmax.astype(dt))
+  return res

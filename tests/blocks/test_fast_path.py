@@ -10,33 +10,79 @@ import condensate_jax as cj
 from condensate_jax import blocks, blocks_pallas
 
 
+@pytest.mark.parametrize("bounds", ["xla", "triton"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fast_bounds_bound_every_score(dtype):
+def test_fast_bounds_bound_every_score(dtype, bounds):
   rng = np.random.default_rng(0)
-  b, s, hq, hkv, d, p = 2, 96, 6, 2, 64, 16
+  b, s, hq, hkv, d, p = 2, 512, 6, 2, 64, 16
   q = jnp.asarray(rng.standard_normal((b, hq, d)) * 3, dtype)
   k = jnp.asarray(rng.standard_normal((b, s, hkv, d)), dtype)
   summ = blocks.build_summaries(k, p)
-  u = np.asarray(blocks_pallas.fast_bounds(q, summ.kmin, summ.kmax, 0.125))  # [B,K,nb,G]
+  u, cen = blocks_pallas.fast_bounds(q, summ.kmin, summ.kmax, 0.125, bounds=bounds,
+                                     with_centre=True)
+  u, cen = np.asarray(u), np.asarray(cen)                                 # [B, K, G, nb]
+  assert u.shape == (b, hkv, hq // hkv, s // p)
   scores = np.asarray(jnp.einsum("bkgd,bskd->bkgs", q.reshape(b, hkv, hq // hkv, d), k,
-                                 preferred_element_type=jnp.float32) * 0.125)
-  block_max = scores.reshape(b, hkv, hq // hkv, s // p, p).max(-1).transpose(0, 1, 3, 2)
+                                 preferred_element_type=jnp.float32,
+                                 precision="highest") * 0.125)
+  block_max = scores.reshape(b, hkv, hq // hkv, s // p, p).max(-1)
   assert np.all(u >= block_max)
-  # and the same bound as the centre/radius form of the XLA specification (to slack)
+  # the same bound as the centre/radius form of the XLA specification (to slack)
   u_spec = np.asarray(blocks.block_bounds(q[:, None], summ, 0.125))[:, :, :, 0]
-  np.testing.assert_allclose(u, u_spec.transpose(0, 1, 3, 2), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(u, u_spec, rtol=1e-4, atol=1e-4)
+  # centre score q.(min + max) / 2
+  c = (np.asarray(summ.kmin, np.float64) + np.asarray(summ.kmax, np.float64)) / 2
+  qn = np.asarray(q, np.float64).reshape(b, hkv, hq // hkv, d) * 0.125
+  np.testing.assert_allclose(cen, np.einsum("bkgd,bnkd->bkgn", qn, c), rtol=1e-4,
+                             atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,m", [((3, 1000), 16), ((2, 4, 700), 5), ((1, 300), 40)])
-def test_chunked_top_m_equals_top_k(shape, m):
-  # integer-valued floats: many ties, which must still go to the lower index
-  x = jnp.asarray(np.random.default_rng(1).integers(0, 30, shape), jnp.float32)
+def test_fast_bounds_tight_box_exceeds_every_score():
+  # every key of a block equal: the box is a point and U_b must still be >= the score
+  # computed in float32 (the rounding slack, not the box, makes the bound hold)
+  rng = np.random.default_rng(3)
+  b, s, hkv, d, p = 1, 256, 1, 128, 16
+  q = jnp.asarray(rng.standard_normal((b, 4, d)) * 10, jnp.bfloat16)
+  row = rng.standard_normal((s // p, 1, hkv, d)) * 10
+  k = jnp.asarray(np.repeat(row, p, axis=1).reshape(b, s, hkv, d), jnp.bfloat16)
+  summ = blocks.build_summaries(k, p)
+  for bounds in ("xla", "triton"):
+    u = np.asarray(blocks_pallas.fast_bounds(q, summ.kmin, summ.kmax, 0.088, bounds=bounds))
+    sc = np.asarray(jnp.einsum("bgd,bsd->bgs", q, k[:, :, 0],
+                               preferred_element_type=jnp.float32)) * np.float32(0.088)
+    assert np.all(u[:, 0] >= sc.reshape(b, 4, s // p, p).max(-1)), bounds
+
+
+def test_fast_bounds_rejects_unknown_kernel():
+  z = jnp.zeros((1, 16, 1, 16))
+  with pytest.raises(ValueError, match="bounds='cuda'"):
+    blocks_pallas.fast_bounds(jnp.zeros((1, 2, 16)), z, z, 0.25, bounds="cuda")
+
+
+@pytest.mark.parametrize("method", ["chunked", "superblock"])
+@pytest.mark.parametrize("shape,m,high", [((3, 1000), 16, 30), ((2, 4, 700), 5, 30),
+                                          ((1, 300), 40, 30), ((2, 2048), 16, 3),
+                                          ((4, 1500), 7, 1000)])
+def test_top_m_methods_equal_top_k(shape, m, high, method):
+  # integer-valued floats: many ties (high=3: nearly all), which must still go to the
+  # lower index; -inf entries too (blocks without middle keys)
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, high, shape).astype(np.float32)
+  x[rng.random(shape) < 0.3] = -np.inf
+  x = jnp.asarray(x)
   v1, i1 = jax.lax.top_k(x, m)
-  v2, i2 = blocks_pallas.top_m(x, m, "chunked", chunk=128)
+  v2, i2 = blocks_pallas.top_m(x, m, method, chunk=64)
   np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
   np.testing.assert_array_equal(np.asarray(i1), np.asarray(i2))
+
+
+def test_top_m_all_neg_inf_and_bad_method():
+  x = jnp.full((2, 1024), -jnp.inf)
+  v, i = blocks_pallas.top_m(x, 8, "superblock", chunk=16)
+  np.testing.assert_array_equal(np.asarray(i), np.tile(np.arange(8), (2, 1)))
+  assert np.all(np.isneginf(np.asarray(v)))
   with pytest.raises(ValueError, match="method='heap'"):
-    blocks_pallas.top_m(x, m, "heap", chunk=128)
+    blocks_pallas.top_m(x, 8, "heap", chunk=128)
 
 
 def test_decode_step_needs_whole_blocks():
@@ -69,3 +115,17 @@ def test_decode_select_centre_rank():
   with pytest.raises(ValueError, match="rank='mean'"):
     blocks_pallas.decode_select(q, summ.kmin, summ.kmax, jnp.array([s, s]), spec=spec,
                                 scale=0.25, rank="mean")
+
+
+def test_prefill_lists_same_by_every_top_m_method():
+  rng = np.random.default_rng(4)
+  t, h, d, p = 512, 2, 16, 16
+  q = jnp.asarray(rng.standard_normal((1, t, h, d)), jnp.float32)
+  k = jnp.asarray(rng.integers(-2, 3, (1, t, h, d)), jnp.float32)   # ties in the ranking
+  spec = cj.CondensateSpec(anchor=4, window=16, selection="blocks", block_size=p,
+                           top_blocks=3)
+  ref = blocks_pallas.prefill_lists(q, k, spec, method="top_k")
+  for method in ("superblock", "chunked"):
+    got = blocks_pallas.prefill_lists(q, k, spec, method=method, chunk=4)
+    for a, b in zip(ref, got):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=method)
