@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+import condensate_jax as cj
+from condensate_jax import blocks, blocks_pallas
 from pallas_kernels.block_sparse import api, reference, tpu_mosaic
 
 # f32: HIGHEST-precision matmuls on both sides; bf16: the kernel rounds p to bf16 for the
@@ -226,3 +228,26 @@ def test_lowers_to_mosaic(dtype, monkeypatch):
         pytest.skip(f"this jax's Mosaic lowering needs a TPU: {e}")
       raise
     assert "tpu_custom_call" in text
+
+
+def test_fast_path_runs_on_the_mosaic_kernels(monkeypatch):
+  """condensate_jax's block fast path with its kernels switched to "mosaic_tpu"."""
+  monkeypatch.setattr(blocks_pallas, "KERNEL_IMPLEMENTATION", "mosaic_tpu")
+  b, s, hq, hkv, d, p = 2, 128, 4, 2, 128, 16
+  q, k, v = _qkv(5, b, 1, s, hq, hkv, d, jnp.float32)
+  lengths = jnp.array([128, 77])
+  spec = cj.CondensateSpec(anchor=4, window=16, selection="blocks", block_size=p,
+                           top_blocks=3)
+  summ = blocks.build_summaries(k, p, lengths)
+  out, _, _ = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths, spec=spec,
+                                        scale=d**-0.5, num_splits=2)
+  ref = cj.condensate_attention(q, k, v, spec, kv_lengths=lengths)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+  # prefill whose lists cover every key: dense causal attention
+  q, k, v = _qkv(6, 1, 40, 48, 2, 1, d, jnp.float32, gain=1.0)
+  spec = cj.CondensateSpec(anchor=1, window=16, selection="blocks", block_size=p,
+                           top_blocks=3)
+  o, _ = blocks_pallas.prefill_step(q, k, v, spec=spec, scale=0.1)
+  np.testing.assert_allclose(np.asarray(o), np.asarray(cj.dense_attention(q, k, v,
+                                                                           scale=0.1)),
+                             atol=1e-5, rtol=1e-5)
