@@ -177,14 +177,14 @@ def _decode_kernel(ids_ref, fetch_ref, ranges_ref, q_ref, k_ref, v_ref, o_ref, l
   # m_sc, l_sc [Gp, 128]       running max / sum, lane-replicated
   # acc_sc     [Gp, D]         running weighted sum of v
   b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  s, e = pl.program_id(3), pl.program_id(4)
+  split, e = pl.program_id(3), pl.program_id(4)
   n_entries = pl.num_programs(4)
 
   @pl.when(e == 0)
   def _():
     _init(m_sc, l_sc, acc_sc)
 
-  flat = (((b * num_kv_heads + h) * num_queries + t) * num_splits + s) * n_entries + e
+  flat = (((b * num_kv_heads + h) * num_queries + t) * num_splits + split) * n_entries + e
   blk = ids_ref[flat]
 
   @pl.when(blk >= 0)
@@ -198,7 +198,7 @@ def _decode_kernel(ids_ref, fetch_ref, ranges_ref, q_ref, k_ref, v_ref, o_ref, l
     # the entry's key range, and up to two ranges it must not count again
     lo = jnp.where(is_anchor, a_lo, jnp.where(is_window, w_lo, m_lo))
     hi = jnp.where(is_anchor, a_hi, jnp.where(is_window, w_hi, m_hi))
-    drop_static = (s == 0) & (e >= n_static) if with_static else False
+    drop_static = (split == 0) & (e >= n_static) if with_static else False
     x1_lo = jnp.where(is_window | drop_static, a_lo, 0)
     x1_hi = jnp.where(is_window | drop_static, a_hi, -1)
     x2_lo = jnp.where(drop_static, w_lo, 0)
@@ -210,8 +210,8 @@ def _decode_kernel(ids_ref, fetch_ref, ranges_ref, q_ref, k_ref, v_ref, o_ref, l
     if num_keys % block_size:   # rows past S of the last block are not data
       row = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
       v = jnp.where(row < num_keys, v, jnp.zeros_like(v))
-    s_ = _scores(q_ref[...], k_ref[...], scale, precision)
-    _online_step(m_sc, l_sc, acc_sc, jnp.where(ok, s_, NEG_INF), v, precision)
+    scores = _scores(q_ref[...], k_ref[...], scale, precision)
+    _online_step(m_sc, l_sc, acc_sc, jnp.where(ok, scores, NEG_INF), v, precision)
 
   @pl.when(e == n_entries - 1)
   def _():
@@ -366,8 +366,8 @@ def _prefill_kernel(ids_ref, flags_ref, fetch_ref, q_ref, k_ref, v_ref, o_ref, l
     if num_keys % block_size:   # rows past S of the last block are not data
       row = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
       v = jnp.where(row < num_keys, v, jnp.zeros_like(v))
-    s_ = _scores(q_ref[...], k_ref[...], scale, precision)
-    _online_step(m_sc, l_sc, acc_sc, jnp.where(ok, s_, NEG_INF), v, precision)
+    scores = _scores(q_ref[...], k_ref[...], scale, precision)
+    _online_step(m_sc, l_sc, acc_sc, jnp.where(ok, scores, NEG_INF), v, precision)
 
   @pl.when(e == n_entries - 1)
   def _():
