@@ -301,8 +301,14 @@ def top_m(x, m, method="top_k", chunk=256):
   return v2, jnp.take_along_axis(sb, i2 // chunk, axis=-1) * chunk + i2 % chunk
 
 
+def superblock_size(n, m):
+  """Superblock size for `top_m(..., "superblock")` over n entries, top m: about 16 m
+  superblocks (two small sorts of ~16 m entries each), a power of two >= 8."""
+  return max(8, 1 << max(0, (n // (16 * max(m, 1))).bit_length() - 1))
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "method", "rank", "bounds"))
-def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="top_k",
+def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="superblock",
                   rank="bound", bounds=None):
   """Selection half of `decode_step`: (ids [B, Hkv, M] block ids, -1 = none;
   u [B, Hkv, G, nb] bounds with -inf where a block holds no middle key).
@@ -324,8 +330,9 @@ def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="top_k",
   else:
     u, c = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds, with_centre=True)
     u, r = jnp.where(has, u, NEG_INF), jnp.where(has, c, NEG_INF)
-  top_r, ids = top_m(_blocks.group_score(r, head_axis=2, block_axis=3),
-                     min(spec.top_blocks, nb), method)
+  m = min(spec.top_blocks, nb)
+  top_r, ids = top_m(_blocks.group_score(r, head_axis=2, block_axis=3), m, method,
+                     superblock_size(nb, m) if method == "superblock" else 256)
   return jnp.where(jnp.isneginf(top_r), -1, ids), u
 
 
@@ -345,9 +352,9 @@ def decode_eps(ids, u, n_mid, lse):
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits"))
 def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None):
-  """Kernel half of `decode_step`: split-K kernel over the blocks `ids` plus anchor and
-  window (num_splits programs per K/V head; None = one block per program), split merge,
-  and eps from the unselected blocks' bounds `u`."""
+  """Kernel half of `decode_step`: split-K kernel over the blocks `ids` (num_splits
+  programs per K/V head; None = one block per program) plus one program for the anchor
+  and window, split merge, and eps from the unselected blocks' bounds `u`."""
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   nb = u.shape[-1]
@@ -357,9 +364,11 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None):
   m = ids.shape[-1]
   ns = max(1, min(num_splits or m, m))
   bps = -(-m // ns)
-  ids_p = jnp.pad(ids, ((0, 0), (0, 0), (0, ns * bps - m)), constant_values=-1)
+  # split 0 gets no blocks: it reads only the anchor and window ranges, in parallel with
+  # the block splits (not before them on the same program)
+  ids_p = jnp.pad(ids, ((0, 0), (0, 0), (bps, ns * bps - m)), constant_values=-1)
   ranges = static_ranges(lo, hi, spec, s_len)
-  o, lse = _decode(q, k, v, ids_p.reshape(b, hkv, 1, ns, bps), ranges, spec, scale)
+  o, lse = _decode(q, k, v, ids_p.reshape(b, hkv, 1, ns + 1, bps), ranges, spec, scale)
   o, lse = _combine5(o, lse)                                             # [B,K,G,1,(D)]
   eps = decode_eps(ids, u, n_mid[:, 0], lse[..., 0])
   out = o.transpose(0, 3, 1, 2, 4).reshape(b, 1, hq, d).astype(q.dtype)
@@ -369,13 +378,14 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None):
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "method",
                                              "rank", "bounds", "return_blocks"))
 def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None,
-                method="top_k", rank="bound", bounds=None, return_blocks=False):
+                method="superblock", rank="bound", bounds=None, return_blocks=False):
   """One decode step of selection="blocks" (the timed path).
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries
   (kept beside the cache, updated by `blocks.append_summaries`); kv_lengths [B].
   Reads the summaries once (`fast_bounds`), selects spec.top_blocks blocks per GQA group
-  by `blocks.group_score` (`top_m` with `method`; `rank`: see `decode_select`), runs the
+  by `blocks.group_score` (exact `top_m` by `method`, the same blocks by every method;
+  `rank`: see `decode_select`), runs the
   split-K kernel over them plus anchor and window (`decode_attend`).
   Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq] (from the
   unselected blocks' U_b); with return_blocks also the block ids [B, Hkv, M].

@@ -27,7 +27,7 @@ from configs import common
 K = 1024
 
 
-def _dec(s, b=1, p=64, m=64, method="chunked", inputs="topic", rank="bound"):
+def _dec(s, b=1, p=64, m=64, method="superblock", inputs="topic", rank="bound"):
   return dict(op="decode", batch=b, kv_len=s * K, block_size=p, top_blocks=m,
               method=method, inputs=inputs, rank=rank)
 

@@ -108,7 +108,8 @@ def test_pallas_blocks_matches_xla_spec(mode, kw):
   assert np.all(stats.keys_scored <= stats.visible)
 
 
-def test_decode_step_matches_xla_spec():
+@pytest.mark.parametrize("num_splits,method", [(2, "top_k"), (None, "superblock")])
+def test_decode_step_matches_xla_spec(num_splits, method):
   b, s, hq, hkv, d, p = 2, 128, 4, 2, 32, 16
   q, k, v = _qkv(5, b, 1, s, hq, hkv, d, gain=2.0)
   lengths = jnp.array([128, 77])
@@ -116,7 +117,8 @@ def test_decode_step_matches_xla_spec():
                            top_blocks=3)
   summ = blocks.build_summaries(k, p, lengths)
   out, lse, eps = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
-                                            spec=spec, scale=d**-0.5, num_splits=2)
+                                            spec=spec, scale=d**-0.5,
+                                            num_splits=num_splits, method=method)
   ref, stats = cj.condensate_attention(q, k, v, spec, kv_lengths=lengths,
                                        return_stats=True)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
