@@ -184,6 +184,7 @@ def write_summary(workdir: pathlib.Path, config, summary, table: str,
   ]
   if columns(summary) is not COLUMNS:
     text[-1:-1] = [
+        "",
         "Block selection (DESIGN.md §4): selection = how the top part of the set is "
         "found; P = keys per block; M = blocks read besides anchor and window "
         "(\"blocks\", whose top_k is shown as M*P so its budget compares with the exact "
@@ -191,7 +192,7 @@ def write_summary(workdir: pathlib.Path, config, summary, table: str,
         "top_k 0, the set grows per query until the certificate is <= eps); set size "
         "mean / last = keys attended per query, mean over everything / at the last "
         "position; keys scored/visible = keys whose exact score the selection computed. "
-        "Only exact-selection points are exactness-gate points.", ""]
+        "Only exact-selection points are exactness-gate points."]
   path = workdir / "summary.md"
   path.write_text("\n".join(text))
   return path
@@ -292,6 +293,16 @@ def plot_all(workdir: pathlib.Path, summary) -> list[pathlib.Path]:
 _MARKERS = {"exact": "o", "bounded": "s", "blocks": "^", "certified": "D"}
 
 
+def _short_label(entry) -> str:
+  """k1024 / P64M16 / P64 e0.001 / k64 P16 (+ a/w when the grid has several)."""
+  selection = entry.get("selection", "exact")
+  label = {"exact": f"k{entry['top_k']}",
+           "blocks": f"P{entry.get('block_size_cell')}M{entry.get('top_blocks_cell')}",
+           "certified": f"P{entry.get('block_size_cell')} e{entry.get('epsilon_cell')}",
+           "bounded": f"k{entry['top_k']} P{entry.get('block_size_cell')}"}[selection]
+  return f"a{entry['anchor']}w{entry['window']} {label}"
+
+
 def plot_selection(workdir: pathlib.Path, summary) -> pathlib.Path:
   """selection.png: every non-covering point against the fraction of keys it read —
   greedy identical-prefix fraction (left) and worst true dropped mass / certified eps
@@ -313,8 +324,8 @@ def plot_selection(workdir: pathlib.Path, summary) -> pathlib.Path:
     ax1.scatter(x, [e["certified_eps_max"] for e in mine], marker=marker,
                 facecolors="none", edgecolors="C3", label=f"{selection}: certified eps")
     for e in mine:
-      ax0.annotate(e["key"].split("-", 2)[-1], (e["keys_read_frac"],
-                                                e["greedy_prefix_frac"]), fontsize=6)
+      ax0.annotate(_short_label(e), (e["keys_read_frac"], e["greedy_prefix_frac"]),
+                   fontsize=6, rotation=30)
   ax0.set_ylim(-0.05, 1.05)
   ax0.set_ylabel("greedy identical-prefix fraction")
   ax1.set_yscale("symlog", linthresh=1e-9)
