@@ -41,15 +41,19 @@ _VARIANTS = [_dec(128, method="top_k"), _dec(1024, method="top_k"), _dec(128, p=
              _dec(1024, p=128, m=32), _dec(128, m=16), _dec(1024, m=16)]
 _GAUSS = [_dec(128, inputs="gaussian")]
 _PREFILL = [_pre(s) for s in (8, 32, 128)]
+_PREFILL_1M = [_pre(1024)]
 _CASES = {
-    "full": _DECODE + _VARIANTS + _GAUSS + _PREFILL,
+    "full": _DECODE + _VARIANTS + _GAUSS + _PREFILL + _PREFILL_1M,
     "decode": _DECODE + _VARIANTS + _GAUSS,
-    "prefill": _PREFILL,
+    "prefill": _PREFILL + _PREFILL_1M,
     # the grid ordered by importance (a run cut short keeps the key rows)
-    "ordered": [_dec(128), _dec(1024), _VARIANTS[0], _VARIANTS[1], _PREFILL[2],
-                _dec(128, b=8), _dec(1024, b=8), _VARIANTS[3], _VARIANTS[2], _dec(8),
-                _dec(32), _dec(512), _PREFILL[0], _PREFILL[1], _GAUSS[0], _VARIANTS[4],
-                _VARIANTS[5], _dec(8, b=8), _dec(32, b=8), _dec(512, b=8)],
+    "ordered": [_dec(128), _dec(1024), _dec(128, p=128, m=32), _dec(1024, p=128, m=32),
+                _dec(128, rank="centre"), _dec(1024, p=128, m=32, rank="centre"),
+                _PREFILL[2], _dec(128, b=8), _dec(1024, b=8), _dec(8), _dec(32),
+                _dec(512), _PREFILL[0], _PREFILL[1], _GAUSS[0], _VARIANTS[4],
+                _VARIANTS[5], _VARIANTS[0], _dec(8, b=8), _dec(32, b=8), _dec(512, b=8)],
+    # causal prefill at 1M keys (cuDNN alone takes ~1 minute of the run)
+    "long": _PREFILL_1M,
     "quick": [_dec(8), _dec(128), _dec(1024), _PREFILL[0]],
     # blocks ranked by the centre score q.c_b instead of the bound (eps still certified)
     "centre": [_dec(128, rank="centre"), _dec(1024, rank="centre"),
@@ -82,6 +86,9 @@ def get_config(arg=None):
   # timing=false: parity only (any backend, e.g. CPU): no timing, no floors' ceilings
   config.timing = args.get("timing", "true") == "true"
   config.prefill_xla_max = 16 * K
+  # prefill at >= prefill_long keys (cuDNN takes ~15 s per 1M call): 1 call per loop,
+  # median of long_repeats loops
+  config.prefill_long, config.long_repeats = 512 * K, 3
   if name == "smoke":
     config.q_heads, config.kv_heads, config.head_dim, config.prefill_heads = 4, 2, 32, 2
     config.data.segment = 32

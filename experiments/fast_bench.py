@@ -124,22 +124,26 @@ def _xla(q, k, v, causal):
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
 
-def _set_parity(s, in_set, v_rows):
+def _set_parity(s, in_set, v_rows, o_kernel=None):
   """s [..., S] float32 scores (-inf = invisible), in_set [..., S], v_rows [..., S, D]:
-  captured mass and |o_set - o_dense| (float32, from all scores)."""
+  captured mass, max |o_set - o_dense| (float32, from all scores), the max, the set's
+  normaliser and (given the kernel's output o_kernel [..., D]) max |o_kernel - o_set|."""
   m = jnp.max(s, -1, keepdims=True)
   e = jnp.exp(s - m)
   e_set = jnp.where(in_set, e, 0.0)
   z, z_set = jnp.sum(e, -1), jnp.sum(e_set, -1)
   o = jnp.einsum("...s,...sd->...d", e, v_rows) / z[..., None]
   o_set = jnp.einsum("...s,...sd->...d", e_set, v_rows) / z_set[..., None]
-  return z_set / z, jnp.max(jnp.abs(o - o_set), -1), m[..., 0], z_set
+  k_err = (None if o_kernel is None else
+           float(jnp.max(jnp.abs(o_kernel.astype(jnp.float32) - o_set))))
+  return z_set / z, jnp.max(jnp.abs(o - o_set), -1), m[..., 0], z_set, k_err
 
 
-def decode_parity(q, k, v, ids, eps, spec, u=None):
+def decode_parity(q, k, v, ids, eps, spec, u=None, out=None):
   """Captured mass of the selected set (all scores, float32), the certified eps (given,
-  or computed here from the bounds u [B, K, G, nb] as decode_attend does), and
-  max |o_set - o_dense| in float32 (the kernel computes o_set: tests/blocks)."""
+  or computed here from the bounds u [B, K, G, nb] as decode_attend does),
+  max |o_set - o_dense| in float32 and, given the step's output out [B, 1, Hq, D],
+  max |out - o_set| (the kernel's own error at this size)."""
   b, _, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
@@ -153,7 +157,8 @@ def decode_parity(q, k, v, ids, eps, spec, u=None):
       jnp.where(ids >= 0, ids, s_len // p)].set(True)[..., :-1]
   in_set = static | jnp.repeat(chosen, p, axis=-1)[..., :s_len]        # [B, K, S]
   vt = v.transpose(0, 2, 1, 3).astype(jnp.float32)[:, :, None]          # [B, K, 1, S, D]
-  cap, err, m, z_set = _set_parity(s, in_set[:, :, None], vt)
+  o_k = None if out is None else out[:, 0].reshape(b, hkv, g, d)
+  cap, err, m, z_set, k_err = _set_parity(s, in_set[:, :, None], vt, o_k)
   if eps is None:
     n_mid = jnp.clip(jnp.minimum(s_len - 1 - spec.window, jnp.arange(s_len // p) * p + p - 1)
                      - jnp.maximum(spec.anchor, jnp.arange(s_len // p) * p) + 1, 0)
@@ -171,8 +176,8 @@ def decode_parity(q, k, v, ids, eps, spec, u=None):
   chosen_c = jnp.zeros((b, hkv, s_len // p), bool).at[
       jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None], ids_c].set(True)
   in_set_c = static | jnp.repeat(chosen_c, p, axis=-1)[..., :s_len]
-  cap_c, _, _, _ = _set_parity(s, in_set_c[:, :, None], vt)
-  return dict(captured_centre_rank_mean=float(cap_c.mean()),
+  cap_c = _set_parity(s, in_set_c[:, :, None], vt)[0]
+  return dict(kernel_err=k_err, captured_centre_rank_mean=float(cap_c.mean()),
               captured_centre_rank_min=float(cap_c.min()),
               captured_mean=float(cap.mean()), captured_min=float(cap.min()),
               dropped_max=float(1 - cap.min()), eps_bound_max=float(eps.max()),
@@ -215,7 +220,8 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   scale = d**-0.5
   it, rep = cfg.iterations, cfg.repeats
   row = dict(op="decode", inputs=inputs, batch=b, kv_len=s_len, block_size=spec.block_size,
-             top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window)
+             top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window,
+             iterations=it, repeats=rep)
   row["select_method"] = case.get("method", "top_k")
   row["rank"] = case.get("rank", "bound")
   row["bounds"] = case.get("bounds")             # None: the Triton kernel on a GPU
@@ -232,25 +238,26 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   row["dense_floor_s"] = kv_bytes / bw
   row["condensate_floor_s"] = (sel_bytes + read_bytes) / bw
   if cfg.timing:
-    _, _, eps, ids = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
-                                               spec=spec, scale=scale,
-                                               num_splits=row["num_splits"],
-                                               return_blocks=True, **kw)
+    out, _, eps, ids = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
+                                                 spec=spec, scale=scale,
+                                                 num_splits=row["num_splits"],
+                                                 return_blocks=True, **kw)
     u = None
   else:   # parity only (any backend, no kernel): same selection; eps from its bounds u
     ids, u = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, lengths, spec=spec,
                                          scale=scale, **kw)
-    eps = None
-  row.update(decode_parity(q, k, v, ids, eps, spec, u))
+    eps = out = None
+  row.update(decode_parity(q, k, v, ids, eps, spec, u, out))
   return row
 
 
 # ------------------------------------------------------------------------------ prefill
 
 
-def prefill_parity(q, k, v, spec, kblocks, kflags, n_rows=32):
+def prefill_parity(q, k, v, spec, kblocks, kflags, n_rows=32, out=None):
   """Sampled query rows: captured mass of the set, the per-query certified eps (from
-  per-query bounds of the blocks not attended), max |o_set - o_dense| in float32."""
+  per-query bounds of the blocks not attended), max |o_set - o_dense| in float32 and,
+  given the step's output out [B, T, H, D], max |out - o_set| on those rows."""
   b, t, h, d = q.shape
   s_len = k.shape[1]
   p = spec.block_size
@@ -259,7 +266,7 @@ def prefill_parity(q, k, v, spec, kblocks, kflags, n_rows=32):
   rows = np.unique(np.linspace(t // 8, t - 1, n_rows).astype(int))
   j = jnp.arange(s_len)
   vt = v.transpose(0, 2, 1, 3).astype(jnp.float32)                      # [B, H, S, D]
-  caps, epss, errs = [], [], []
+  caps, epss, errs, k_errs = [], [], [], []
   for r in rows:
     pos = s_len - t + int(r)
     lists, flags = kblocks[:, :, r // p], kflags[:, :, r // p]          # [B, H, L]
@@ -272,9 +279,11 @@ def prefill_parity(q, k, v, spec, kblocks, kflags, n_rows=32):
     in_set = listed & vis & (static | (flagged & middle))
     s = jnp.einsum("bhd,bshd->bhs", q[:, r], k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(vis, s, NEG_INF)
-    cap, err, m, z_set = _set_parity(s, in_set, vt)
+    cap, err, m, z_set, k_err = _set_parity(s, in_set, vt,
+                                            None if out is None else out[:, r])
     caps.append(cap)
     errs.append(err)
+    k_errs.append(k_err)
     # certificate: blocks holding middle keys of this query whose middle keys were not
     # attended, each bounded by its per-query U_b
     u = blocks_pallas.fast_bounds(q[:, r], summ.kmin, summ.kmax, scale)[:, :, 0]   # [B,H,nb]
@@ -290,7 +299,7 @@ def prefill_parity(q, k, v, spec, kblocks, kflags, n_rows=32):
   return dict(captured_mean=float(cap.mean()), captured_min=float(cap.min()),
               dropped_max=float(1 - cap.min()), eps_bound_max=float(eps.max()),
               eps_bound_median=float(jnp.median(eps)), max_abs_err=float(err.max()),
-              parity_rows=len(rows))
+              kernel_err=None if out is None else max(k_errs), parity_rows=len(rows))
 
 
 def _time_prefill(row, q, k, v, spec, scale, cfg, it, rep):
@@ -317,8 +326,11 @@ def run_prefill(case, spec, cfg, ceilings):
   scale = d**-0.5
   it = cfg.prefill_iterations if t > 16384 else cfg.iterations
   rep = cfg.repeats
+  if t >= cfg.get("prefill_long", 1 << 62):   # one dense 1M prefill takes ~15 s
+    it, rep = 1, cfg.long_repeats
   row = dict(op="prefill", inputs="topic", batch=1, kv_len=t, block_size=spec.block_size,
-             top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window)
+             top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window,
+             iterations=it, repeats=rep)
   if cfg.timing:
     _time_prefill(row, q, k, v, spec, scale, cfg, it, rep)
   _, mm = ceilings
@@ -330,7 +342,8 @@ def run_prefill(case, spec, cfg, ceilings):
   # attention over the listed tiles (QK and PV) + the selection matmul (2D contraction)
   flops = 4 * listed * spec.block_size**2 * d + 2 * h * nq * nq * 2 * d
   row["condensate_floor_s"] = flops / mm
-  row.update(prefill_parity(q, k, v, spec, kblocks, kflags))
+  out = blocks_pallas.prefill_step(q, k, v, spec=spec, scale=scale)[0] if cfg.timing else None
+  row.update(prefill_parity(q, k, v, spec, kblocks, kflags, out=out))
   return row
 
 
@@ -349,8 +362,9 @@ def table(rows, device, ceilings):
          f"matmul {mm / 1e12:.0f} TFLOP/s", "",
          "| op | inputs | B | keys | P/M | condensate (select + attend alone) | floor | "
          "cuDNN | XLA | dense floor | speedup vs best dense | captured mean/min | "
-         "eps bound max | max abs err |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+         "eps bound max | max abs err | kernel err |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+         "| --- |"]
   for r in rows:
     dense = [x for x in (r.get("cudnn_s"), r.get("xla_s")) if x]
     speed = (f"{min(dense) / r['condensate_s']:.1f}×" if dense and r.get("condensate_s")
@@ -362,7 +376,8 @@ def table(rows, device, ceilings):
         f"{_fmt_t(r['condensate_floor_s'])} | {_fmt_t(r.get('cudnn_s'))} | "
         f"{_fmt_t(r.get('xla_s'))} | {_fmt_t(r['dense_floor_s'])} | {speed} | "
         f"{r['captured_mean']:.4f}/{r['captured_min']:.4f} | {r['eps_bound_max']:.2e} | "
-        f"{r.get('max_abs_err', r.get('max_abs_err_vs_cudnn', float('nan'))):.3g} |")
+        f"{r.get('max_abs_err', r.get('max_abs_err_vs_cudnn', float('nan'))):.3g} | "
+        f"{'—' if r.get('kernel_err') is None else format(r['kernel_err'], '.2g')} |")
   return "\n".join(out)
 
 
