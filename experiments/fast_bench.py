@@ -23,6 +23,7 @@ from all scores, the certified eps bound, and max |o - o_cudnn|.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import statistics
@@ -103,8 +104,12 @@ def make_inputs(kind, seed, batch, q_len, kv_len, q_heads, kv_heads, head_dim, d
   for b in range(batch):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), b)
     if kind == "topic":
-      rows.append(blocks_data.topic_qkv_jax(key, 1, q_len, kv_len, q_heads, kv_heads,
-                                            head_dim, **data))
+      gen = functools.partial(blocks_data.topic_qkv_jax, batch=1, q_len=q_len,
+                              kv_len=kv_len, q_heads=q_heads, kv_heads=kv_heads,
+                              head_dim=head_dim, **data)
+      if q_len * q_heads * head_dim >= 1 << 31:   # 1M-token prefill: eager temporaries
+        gen = jax.jit(gen)                          # would not fit on the GPU
+      rows.append(gen(key))
     else:
       rows.append(blocks_data.gaussian_qkv_jax(key, 1, q_len, kv_len, q_heads, kv_heads,
                                                head_dim))
