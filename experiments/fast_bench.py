@@ -376,7 +376,7 @@ def table(rows, device, ceilings):
              else "—")
     out.append(
         f"| {r['op']} | {r['inputs']} | {r['batch']} | {r['kv_len'] // 1024}K | "
-        f"{r['block_size']}/{r['top_blocks']}{' ' + r['select_method'] if r.get('select_method') == 'chunked' else ''}{' centre' if r.get('rank') == 'centre' else ''} | "
+        f"{r['block_size']}/{r['top_blocks']}{' ' + r['select_method'] if r.get('select_method') not in (None, 'superblock') else ''}{' centre' if r.get('rank') == 'centre' else ''} | "
         f"{_fmt_t(r.get('condensate_s'))} ({_fmt_t(r.get('select_s'))} + {_fmt_t(r.get('attend_s'))}) | "
         f"{_fmt_t(r['condensate_floor_s'])} | {_fmt_t(r.get('cudnn_s'))} | "
         f"{_fmt_t(r.get('xla_s'))} | {_fmt_t(r['dense_floor_s'])} | {speed} | "
@@ -416,12 +416,51 @@ def run(config, workdir):
   return dict(table=text, computed=len(rows), skipped=0)
 
 
+def profile_main(arg):
+  """`profile decode KEYS_K P M [bound|centre]` or `profile prefill KEYS_K [P M]`: per-kernel
+  device time of one step at the benchmark's shapes and inputs (experiments.kernel_profile)."""
+  from configs import fast_bench as fast_bench_config
+  from experiments import kernel_profile
+  usage = ("expected: profile decode KEYS_K P M [bound|centre]  or  "
+           "profile prefill KEYS_K [P M]")
+  if not arg or arg[0] not in ("decode", "prefill") or len(arg) < 2:
+    raise ValueError(f"arguments {arg}: {usage}")
+  cfg = fast_bench_config.get_config("cases=quick")
+  op, s_len = arg[0], int(arg[1]) * 1024
+  p, m = (int(arg[2]), int(arg[3])) if len(arg) >= 4 else (64, 16)
+  spec = cj.CondensateSpec(anchor=cfg.anchor, window=cfg.window, top_k=0, selection="blocks",
+                           block_size=p, top_blocks=m)
+  scale = cfg.head_dim**-0.5
+  if op == "decode":
+    rank = arg[4] if len(arg) > 4 else "bound"
+    q, k, v = make_inputs("topic", cfg.seed, 1, 1, s_len, cfg.q_heads, cfg.kv_heads,
+                          cfg.head_dim, dict(cfg.data))
+    lengths = jnp.full((1,), s_len, jnp.int32)
+    summ = blocks.build_summaries(k, p, lengths)
+    fn = lambda q, k, v, a, c, l: blocks_pallas.decode_step(q, k, v, a, c, l, spec=spec,
+                                                            scale=scale, rank=rank)
+    res = kernel_profile.profile(fn, q, (k, v, summ.kmin, summ.kmax, lengths), 10)
+    title = f"decode B=1 {arg[1]}K keys P={p} M={m} rank={rank}"
+  else:
+    h = cfg.prefill_heads
+    q, k, v = make_inputs("topic", cfg.seed, 1, s_len, s_len, h, h, cfg.head_dim,
+                          dict(cfg.data))
+    fn = lambda q, k, v: blocks_pallas.prefill_step(q, k, v, spec=spec, scale=scale)
+    res = kernel_profile.profile(fn, q, (k, v), 3)
+    title = f"prefill {arg[1]}K tokens P={p} M={m}"
+  return kernel_profile.format_profile(title, res)
+
+
 def main(argv=None):
   """`python -m experiments.fast_bench [ARG [WORKDIR]]` (ARG as after `fast_bench.py:`,
-  e.g. `cases=ordered` or `cases=parity,timing=false`), or `... table RESULTS.jsonl` to
-  print the table of a (possibly interrupted) run."""
+  e.g. `cases=ordered` or `cases=parity,timing=false`), `... table RESULTS.jsonl` to
+  print the table of a (possibly interrupted) run, or `... profile ...` (see
+  `profile_main`) for a per-kernel breakdown of one step."""
   import sys
   arg = (argv or sys.argv)[1:]
+  if arg and arg[0] == "profile":
+    print(profile_main(arg[1:]))
+    return
   if arg and arg[0] == "table":
     rows = [json.loads(line) for line in pathlib.Path(arg[1]).read_text().splitlines()]
     print(table(rows, rows[0]["device"], (rows[0]["bandwidth"], rows[0]["matmul_rate"])))
