@@ -194,6 +194,23 @@ def block_bounds(q, summ: BlockSummaries, scale: float) -> jax.Array:
   return u + jnp.einsum("btkgd,bnkd->bkgtn", jnp.abs(qs), r, precision=_HIGHEST)
 
 
+def block_centres(q, summ: BlockSummaries, scale: float) -> jax.Array:
+  """scale * q . c_b [B, Hkv, G, T, nb] with c_b = (min + max) / 2: a ranking score for
+  block_rank="centre", not a bound."""
+  b, t, hq, d = q.shape
+  hkv = summ.kmin.shape[2]
+  qs = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d) * jnp.float32(scale)
+  c, _ = centre_radius(summ)
+  return jnp.einsum("btkgd,bnkd->bkgtn", qs, c, precision=_HIGHEST)
+
+
+def block_ranking(q, summ: BlockSummaries, scale: float, spec: CondensateSpec):
+  """(u, rank): the bounds U [B, Hkv, G, T, nb] and the score blocks are ordered by (the
+  bounds themselves unless spec.block_rank == "centre")."""
+  u = block_bounds(q, summ, scale)
+  return u, (block_centres(q, summ, scale) if spec.block_rank == "centre" else u)
+
+
 def middle_counts(lo, hi, spec: CondensateSpec, nb: int, num_keys: int):
   """Middle keys of each query in each block, [B, T, nb] int32, and the middle range
   (mlo, mhi) [B, T]: middle keys are mlo..mhi inclusive."""
@@ -247,16 +264,18 @@ def group_score(u, head_axis, block_axis):
   return jnp.max(rel, axis=head_axis)
 
 
-def group_order(u, n_mid):
-  """Bound order shared by a GQA group.
+def group_order(u, n_mid, rank=None):
+  """Block order shared by a GQA group (by the bounds u, or by `rank` if given).
 
   u [B, K, G, T, nb], n_mid [B, T, nb] -> (order [B, K, T, nb] int32 (block ids, best
   first, ties to the lower block), u_sorted [B, K, G, T, nb] (-inf: no middle key),
-  n_sorted [B, K, T, nb], tail [B, K, G, T, nb + 1] = log sum_{i >= r} n e^{U},
+  n_sorted [B, K, T, nb], tail [B, K, G, T, nb + 1] = log sum_{i >= r} n e^{U} over the
+  blocks after position r of the order (the certificate of taking the first r),
   has [B, K, T, nb + 1] bool: position r holds a block with middle keys).
   """
   u = jnp.where(n_mid[:, None, None] > 0, u, NEG_INF)
-  ug = group_score(u, head_axis=2, block_axis=4)                   # [B, K, T, nb]
+  rank = u if rank is None else jnp.where(n_mid[:, None, None] > 0, rank, NEG_INF)
+  ug = group_score(rank, head_axis=2, block_axis=4)                # [B, K, T, nb]
   order = jnp.argsort(-ug, axis=-1, stable=True).astype(jnp.int32)
   u_sorted = jnp.take_along_axis(u, order[:, :, None], axis=-1)
   n_b = jnp.broadcast_to(n_mid[:, None], ug.shape)
@@ -296,8 +315,8 @@ def _select_attend(q, k, v, summ, lo, hi, spec, scale, want_output=True):
     return s * jnp.float32(scale)
 
   n_mid, mlo, mhi = middle_counts(lo, hi, spec, nb, s_len)
-  u = block_bounds(q, summ, scale)
-  order, u_sorted, _, tail, has = group_order(u, n_mid)
+  u, rank = block_ranking(q, summ, scale, spec)
+  order, u_sorted, _, tail, has = group_order(u, n_mid, rank)
   sufmax = jnp.pad(jax.lax.cummax(u_sorted, axis=4, reverse=True),
                    [(0, 0)] * 4 + [(0, 1)], constant_values=NEG_INF)
 

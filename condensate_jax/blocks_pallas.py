@@ -74,8 +74,8 @@ def _select_blocks_mode(q, k, v, summ, lo, hi, spec, scale, num_splits):
   s_len, hkv = k.shape[1], k.shape[2]
   nb = summ.num_blocks
   n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)
-  u = _blocks.block_bounds(q, summ, scale)
-  order, _, n_sorted, tail, has = _blocks.group_order(u, n_mid)
+  u, rank = _blocks.block_ranking(q, summ, scale, spec)
+  order, _, n_sorted, tail, has = _blocks.group_order(u, n_mid, rank)
   m = min(spec.top_blocks, nb)
   ranges = static_ranges(lo, hi, spec, s_len)
   ns = max(1, min(num_splits, m))
@@ -309,14 +309,16 @@ def superblock_size(n, m):
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "method", "rank", "bounds"))
 def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="superblock",
-                  rank="bound", bounds=None):
+                  rank=None, bounds=None):
   """Selection half of `decode_step`: (ids [B, Hkv, M] block ids, -1 = none;
   u [B, Hkv, G, nb] bounds with -inf where a block holds no middle key).
 
   rank="bound" (selection="blocks" as specified: the M highest bounds); rank="centre"
   ranks by q.c_b with c_b = (min + max) / 2 instead (blocks straddling two topics have
   loose boxes, see BENCHMARKS.md); eps still comes from the bounds u either way.
-  bounds: see `fast_bounds` (the centre score comes from the same summary read)."""
+  bounds: see `fast_bounds` (the centre score comes from the same summary read).
+  rank=None: spec.block_rank."""
+  rank = spec.block_rank if rank is None else rank
   if rank not in ("bound", "centre"):
     raise ValueError(f"rank={rank!r}: expected 'bound' or 'centre'.")
   nb, s_len = kmin.shape[1], kmin.shape[1] * spec.block_size
@@ -378,7 +380,7 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None):
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "method",
                                              "rank", "bounds", "return_blocks"))
 def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None,
-                method="superblock", rank="bound", bounds=None, return_blocks=False):
+                method="superblock", rank=None, bounds=None, return_blocks=False):
   """One decode step of selection="blocks" (the timed path).
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries

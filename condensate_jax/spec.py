@@ -12,6 +12,7 @@ import math
 from typing import Optional
 
 SELECTIONS = ("exact", "bounded", "blocks", "certified")
+BLOCK_RANKS = ("bound", "centre")
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:
@@ -34,6 +35,10 @@ class CondensateSpec:
     block_size: keys per block for the block-summary selection modes.
     top_blocks: blocks attended (besides anchor and window) in "blocks" mode.
     epsilon: certified dropped-mass target in "certified" mode.
+    block_rank: how "blocks" mode ranks blocks: "bound" (the upper bound U_b, as
+      specified) or "centre" (the score of the block's centre key (min + max) / 2, which
+      a box straddling two clusters does not inflate); the certificate comes from the
+      bounds of the blocks left out either way.
     dense_layers: layer indices a model keeps dense (the paper's "pillar" layers).
   """
 
@@ -45,6 +50,7 @@ class CondensateSpec:
   top_blocks: int = 8
   epsilon: float = 2.0**-24
   dense_layers: tuple[int, ...] = ()
+  block_rank: str = "bound"
 
   def __post_init__(self):
     _check_int("anchor", self.anchor, minimum=0)
@@ -59,6 +65,14 @@ class CondensateSpec:
         or not math.isfinite(self.epsilon) or not 0.0 < self.epsilon < 1.0):
       raise ValueError(
           f"CondensateSpec.epsilon={self.epsilon!r}: expected a float in (0, 1).")
+    if self.block_rank not in BLOCK_RANKS:
+      raise ValueError(
+          f"CondensateSpec.block_rank={self.block_rank!r}: expected one of {BLOCK_RANKS}.")
+    if self.block_rank != "bound" and self.selection != "blocks":
+      raise ValueError(
+          f"CondensateSpec.block_rank={self.block_rank!r} with selection="
+          f"{self.selection!r}: only selection='blocks' ranks by anything but the bound "
+          "(the other modes' guarantees rest on bound order).")
     try:
       layers = tuple(self.dense_layers)
     except TypeError:

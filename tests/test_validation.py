@@ -29,6 +29,9 @@ SPEC = cj.CondensateSpec(1, 2, 3)
     (dict(epsilon=float("nan")), r"epsilon=nan"),
     (dict(dense_layers=(1, -2)), r"dense_layers=\(1, -2\).*non-negative"),
     (dict(dense_layers=3), r"dense_layers=3"),
+    (dict(block_rank="mean"), r"block_rank='mean'.*'bound', 'centre'"),
+    (dict(block_rank="centre", selection="certified"),
+     r"block_rank='centre' with selection='certified'"),
 ])
 def test_spec_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):

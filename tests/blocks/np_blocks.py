@@ -5,7 +5,9 @@ with condensate_jax: block bounds in the elementwise form
 U_b = scale * sum_d max(q_d * min_bd, q_d * max_bd) over the keys < kv_length of block b,
 the GQA group orders blocks by max over its heads of U_hb - max_b' U_hb' (ties to the
 lower block), and
-  blocks:    expands the first M blocks holding middle keys;
+  blocks:    expands the first M blocks holding middle keys (rank="centre": blocks
+             ordered by the centre score scale * q.(min + max) / 2 the same way; the
+             certificate still sums n_b e^{U_b} over the blocks left out);
   certified: expands until every head's bound delta / (Z_C + delta) <= epsilon.
 """
 
@@ -17,7 +19,7 @@ from tests.np_reference import visible_keys
 
 
 def reference(q, k, v, *, anchor, window, block_size, mode, top_blocks=0, epsilon=0.0,
-              kv_lengths=None, causal=True, sliding_window=None):
+              kv_lengths=None, causal=True, sliding_window=None, rank="bound"):
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -39,14 +41,16 @@ def reference(q, k, v, *, anchor, window, block_size, mode, top_blocks=0, epsilo
       for kh in range(hkv):
         heads = range(kh * g, kh * g + g)
         blocks = sorted({j // p for j in middle})
-        u = {}
+        u, cen = {}, {}
         for h in heads:
           for blk in blocks:
             keys = k[bi, blk * p:min(blk * p + p, kv_lengths[bi]), kh]
             lo, hi = keys.min(0), keys.max(0)
             u[h, blk] = scale * np.sum(np.maximum(q[bi, ti, h] * lo, q[bi, ti, h] * hi))
-        best = {h: max(u[h, blk] for blk in blocks) for h in heads}
-        order = sorted(blocks, key=lambda blk: (-max(u[h, blk] - best[h] for h in heads),
+            cen[h, blk] = scale * np.sum(q[bi, ti, h] * (lo + hi) / 2)
+        rk = cen if rank == "centre" else u
+        best = {h: max(rk[h, blk] for blk in blocks) for h in heads}
+        order = sorted(blocks, key=lambda blk: (-max(rk[h, blk] - best[h] for h in heads),
                                                 blk))
         n_mid = {blk: sum(1 for j in middle if j // p == blk) for blk in blocks}
         sc = {h: scale * k[bi, :, kh] @ q[bi, ti, h] for h in heads}

@@ -86,10 +86,11 @@ def test_prefill_covering_everything_is_dense():
 
 
 MODES = [("blocks", dict(top_blocks=2)), ("certified", dict(top_blocks=2, epsilon=1e-2)),
-         ("bounded", dict(top_k=9))]
+         ("bounded", dict(top_k=9)), ("blocks", dict(top_blocks=2, block_rank="centre"))]
 
 
-@pytest.mark.parametrize("mode,kw", MODES, ids=[m[0] for m in MODES])
+@pytest.mark.parametrize("mode,kw", MODES, ids=["blocks", "certified", "bounded",
+                                                "blocks-centre"])
 def test_pallas_blocks_matches_xla_spec(mode, kw):
   q, k, v = _qkv(4, 2, 2, 90, 4, 2, 32, gain=2.0)
   spec = cj.CondensateSpec(anchor=2, window=8, selection=mode, block_size=16, **kw)
@@ -108,13 +109,15 @@ def test_pallas_blocks_matches_xla_spec(mode, kw):
   assert np.all(stats.keys_scored <= stats.visible)
 
 
-@pytest.mark.parametrize("num_splits,method", [(2, "top_k"), (None, "superblock")])
-def test_decode_step_matches_xla_spec(num_splits, method):
+@pytest.mark.parametrize("num_splits,method,rank", [(2, "top_k", "bound"),
+                                                    (None, "superblock", "bound"),
+                                                    (None, "superblock", "centre")])
+def test_decode_step_matches_xla_spec(num_splits, method, rank):
   b, s, hq, hkv, d, p = 2, 128, 4, 2, 32, 16
   q, k, v = _qkv(5, b, 1, s, hq, hkv, d, gain=2.0)
   lengths = jnp.array([128, 77])
   spec = cj.CondensateSpec(anchor=4, window=16, selection="blocks", block_size=p,
-                           top_blocks=3)
+                           top_blocks=3, block_rank=rank)
   summ = blocks.build_summaries(k, p, lengths)
   out, lse, eps = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
                                             spec=spec, scale=d**-0.5,

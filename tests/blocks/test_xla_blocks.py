@@ -68,17 +68,18 @@ def test_bounded_scores_fewer_keys_on_structured_inputs():
   assert scored.sum() < 0.6 * visible.sum(), (scored.sum(), visible.sum())
 
 
-@pytest.mark.parametrize("mode", ["blocks", "certified"])
-def test_against_float64_reference(mode):
+@pytest.mark.parametrize("mode,rank", [("blocks", "bound"), ("certified", "bound"),
+                                       ("blocks", "centre")])
+def test_against_float64_reference(mode, rank):
   q, k, v = _gauss(11, t=2, s=53)
   lengths = [53, 30]
   spec = cj.CondensateSpec(anchor=2, window=4, top_k=1, selection=mode, block_size=8,
-                           top_blocks=2, epsilon=1e-3)
+                           top_blocks=2, epsilon=1e-3, block_rank=rank)
   out, stats = cj.condensate_attention(q, k, v, spec, kv_lengths=lengths,
                                        return_stats=True)
   ref_out, ref_bound, ref_size, crossing = np_blocks.reference(
       q, k, v, anchor=2, window=4, block_size=8, mode=mode, top_blocks=2, epsilon=1e-3,
-      kv_lengths=lengths)
+      kv_lengths=lengths, rank=rank)
   # certified: skip queries whose stopping rule was within 1% of epsilon (float32 vs 64)
   ok = np.abs(crossing - 1.0) > 0.01                                   # [B, Hq, T]
   assert ok.mean() > 0.8
@@ -105,13 +106,14 @@ def test_blocks_covering_everything_is_dense():
 @given(seed=st.integers(0, 10_000), mode=st.sampled_from(blocks.BLOCK_SELECTIONS),
        s=st.integers(5, 48), p=st.sampled_from([1, 4, 8]), top=st.integers(0, 4),
        anchor=st.integers(0, 3), window=st.integers(0, 6), gain=st.sampled_from([1.0, 4.0]),
-       eps=st.sampled_from([1e-1, 1e-4, 2.0**-24]))
+       eps=st.sampled_from([1e-1, 1e-4, 2.0**-24]), centre=st.booleans())
 def test_certificate_bounds_true_dropped_mass(seed, mode, s, p, top, anchor, window, gain,
-                                              eps):
+                                              eps, centre):
   q, k, v = _gauss(seed, b=2, t=2, s=s, q_gain=gain)
   lengths = [s, max(1, s // 2)]
+  rank = "centre" if centre and mode == "blocks" else "bound"
   spec = cj.CondensateSpec(anchor=anchor, window=window, top_k=top, selection=mode,
-                           block_size=p, top_blocks=top, epsilon=eps)
+                           block_size=p, top_blocks=top, epsilon=eps, block_rank=rank)
   _, stats = cj.condensate_attention(q, k, v, spec, kv_lengths=lengths, return_stats=True)
   bound, true = np.asarray(stats.dropped_mass_bound), np.asarray(stats.dropped_mass)
   assert np.all(bound >= true * (1 - 1e-5) - 1e-7), (bound - true).min()
