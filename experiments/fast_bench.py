@@ -35,6 +35,7 @@ import numpy as np
 
 import condensate_jax as cj
 from condensate_jax import blocks, blocks_data, blocks_pallas
+from experiments import kernel_profile
 
 NEG_INF = float("-inf")
 
@@ -49,16 +50,7 @@ def time_loop(fn, q, args, iterations, repeats, unroll=False):
   of fn can be dead-code eliminated. unroll=True unrolls the loop into straight-line code
   (no per-iteration loop bookkeeping, as in a model whose layers are unrolled)."""
 
-  @jax.jit
-  def loop(q, *args):
-    def body(_, q):
-      res = fn(q, *args)
-      dep = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree_util.tree_leaves(res)
-                if jnp.issubdtype(x.dtype, jnp.number))
-      dep = jnp.where(jnp.isfinite(dep), dep, 0.0)
-      return q.at[:, :1].add((1e-3 * dep).astype(q.dtype))
-    return jax.lax.fori_loop(0, iterations, body, q, unroll=bool(unroll))
-
+  loop = kernel_profile.chained_loop(fn, iterations, unroll)
   jax.block_until_ready(loop(q, *args))            # compile + warm up
   times = []
   for _ in range(repeats):
@@ -420,7 +412,6 @@ def profile_main(arg):
   """`profile decode KEYS_K P M [bound|centre]` or `profile prefill KEYS_K [P M]`: per-kernel
   device time of one step at the benchmark's shapes and inputs (experiments.kernel_profile)."""
   from configs import fast_bench as fast_bench_config
-  from experiments import kernel_profile
   usage = ("expected: profile decode KEYS_K P M [bound|centre]  or  "
            "profile prefill KEYS_K [P M]")
   if not arg or arg[0] not in ("decode", "prefill") or len(arg) < 2:

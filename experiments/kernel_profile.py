@@ -53,11 +53,10 @@ def kernel_times(trace_json: dict, device: str = "GPU") -> dict:
               kernels=kernels, kinds=kinds)
 
 
-def profile(fn, q, args, iterations: int = 10, device: str = "GPU",
-            log_dir: str | None = None) -> dict:
-  """`kernel_times` of one traced run of `iterations` unrolled calls, per call."""
-  if iterations < 1:
-    raise ValueError(f"iterations={iterations}: expected >= 1.")
+def chained_loop(fn, iterations: int, unroll: bool = False):
+  """jit(loop)(q, *args): `iterations` calls of fn(q, *args) in one program; each call's
+  outputs (every numeric leaf, integer block lists too) feed the next call's q, so no
+  call can be hoisted or dead-code eliminated. unroll=True: straight-line code."""
 
   @jax.jit
   def loop(q, *args):
@@ -65,9 +64,19 @@ def profile(fn, q, args, iterations: int = 10, device: str = "GPU",
       res = fn(q, *args)
       dep = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree_util.tree_leaves(res)
                 if jnp.issubdtype(x.dtype, jnp.number))
-      return q.at[:, :1].add((1e-3 * jnp.where(jnp.isfinite(dep), dep, 0.0)).astype(q.dtype))
-    return jax.lax.fori_loop(0, iterations, body, q, unroll=True)
+      dep = jnp.where(jnp.isfinite(dep), dep, 0.0)
+      return q.at[:, :1].add((1e-3 * dep).astype(q.dtype))
+    return jax.lax.fori_loop(0, iterations, body, q, unroll=bool(unroll))
 
+  return loop
+
+
+def profile(fn, q, args, iterations: int = 10, device: str = "GPU",
+            log_dir: str | None = None) -> dict:
+  """`kernel_times` of one traced run of `iterations` unrolled calls, per call."""
+  if iterations < 1:
+    raise ValueError(f"iterations={iterations}: expected >= 1.")
+  loop = chained_loop(fn, iterations, unroll=True)
   jax.block_until_ready(loop(q, *args))                      # compile outside the trace
   log_dir = log_dir or tempfile.mkdtemp(prefix="condensate_profile_")
   with jax.profiler.trace(log_dir):
