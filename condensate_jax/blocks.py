@@ -445,6 +445,14 @@ def _stats(q, k, lo, hi, spec, scale, info):
   """AttentionStats [B, Hq, T]; the true masses read every score (stats only)."""
   scores = _attention._scores(q, k, scale)                               # [B,K,G,T,S]
   in_set, visible = _set_mask(info, lo, hi, spec, k.shape[1], scores.shape)
+  n_static = jnp.sum(info["st_ok"], -1, dtype=jnp.int32)[:, None, None]
+  scored = n_static + info["n_exp"][:, :, None]
+  return _mass_stats(scores, in_set, visible, info["eps"], scored)
+
+
+def _mass_stats(scores, in_set, visible, eps, scored):
+  """AttentionStats [B, Hq, T] from scores [B, K, G, T, S], the set and visible masks,
+  the certified eps [B, K, G, T] and the keys scored (broadcastable to [B, K, G, T])."""
   visible = jnp.broadcast_to(visible, scores.shape)
   m = jnp.max(jnp.where(visible, scores, NEG_INF), -1, keepdims=True)
   m = jnp.where(jnp.isneginf(m), 0.0, m)
@@ -455,11 +463,54 @@ def _stats(q, k, lo, hi, spec, scale, info):
   dropped = jnp.where(z_all > 0, jnp.sum(jnp.where(in_set, 0.0, e), -1) / safe, 0.0)
   set_size = jnp.sum(in_set & visible, -1, dtype=jnp.int32)
   n_visible = jnp.sum(visible, -1, dtype=jnp.int32)
-  n_static = jnp.sum(info["st_ok"], -1, dtype=jnp.int32)[:, None, None]
-  scored = jnp.broadcast_to(n_static + info["n_exp"][:, :, None], set_size.shape)
+  scored = jnp.broadcast_to(scored, set_size.shape)
   heads = _attention._heads_last
-  return AttentionStats(heads(captured), heads(dropped), heads(info["eps"]),
-                        heads(set_size), heads(n_visible), heads(scored))
+  return AttentionStats(heads(captured), heads(dropped), heads(eps), heads(set_size),
+                        heads(n_visible), heads(scored))
+
+
+def _query_block_prefill(q, k, v, q_positions, kv_lengths, summ, spec, scale,
+                         return_stats):
+  """selection="blocks" with spec.query_blocks, T > 1: the sets of the timed prefill
+  (per block of query rows, `blocks_pallas.prefill_lists`) as a masked softmax, so a
+  set that covers every visible key gives the dense output bit for bit."""
+  from condensate_jax import blocks_pallas
+  b, t, hq, _ = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  p, nb = spec.block_size, summ.num_blocks
+  lo, hi = sel.visible_range(q_positions, kv_lengths, causal=True, sliding_window=None)
+  kblocks, kflags = blocks_pallas.prefill_lists(
+      q, k, spec, kmin=summ.kmin, kmax=summ.kmax, q_offset=q_positions[:, 0],
+      kv_lengths=kv_lengths)                                            # [B, Hq, nq, L]
+  rows = jnp.arange(t) // p
+  lists, flags = kblocks[:, :, rows], kflags[:, :, rows]                # [B, Hq, T, L]
+  bi = jnp.arange(b)[:, None, None, None]
+  hi_ = jnp.arange(hq)[None, :, None, None]
+  ti = jnp.arange(t)[None, None, :, None]
+
+  def blocks_of(ok):   # [B, Hq, T, L] entries -> [B, K, G, T, nb] bool
+    m = jnp.zeros((b, hq, t, nb + 1), bool).at[bi, hi_, ti,
+                                               jnp.where(ok, lists, nb)].set(True)
+    return m[..., :nb].reshape(b, hkv, hq // hkv, t, nb)
+
+  taken = blocks_of((lists >= 0) & (flags > 0))
+  listed = blocks_of(lists >= 0)
+  masks = sel.static_masks(lo, hi, s_len, spec)
+  blk = jnp.arange(s_len) // p
+  in_set = masks.anchor | masks.window | (masks.middle & jnp.take(taken, blk, axis=-1))
+  scores = _attention._scores(q, k, scale)                               # [B,K,G,T,S]
+  out = _attention._masked_softmax(scores, in_set, v, q.dtype)
+  if not return_stats:
+    return out
+  lse = jax.nn.logsumexp(jnp.where(in_set, scores, NEG_INF), axis=-1)
+  n_mid, _, _ = middle_counts(lo, hi, spec, nb, s_len)                   # [B, T, nb]
+  n_mid = n_mid[:, None, None]
+  u = block_bounds(q, summ, scale)
+  log_delta = jax.nn.logsumexp(
+      jnp.where((n_mid > 0) & ~taken, u + jnp.log(jnp.maximum(n_mid, 1)), NEG_INF), -1)
+  scored = jnp.sum(masks.visible & jnp.take(listed, blk, axis=-1), -1, dtype=jnp.int32)
+  return out, _mass_stats(scores, in_set, masks.visible,
+                          _log_delta_to_eps(log_delta, lse), scored)
 
 
 def _check_block_spec(spec):
@@ -491,6 +542,13 @@ def _xla_blocks(q, k, v, q_positions, kv_lengths, summaries, *, spec, causal,
                              sliding_window=sliding_window)
   if summaries is None:
     summaries = _build(k, kv_lengths, spec.block_size)
+  if spec.query_blocks and q.shape[1] > 1:
+    if not causal or sliding_window is not None:
+      raise ValueError(f"spec.query_blocks=True with causal={causal}, sliding_window="
+                       f"{sliding_window}: per-query-block lists are causal prefill "
+                       "lists (causal=True, no sliding window).")
+    return _query_block_prefill(q, k, v, q_positions, kv_lengths, summaries, spec, scale,
+                                return_stats)
   out, info = _select_attend(q, k, v, summaries, lo, hi, spec, scale)
   b, hkv, g, t, d = out.shape
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d).astype(q.dtype)

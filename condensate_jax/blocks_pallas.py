@@ -182,6 +182,12 @@ def pallas_blocks_attention(q, k, v, q_positions, kv_lengths, summaries, *, spec
                             sliding_window, scale, return_stats, num_splits=8):
   """Block-selection attention through the Pallas kernels on validated inputs, with
   optional precomputed `summaries` (None: built from k). Same sets as the XLA spec."""
+  if spec.query_blocks and q.shape[1] > 1:
+    # the prefill lists as a masked softmax (the same sets as prefill_step's kernel,
+    # which assumes a full-length cache; see blocks._query_block_prefill)
+    return _blocks._xla_blocks(q, k, v, q_positions, kv_lengths, summaries, spec=spec,
+                               causal=causal, sliding_window=sliding_window, scale=scale,
+                               return_stats=return_stats)
   lo, hi = sel.visible_range(q_positions, kv_lengths, causal=causal,
                              sliding_window=sliding_window)
   if summaries is None:
@@ -409,7 +415,7 @@ PREFILL_RANK_ENTRIES = 1 << 27
 
 @functools.partial(jax.jit, static_argnames=("spec", "method", "chunk", "max_entries"))
 def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chunk=16,
-                  max_entries=PREFILL_RANK_ENTRIES):
+                  max_entries=PREFILL_RANK_ENTRIES, q_offset=None, kv_lengths=None):
   """Key-block lists of the block-sparse prefill (causal, queries = the last T keys).
 
   Each query block is ranked against the key-block summaries by the bound of its centre
@@ -421,6 +427,8 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chun
   queries, plus the anchor blocks and the window band (`top_m` with `method` / `chunk`:
   the same lists by every method). Query blocks are ranked in passes of at most
   `max_entries` ranking entries (long prompts: the full matrix would not fit).
+  q_offset [B] (default S - T): query row t sits at position q_offset + t; kv_lengths [B]
+  (default S): keys at or beyond it are ignored (a cache with room to spare).
   Certificates come per query from the per-query bounds (see the benchmark's parity).
   Returns kblocks, kflags [B, Hq, nq, L] int32 (deduplicated; flag 1 = the block's middle
   keys are attended).
@@ -429,10 +437,14 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chun
   s_len, hkv = k.shape[1], k.shape[2]
   p = spec.block_size
   nq, nk = -(-t // p), -(-s_len // p)
-  off = s_len - t
+  off = jnp.broadcast_to(jnp.asarray(s_len - t if q_offset is None else q_offset,
+                                     jnp.int32), (b,))[:, None, None]      # [B, 1, 1]
+  n_keys = jnp.broadcast_to(jnp.asarray(s_len if kv_lengths is None else kv_lengths,
+                                        jnp.int32), (b,))
   if kmin is None:
-    summ = _blocks._build(k, jnp.full((b,), s_len, jnp.int32), p)
+    summ = _blocks._build(k, n_keys, p)
     kmin, kmax = summ.kmin, summ.kmax
+  n_keys = n_keys[:, None, None]
   qq = jnp.pad(q, ((0, 0), (0, nq * p - t), (0, 0), (0, 0))).reshape(b, nq, p, hq, d)
   q_ok = (jnp.arange(nq * p) < t).reshape(1, nq, p, 1, 1)
   qmin = jnp.min(jnp.where(q_ok, qq, jnp.inf), axis=2).astype(jnp.float32)
@@ -454,17 +466,17 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chun
     nc = qf_c.shape[1]
     u = jnp.einsum("bikgc,bjkc->bkgij", qf_c.astype(q.dtype), kf,
                    preferred_element_type=jnp.float32).reshape(b, hq, nc, nk)
-    i = i0 + jnp.arange(nc)[:, None]
-    last = jnp.minimum(off + i * p + p - 1, s_len - 1)
+    i = i0 + jnp.arange(nc)[:, None]                                      # [nc, 1]
+    last = jnp.minimum(off + jnp.minimum(i * p + p, t) - 1, n_keys - 1)   # [B, nc, 1]
     first = off + i * p
     has_mid = (j * p <= last - spec.window) & (j * p + p - 1 >= spec.anchor)
-    top_u, top = top_m(jnp.where(has_mid, u, NEG_INF), m, method, chunk)
+    top_u, top = top_m(jnp.where(has_mid[:, None], u, NEG_INF), m, method, chunk)
     top = jnp.where(jnp.isneginf(top_u), -1, top)
-    anchor = jnp.broadcast_to(jnp.arange(n_anchor), (nc, n_anchor))
-    band = jnp.maximum(first - spec.window + 1, 0) // p + jnp.arange(n_band)[None, :]
-    band = jnp.where(band <= last // p, band, -1)
+    anchor = jnp.broadcast_to(jnp.arange(n_anchor), (b, nc, n_anchor))
+    band = jnp.maximum(first - spec.window + 1, 0) // p + jnp.arange(n_band)
+    band = jnp.where(band <= last // p, band, -1)                         # [B, nc, nbd]
     static = jnp.concatenate([anchor, band], -1)
-    static = jnp.broadcast_to(static, (b, hq) + static.shape).astype(jnp.int32)
+    static = jnp.broadcast_to(static[:, None], (b, hq) + static.shape[1:]).astype(jnp.int32)
     ids = jnp.concatenate([static, top.astype(jnp.int32)], -1)          # [B, H, nc, L]
     flags = jnp.concatenate([jnp.zeros_like(static), jnp.ones_like(top)], -1)
     same = (ids[..., :, None] == ids[..., None, :]) & (ids[..., :, None] >= 0)

@@ -39,6 +39,13 @@ class CondensateSpec:
       specified) or "centre" (the score of the block's centre key (min + max) / 2, which
       a box straddling two clusters does not inflate); the certificate comes from the
       bounds of the blocks left out either way.
+    query_blocks: "blocks" mode only. False: every query selects its own blocks. True: a
+      multi-query call (a prefill chunk, queries at consecutive positions) selects per
+      block of `block_size` query rows with the lists of the timed block-sparse prefill
+      (`blocks_pallas.prefill_lists`: the block's centre query ranked against key-block
+      boxes, top `top_blocks`, plus anchor and window), so a model's parity is measured
+      with the sets the prefill kernel computes. Single-query (decode) calls are
+      unchanged. Each query's certificate still comes from its own bounds.
     dense_layers: layer indices a model keeps dense (the paper's "pillar" layers).
   """
 
@@ -51,6 +58,7 @@ class CondensateSpec:
   epsilon: float = 2.0**-24
   dense_layers: tuple[int, ...] = ()
   block_rank: str = "bound"
+  query_blocks: bool = False
 
   def __post_init__(self):
     _check_int("anchor", self.anchor, minimum=0)
@@ -73,6 +81,13 @@ class CondensateSpec:
           f"CondensateSpec.block_rank={self.block_rank!r} with selection="
           f"{self.selection!r}: only selection='blocks' ranks by anything but the bound "
           "(the other modes' guarantees rest on bound order).")
+    if not isinstance(self.query_blocks, bool):
+      raise ValueError(
+          f"CondensateSpec.query_blocks={self.query_blocks!r}: expected True or False.")
+    if self.query_blocks and self.selection != "blocks":
+      raise ValueError(
+          f"CondensateSpec.query_blocks=True with selection={self.selection!r}: only "
+          "selection='blocks' has per-query-block lists.")
     try:
       layers = tuple(self.dense_layers)
     except TypeError:
