@@ -206,16 +206,24 @@ def _decode_kernel(ids_ref, fetch_ref, ranges_ref, q_ref, k_ref, v_ref, o_ref, l
     pos = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
     ok = (_inside(pos, lo, hi) & ~_inside(pos, x1_lo, x1_hi) & ~_inside(pos, x2_lo, x2_hi)
           & (pos < num_keys))
-    v = v_ref[...]
-    if num_keys % block_size:   # rows past S of the last block are not data
-      row = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
-      v = jnp.where(row < num_keys, v, jnp.zeros_like(v))
-    scores = _scores(q_ref[...], k_ref[...], scale, precision)
-    _online_step(m_sc, l_sc, acc_sc, jnp.where(ok, scores, NEG_INF), v, precision)
+    _attend_block(q_ref, k_ref, v_ref, (m_sc, l_sc, acc_sc), ok, blk,
+                  block_size=block_size, num_keys=num_keys, scale=scale,
+                  precision=precision)
 
   @pl.when(e == n_entries - 1)
   def _():
     _finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
+
+
+def _attend_block(q_ref, k_ref, v_ref, scratch, ok, blk, *, block_size, num_keys, scale,
+                  precision):
+  """One online-softmax step over the fetched [P, D] block `blk`, keys masked by `ok`."""
+  v = v_ref[...]
+  if num_keys % block_size:   # rows past S of the last block are not data
+    row = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
+    v = jnp.where(row < num_keys, v, jnp.zeros_like(v))
+  scores = _scores(q_ref[...], k_ref[...], scale, precision)
+  _online_step(*scratch, jnp.where(ok, scores, NEG_INF), v, precision)
 
 
 def _range_blocks(lo, hi, n, block_size):
@@ -362,12 +370,9 @@ def _prefill_kernel(ids_ref, flags_ref, fetch_ref, q_ref, k_ref, v_ref, o_ref, l
     static = (kpos < anchor) | (kpos > qpos - window)
     middle = (kpos >= anchor) & (kpos <= qpos - window) & (flags_ref[flat] > 0)
     ok = (kpos <= qpos) & (kpos < num_keys) & (static | middle)
-    v = v_ref[...]
-    if num_keys % block_size:   # rows past S of the last block are not data
-      row = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
-      v = jnp.where(row < num_keys, v, jnp.zeros_like(v))
-    scores = _scores(q_ref[...], k_ref[...], scale, precision)
-    _online_step(m_sc, l_sc, acc_sc, jnp.where(ok, scores, NEG_INF), v, precision)
+    _attend_block(q_ref, k_ref, v_ref, (m_sc, l_sc, acc_sc), ok, blk,
+                  block_size=block_size, num_keys=num_keys, scale=scale,
+                  precision=precision)
 
   @pl.when(e == n_entries - 1)
   def _():
