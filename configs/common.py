@@ -10,6 +10,9 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
   attention.anchor      tuple of anchor sizes
   attention.dense_layers  layers kept dense in every condensate point ("pillars"), a tuple
   attention.implementation  "xla" (default), "xla_gathered", "pallas", ...
+  attention.block_rank  "bound" (default) or "centre": how "blocks" points rank blocks
+  attention.query_blocks  True: "blocks" points select per block of prompt rows (the
+                        timed prefill's lists); False (default): per query
   attention.selection   "exact" (default), "bounded", "blocks", "certified" (+ block_size,
                         top_blocks, epsilon); any of these four may be a tuple, and they
                         are then grid axes (experiments.parity.selection_variants)
@@ -56,7 +59,8 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
                   anchor: Sequence[int] = (1,), lengths: Sequence[int] = (512,),
                   num_prompts: int = 4, new_tokens: int = 128,
                   dtype: str = "float32", selection="exact", block_size=64,
-                  top_blocks=8, epsilon=2.0**-24) -> ml_collections.ConfigDict:
+                  top_blocks=8, epsilon=2.0**-24, block_rank="bound",
+                  query_blocks=False) -> ml_collections.ConfigDict:
   """A parity sweep: top_k x window x anchor, plus the dense reference and a
   covers-everything point (added by the runner), over prompts x lengths.
 
@@ -85,6 +89,11 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
   config.attention.block_size = _scalar_or_tuple(block_size)
   config.attention.top_blocks = _scalar_or_tuple(top_blocks)
   config.attention.epsilon = _scalar_or_tuple(epsilon)
+  # "blocks" points only: rank blocks by "bound" (as specified) or "centre"; query_blocks
+  # = True selects per block of prompt rows with the timed prefill's lists
+  # (CondensateSpec.block_rank / query_blocks)
+  config.attention.block_rank = block_rank
+  config.attention.query_blocks = query_blocks
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.num = num_prompts

@@ -276,10 +276,25 @@ def _top2_margin(logits: np.ndarray) -> float:
 def point_spec(point: GridPoint, config) -> cj.CondensateSpec:
   """The spec of a grid point; the covers-everything point always uses exact selection
   (it is the exactness gate of the implementation)."""
+  a = config.attention
   try:
-    return point.spec(config.attention.dense_layers)
+    spec = point.spec(a.dense_layers)
+    if spec.selection == "blocks":
+      spec = spec.replace(block_rank=a.get("block_rank", "bound"),
+                          query_blocks=a.get("query_blocks", False))
+    return spec
   except ValueError as err:
     raise ConfigError(f"config.attention: {err}") from None
+
+
+def _block_options(config, point) -> str:
+  """Key suffix of a "blocks" point's non-default block_rank / query_blocks ("" else, so
+  keys written before these options existed still match)."""
+  if point.exact or point.selection != "blocks":
+    return ""
+  a = config.attention
+  rank, qb = a.get("block_rank", "bound"), a.get("query_blocks", False)
+  return (f"-r{rank}" if rank != "bound" else "") + ("-qb" if qb else "")
 
 
 # Gate tolerance (relative to max |dense logit|) for implementations that sum the same
@@ -353,7 +368,7 @@ def _keys(config, model_id: str, prompt, point: Optional[GridPoint]) -> str:
   layers = ",".join(map(str, a.dense_layers))
   if not point.exact:  # the same string as before block grids for scalar settings
     layers += (f"|{point.selection}-P{point.block_size}-M{point.top_blocks}"
-               f"-e{point.epsilon!r}")
+               f"-e{point.epsilon!r}{_block_options(config, point)}")
   return f"{base}|{a.implementation}|dl[{layers}]|{point.budget_key}"
 
 
@@ -437,6 +452,8 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
         row.update({"key": key, **common, "point_key": point.key,
                     "implementation": config.attention.implementation,
                     "selection": point_spec(point, config).selection,
+                    "block_rank": point_spec(point, config).block_rank,
+                    "query_blocks": point_spec(point, config).query_blocks,
                     "dense_layers": list(config.attention.dense_layers),
                     "finished": _now()})
         store.append(row)

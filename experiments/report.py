@@ -35,7 +35,7 @@ COLUMNS = (
 # P = block_size, M = top_blocks ("blocks"), eps = target ("certified"); "-" where the
 # mode does not use the setting.
 SELECTION_COLUMNS = (
-    ("selection", "selection", "{}"),
+    ("selection", "selection_cell", "{}"),
     ("P", "block_size_cell", "{}"),
     ("M", "top_blocks_cell", "{}"),
     ("eps", "epsilon_cell", "{:g}"),
@@ -120,8 +120,14 @@ def _selection_fields(point, rows) -> dict[str, Any]:
   the set-size summaries (rows written before they existed give "-")."""
   selection = "exact" if point.covering else getattr(point, "selection", "exact")
   block = selection != "exact"
+  label = selection
+  if selection == "blocks" and rows:   # options recorded in the rows (absent: defaults)
+    label += "".join(f" {x}" for x in (
+        "centre" if rows[0].get("block_rank", "bound") == "centre" else "",
+        "query-blocks" if rows[0].get("query_blocks") else "") if x)
   return {
       "selection": selection,
+      "selection_cell": label,
       "block_size": getattr(point, "block_size", None) if block else None,
       "top_blocks": point.top_blocks if selection == "blocks" else None,
       "epsilon": point.epsilon if selection == "certified" else None,

@@ -178,3 +178,25 @@ def test_block_grid_resumes_and_reads_rows_without_new_fields(grid_run, tmp_path
   assert len(by_key) == 5
   assert by_key["a1-w8-k16-blocks-P16-M1"]["set_size_mean"] == "-"
   assert "| 1 | 8 | 16 | blocks | 16 | 1 | - |" in result["table"]
+
+
+def test_block_rank_and_query_blocks_reach_the_spec_keys_and_summary(tmp_path):
+  config = common.parity_config(name="opts", model="tiny-random", top_k=(8,), window=(8,),
+                                anchor=(1,), lengths=(96,), num_prompts=1, new_tokens=4,
+                                selection="blocks", block_size=16, top_blocks=1,
+                                block_rank="centre", query_blocks=True)
+  points = parity.grid(config, 100)
+  spec = parity.point_spec(points[1], config)
+  assert (spec.selection, spec.block_rank, spec.query_blocks) == ("blocks", "centre", True)
+  gate = parity.point_spec(points[0], config)                  # the covering point: exact
+  assert (gate.selection, gate.block_rank, gate.query_blocks) == ("exact", "bound", False)
+  prompt = type("P", (), {"id": "p0", "sha": "abc"})()
+  key = parity._keys(config, "tiny-random", prompt, points[1])  # pylint: disable=protected-access
+  assert key.endswith("-rcentre-qb]|a1-w8-k8")
+  parity.run(config, tmp_path, load_model=fake_lm.loader(), progress=False)
+  rows = [r for r in _rows(tmp_path) if r["kind"] == "condensate" and not r["covers"]]
+  assert rows and all(r["block_rank"] == "centre" and r["query_blocks"] for r in rows)
+  assert "| blocks centre query-blocks | 16 | 1 |" in (tmp_path / "summary.md").read_text()
+  config.attention.block_rank = "mean"
+  with pytest.raises(ConfigError, match="block_rank='mean'"):
+    parity.point_spec(points[1], config)
