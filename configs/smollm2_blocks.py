@@ -47,10 +47,15 @@ _SIZES = {
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, {"size": tuple(_SIZES)})
+  """`:size=small|medium|full`, plus `rank=bound|centre` and `query_blocks=false|true`
+  for the "blocks" points (CondensateSpec.block_rank / query_blocks)."""
+  args = common.parse_arg(arg, {"size": tuple(_SIZES), "rank": ("bound", "centre"),
+                                "query_blocks": ("false", "true")})
   return common.parity_config(name="smollm2_blocks", model="smollm2-135m",
                               dtype="float32", **_COMMON,
-                              **_SIZES[args.get("size", "full")])
+                              **_SIZES[args.get("size", "full")],
+                              block_rank=args.get("rank", "bound"),
+                              query_blocks=args.get("query_blocks", "false") == "true")
 
 
 def sweep():

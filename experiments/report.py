@@ -168,7 +168,8 @@ def write_summary(workdir: pathlib.Path, config, summary, table: str,
       "",
       f"model `{config.model.path or config.model.name}` ({config.model.dtype}), "
       f"implementation `{config.attention.implementation}`, dense layers "
-      f"{tuple(config.attention.dense_layers) or 'none'}; {len(dense_rows)} prompts "
+      f"{tuple(config.attention.dense_layers) or 'none'}; {len(dense_rows)} "
+      f"prompt{'' if len(dense_rows) == 1 else 's'} "
       f"(lengths {lengths} tokens) x {config.generate.new_tokens} greedy tokens; "
       f"written {now}.",
       "",
