@@ -232,6 +232,10 @@ def test_lowers_to_mosaic(dtype, monkeypatch):
 
 def test_fast_path_runs_on_the_mosaic_kernels(monkeypatch):
   """condensate_jax's block fast path with its kernels switched to "mosaic_tpu"."""
+  if jax.default_backend() == "gpu":
+    # interpret=None means "compile" off CPU, and a GPU cannot compile a Mosaic TPU
+    # kernel (seen on an H200 host: NotImplementedError, as api.py documents)
+    pytest.skip("the fast path interprets the Mosaic kernels only on a CPU backend")
   monkeypatch.setattr(blocks_pallas, "KERNEL_IMPLEMENTATION", "mosaic_tpu")
   b, s, hq, hkv, d, p = 2, 128, 4, 2, 128, 16
   q, k, v = _qkv(5, b, 1, s, hq, hkv, d, jnp.float32)
