@@ -6,10 +6,14 @@ beside its physical floor and the parity of the same settings on the same inputs
   python -m experiments.fast_bench [smoke|decode|prefill|full]      # standalone
 
 Timing: every method runs inside ONE jitted `lax.fori_loop` of `iterations` calls (as a
-model's layers run it); the loop carries q and adds 1e-3 * (sum of the call's output) to
-q's first row, so no call can be hoisted or dead-code eliminated and every method pays
-the same read of its output. Per-call time = loop time / iterations; median over
+model's layers run it; `kernel_profile.chained_loop`); the loop carries q and adds
+1e-3 * (sum of every output leaf, integer block lists included) to q's first row, so no
+call or part of one can be hoisted or dead-code eliminated, and every method pays the
+same read of its outputs. Per-call time = loop time / iterations; median over
 `repeats` loops after a warm-up (compile) loop. Dense and condensate are timed the same way.
+
+Every row also checks the step's output against float32 attention over the same set
+at the benchmarked size ("kernel err").
 
 Decode takes precomputed block summaries (kmin/kmax, built once per cache by
 `blocks.build_summaries` and kept beside it; `append_summaries` updates them per token) as
