@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom on CPU, and its .ipynb is in sync with its .md twin."""
 
-import os
 import pathlib
 
 import jupytext

@@ -25,7 +25,6 @@ def reference(q, k, v, *, anchor, window, block_size, mode, top_blocks=0, epsilo
   s, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
   p = block_size
-  nb = -(-s // p)
   scale = 1.0 / np.sqrt(d)
   kv_lengths = np.full(b, s) if kv_lengths is None else np.asarray(kv_lengths)
   out = np.zeros((b, t, hq, d))

@@ -1,7 +1,6 @@
 """Block-sparse kernels (interpreted on CPU, compiled on GPU) against their jnp reference,
 and the Pallas implementation of each mode against the XLA specification."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import math
 import jax.numpy as jnp
 import pytest
 
-import condensate_jax as cj
 from condensate_jax import attention as attention_lib
 from experiments import cli, parity
 from experiments.errors import GateFailure, ModelUnavailable

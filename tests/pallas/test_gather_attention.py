@@ -5,7 +5,6 @@ conftest_helpers). Outputs are NaN-poisoned before every kernel run (aliased out
 buffers), so an element the kernel fails to write shows up as NaN.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
