@@ -132,6 +132,13 @@ def _check_block_axes(config) -> None:
                     or not 0.0 < e < 1.0 for e in eps):
     raise ConfigError(f"config.attention.epsilon={a.epsilon!r}: expected a float in "
                       "(0, 1) or a non-empty tuple of them.")
+  # checked whatever the selection, so a typo is caught even where it would not apply
+  if a.get("block_rank", "bound") not in cj.spec.BLOCK_RANKS:
+    raise ConfigError(f"config.attention.block_rank={a.get('block_rank')!r}: expected "
+                      f"one of {cj.spec.BLOCK_RANKS}.")
+  if not isinstance(a.get("query_blocks", False), bool):
+    raise ConfigError(f"config.attention.query_blocks={a.get('query_blocks')!r}: "
+                      "expected True or False.")
 
 
 def selection_variants(config) -> list[dict[str, Any]]:

@@ -200,3 +200,8 @@ def test_block_rank_and_query_blocks_reach_the_spec_keys_and_summary(tmp_path):
   config.attention.block_rank = "mean"
   with pytest.raises(ConfigError, match="block_rank='mean'"):
     parity.point_spec(points[1], config)
+  # a typo is refused even where the option would not apply (exact selection)
+  exact = common.parity_config(name="e", model="tiny-random", top_k=(8,), window=(8,),
+                               block_rank="centr")
+  with pytest.raises(ConfigError, match="block_rank='centr'"):
+    parity.check_config(exact)
