@@ -166,32 +166,43 @@ def _append(summ, k_new, positions):
 
 
 def bound_slack(head_dim: int) -> float:
-  """Relative slack added to U_b: covers float32 rounding of a D-term dot product (the
-  exact score and the bound itself, gamma_D each), of the centre/radius form and of the
-  scale multiplication, with a factor 2 to spare."""
-  return (4 * head_dim + 8) * 2.0**-24
+  """Relative slack of U_b: covers the float32 rounding of a D-term dot product (the
+  exact score and the bound itself, gamma_D each, with truncating accumulation) and of the
+  scale multiplication, with a factor 2 to spare. Applied to sum_d |q_d| |e_d| where e_d
+  is the end of the box the bound picks (max where q_d >= 0, else min)."""
+  return (8 * head_dim + 16) * 2.0**-24
 
 
 def centre_radius(summ: BlockSummaries):
-  """(c, r') float32 [B, nb, Hkv, D]: U_b = q.c + |q|.r' (r' includes the slack);
-  empty blocks get 0 (callers mask them)."""
+  """(c, r) float32 [B, nb, Hkv, D]: block centres (min + max) / 2 and radii
+  (max - min) / 2; empty blocks get 0 (callers mask them)."""
   kmin = summ.kmin.astype(jnp.float32)
   kmax = summ.kmax.astype(jnp.float32)
   empty = ~(kmin <= kmax)
   c = jnp.where(empty, 0.0, 0.5 * kmin + 0.5 * kmax)
   r = jnp.where(empty, 0.0, 0.5 * kmax - 0.5 * kmin)
-  s = bound_slack(kmin.shape[-1])
-  return c, r * (1.0 + s) + s * jnp.abs(c)
+  return c, r
 
 
 def block_bounds(q, summ: BlockSummaries, scale: float) -> jax.Array:
-  """U [B, Hkv, G, T, nb] float32 for q [B, T, Hq, D] (empty blocks: meaningless)."""
+  """U [B, Hkv, G, T, nb] float32 for q [B, T, Hq, D] (empty blocks: meaningless):
+  scale * (q+ . max + q- . min) + slack, the slack bound_slack(D) * scale *
+  sum_d |q_d| |picked end_d| — the formula of the fast path's bounds kernel, so both
+  rank blocks alike (a different slack would bias one toward blocks of large keys)."""
   b, t, hq, d = q.shape
   hkv = summ.kmin.shape[2]
-  qs = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d) * jnp.float32(scale)
-  c, r = centre_radius(summ)
-  u = jnp.einsum("btkgd,bnkd->bkgtn", qs, c, precision=_HIGHEST)
-  return u + jnp.einsum("btkgd,bnkd->bkgtn", jnp.abs(qs), r, precision=_HIGHEST)
+  qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
+  qp, qn = jnp.maximum(qg, 0.0), jnp.minimum(qg, 0.0)
+  kmin = summ.kmin.astype(jnp.float32)
+  kmax = summ.kmax.astype(jnp.float32)
+
+  def dot(a, k):
+    return jnp.einsum("btkgd,bnkd->bkgtn", a, k, precision=_HIGHEST)
+
+  u = dot(qp, kmax) + dot(qn, kmin)
+  a = dot(qp, jnp.abs(kmax)) - dot(qn, jnp.abs(kmin))
+  sc = jnp.float32(scale)
+  return sc * u + (jnp.float32(bound_slack(d)) * sc) * a
 
 
 def block_centres(q, summ: BlockSummaries, scale: float) -> jax.Array:

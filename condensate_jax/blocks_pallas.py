@@ -245,8 +245,7 @@ def fast_bounds(q, kmin, kmax, scale, *, bounds=None, with_centre=False):
   b, hq, d = q.shape
   hkv = kmin.shape[2]
   g = hq // hkv
-  # slack x2: tensor-core float32 accumulation may truncate instead of rounding
-  slack = 2 * _blocks.bound_slack(d)
+  slack = _blocks.bound_slack(d)   # the XLA specification's (blocks.block_bounds)
   if _bounds_kernel_name(bounds, kmin) == "triton":
     from pallas_kernels.block_sparse import gpu_triton
     res = gpu_triton.block_bounds(q, kmin, kmax, scale=scale, slack=slack,
@@ -256,8 +255,8 @@ def fast_bounds(q, kmin, kmax, scale, *, bounds=None, with_centre=False):
   qs = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(b, 1, hkv, g, d)
   mn = kmin.astype(jnp.float32)[:, :, :, None, :]                      # [B, nb, K, 1, D]
   mx = kmax.astype(jnp.float32)[:, :, :, None, :]
-  term = jnp.maximum(qs * mn, qs * mx) + slack * jnp.abs(qs) * jnp.maximum(jnp.abs(mn),
-                                                                           jnp.abs(mx))
+  picked = jnp.where(qs >= 0, jnp.abs(mx), jnp.abs(mn))                 # the bound's end
+  term = jnp.maximum(qs * mn, qs * mx) + slack * jnp.abs(qs) * picked
   u = jnp.sum(term, axis=-1).transpose(0, 2, 3, 1)                      # [B, K, G, nb]
   if not with_centre:
     return u
