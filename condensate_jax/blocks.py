@@ -179,9 +179,13 @@ def centre_radius(summ: BlockSummaries):
   kmin = summ.kmin.astype(jnp.float32)
   kmax = summ.kmax.astype(jnp.float32)
   empty = ~(kmin <= kmax)
-  c = jnp.where(empty, 0.0, 0.5 * kmin + 0.5 * kmax)
-  r = jnp.where(empty, 0.0, 0.5 * kmax - 0.5 * kmin)
-  return c, r
+  return _centres(kmin, kmax), jnp.where(empty, 0.0, 0.5 * kmax - 0.5 * kmin)
+
+
+def _centres(kmin, kmax):
+  kmin = kmin.astype(jnp.float32)
+  kmax = kmax.astype(jnp.float32)
+  return jnp.where(~(kmin <= kmax), 0.0, 0.5 * kmin + 0.5 * kmax)
 
 
 def block_bounds(q, summ: BlockSummaries, scale: float) -> jax.Array:
@@ -189,12 +193,17 @@ def block_bounds(q, summ: BlockSummaries, scale: float) -> jax.Array:
   scale * (q+ . max + q- . min) + slack, the slack bound_slack(D) * scale *
   sum_d |q_d| |picked end_d| — the formula of the fast path's bounds kernel, so both
   rank blocks alike (a different slack would bias one toward blocks of large keys)."""
+  return box_bounds(q, summ.kmin, summ.kmax, scale)
+
+
+def box_bounds(q, kmin, kmax, scale: float) -> jax.Array:
+  """`block_bounds` from the summary arrays kmin, kmax [B, nb, Hkv, D]."""
   b, t, hq, d = q.shape
-  hkv = summ.kmin.shape[2]
+  hkv = kmin.shape[2]
   qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
   qp, qn = jnp.maximum(qg, 0.0), jnp.minimum(qg, 0.0)
-  kmin = summ.kmin.astype(jnp.float32)
-  kmax = summ.kmax.astype(jnp.float32)
+  kmin = kmin.astype(jnp.float32)
+  kmax = kmax.astype(jnp.float32)
 
   def dot(a, k):
     return jnp.einsum("btkgd,bnkd->bkgtn", a, k, precision=_HIGHEST)
@@ -208,11 +217,15 @@ def block_bounds(q, summ: BlockSummaries, scale: float) -> jax.Array:
 def block_centres(q, summ: BlockSummaries, scale: float) -> jax.Array:
   """scale * q . c_b [B, Hkv, G, T, nb] with c_b = (min + max) / 2: a ranking score for
   block_rank="centre", not a bound."""
+  return box_centres(q, summ.kmin, summ.kmax, scale)
+
+
+def box_centres(q, kmin, kmax, scale: float) -> jax.Array:
+  """`block_centres` from the summary arrays kmin, kmax [B, nb, Hkv, D]."""
   b, t, hq, d = q.shape
-  hkv = summ.kmin.shape[2]
+  hkv = kmin.shape[2]
   qs = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d) * jnp.float32(scale)
-  c, _ = centre_radius(summ)
-  return jnp.einsum("btkgd,bnkd->bkgtn", qs, c, precision=_HIGHEST)
+  return jnp.einsum("btkgd,bnkd->bkgtn", qs, _centres(kmin, kmax), precision=_HIGHEST)
 
 
 def block_ranking(q, summ: BlockSummaries, scale: float, spec: CondensateSpec):
@@ -480,7 +493,7 @@ def _mass_stats(scores, in_set, visible, eps, scored):
                         heads(n_visible), heads(scored))
 
 
-def _query_block_prefill(q, k, v, q_positions, kv_lengths, summ, spec, scale,
+def _query_block_prefill(q, k, v, q_positions, kv_lengths, lo, hi, summ, spec, scale,
                          return_stats):
   """selection="blocks" with spec.query_blocks, T > 1: the sets of the timed prefill
   (per block of query rows, `blocks_pallas.prefill_lists`) as a masked softmax, so a
@@ -489,7 +502,6 @@ def _query_block_prefill(q, k, v, q_positions, kv_lengths, summ, spec, scale,
   b, t, hq, _ = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   p, nb = spec.block_size, summ.num_blocks
-  lo, hi = sel.visible_range(q_positions, kv_lengths, causal=True, sliding_window=None)
   kblocks, kflags = blocks_pallas.prefill_lists(
       q, k, spec, kmin=summ.kmin, kmax=summ.kmax, q_offset=q_positions[:, 0],
       kv_lengths=kv_lengths)                                            # [B, Hq, nq, L]
@@ -558,8 +570,8 @@ def _xla_blocks(q, k, v, q_positions, kv_lengths, summaries, *, spec, causal,
       raise ValueError(f"spec.query_blocks=True with causal={causal}, sliding_window="
                        f"{sliding_window}: per-query-block lists are causal prefill "
                        "lists (causal=True, no sliding window).")
-    return _query_block_prefill(q, k, v, q_positions, kv_lengths, summaries, spec, scale,
-                                return_stats)
+    return _query_block_prefill(q, k, v, q_positions, kv_lengths, lo, hi, summaries,
+                                spec, scale, return_stats)
   out, info = _select_attend(q, k, v, summaries, lo, hi, spec, scale)
   b, hkv, g, t, d = out.shape
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d).astype(q.dtype)

@@ -223,45 +223,33 @@ _attention.register_implementation("pallas_blocks", condensate_pallas_blocks)
 # ------------------------------------------------------------------- timed fast paths
 
 
-def _bounds_kernel_name(kernel, kmin):
-  if kernel not in (None, "triton", "xla"):
-    raise ValueError(f"bounds={kernel!r}: expected None, 'triton' or 'xla'.")
-  if kernel is None:
-    nb, d = kmin.shape[1], kmin.shape[3]
-    ok = (jax.default_backend() == "gpu" and nb % 16 == 0 and d >= 16 and not d & (d - 1))
-    return "triton" if ok else "xla"
-  return kernel
-
-
 def fast_bounds(q, kmin, kmax, scale, *, bounds=None, with_centre=False):
   """U [B, K, G, nb] float32 for a decode query q [B, Hq, D] from min/max summaries
-  [B, nb, K, D]: sum_d max(q_d min_d, q_d max_d) plus a rounding slack (a rigorous upper
-  bound on scale * q.k over each block's keys); with_centre also q.(min + max) / 2.
+  [B, nb, K, D]: the bound of `blocks.block_bounds` (a rigorous upper bound on
+  scale * q.k over each block's keys); with_centre also q.(min + max) / 2.
 
   bounds="triton": one Pallas kernel reading each summary row once (q+.max + q-.min as
-  tensor-core matmuls); "xla": the same bound as one fused XLA reduction (G times the
-  arithmetic); None: Triton on a GPU where it applies, else XLA.
+  tensor-core matmuls); "xla": `blocks.box_bounds` / `blocks.box_centres`; None:
+  Triton on a GPU where the kernel takes the shapes, else XLA.
   """
-  b, hq, d = q.shape
-  hkv = kmin.shape[2]
-  g = hq // hkv
-  slack = _blocks.bound_slack(d)   # the XLA specification's (blocks.block_bounds)
-  if _bounds_kernel_name(bounds, kmin) == "triton":
+  if bounds not in (None, "triton", "xla"):
+    raise ValueError(f"bounds={bounds!r}: expected None, 'triton' or 'xla'.")
+  g = q.shape[1] // kmin.shape[2]
+  if bounds == "triton" or (bounds is None and jax.default_backend() == "gpu"):
     from pallas_kernels.block_sparse import gpu_triton
-    res = gpu_triton.block_bounds(q, kmin, kmax, scale=scale, slack=slack,
-                                  with_centre=with_centre,
-                                  interpret=jax.default_backend() != "gpu")
-    return tuple(x[:, :, :g] for x in res) if with_centre else res[:, :, :g]
-  qs = (q.astype(jnp.float32) * jnp.float32(scale)).reshape(b, 1, hkv, g, d)
-  mn = kmin.astype(jnp.float32)[:, :, :, None, :]                      # [B, nb, K, 1, D]
-  mx = kmax.astype(jnp.float32)[:, :, :, None, :]
-  picked = jnp.where(qs >= 0, jnp.abs(mx), jnp.abs(mn))                 # the bound's end
-  term = jnp.maximum(qs * mn, qs * mx) + slack * jnp.abs(qs) * picked
-  u = jnp.sum(term, axis=-1).transpose(0, 2, 3, 1)                      # [B, K, G, nb]
+    try:
+      res = gpu_triton.block_bounds(q, kmin, kmax, scale=scale,
+                                    slack=_blocks.bound_slack(q.shape[-1]),
+                                    with_centre=with_centre,
+                                    interpret=jax.default_backend() != "gpu")
+      return tuple(x[:, :, :g] for x in res) if with_centre else res[:, :, :g]
+    except NotImplementedError:
+      if bounds == "triton":
+        raise
+  u = _blocks.box_bounds(q[:, None], kmin, kmax, scale)[:, :, :, 0]      # [B, K, G, nb]
   if not with_centre:
     return u
-  c = jnp.sum(qs * (0.5 * (mn + mx)), axis=-1).transpose(0, 2, 3, 1)
-  return u, c
+  return u, _blocks.box_centres(q[:, None], kmin, kmax, scale)[:, :, :, 0]
 
 
 TOP_M_METHODS = ("top_k", "chunked", "superblock")
@@ -312,6 +300,13 @@ def superblock_size(n, m):
   return max(8, 1 << max(0, (n // (16 * max(m, 1))).bit_length() - 1))
 
 
+def _decode_ranges(kv_lengths, spec, nb, s_len):
+  """(lo, hi [B, 1], n_mid [B, 1, nb]) of the decode query at position kv_lengths - 1."""
+  lo, hi = sel.visible_range(kv_lengths[:, None] - 1, kv_lengths, causal=True,
+                             sliding_window=None)
+  return lo, hi, _blocks.middle_counts(lo, hi, spec, nb, s_len)[0]
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "method", "rank", "bounds"))
 def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="superblock",
                   rank=None, bounds=None):
@@ -326,10 +321,8 @@ def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="superblock"
   rank = spec.block_rank if rank is None else rank
   if rank not in ("bound", "centre"):
     raise ValueError(f"rank={rank!r}: expected 'bound' or 'centre'.")
-  nb, s_len = kmin.shape[1], kmin.shape[1] * spec.block_size
-  pos = kv_lengths[:, None] - 1
-  lo, hi = sel.visible_range(pos, kv_lengths, causal=True, sliding_window=None)
-  n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)           # [B, 1, nb]
+  nb = kmin.shape[1]
+  _, _, n_mid = _decode_ranges(kv_lengths, spec, nb, nb * spec.block_size)
   has = n_mid[:, :, None, :] > 0                                         # [B, 1, 1, nb]
   if rank == "bound":
     u = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds)           # [B, K, G, nb]
@@ -364,10 +357,7 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None):
   and window, split merge, and eps from the unselected blocks' bounds `u`."""
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
-  nb = u.shape[-1]
-  pos = kv_lengths[:, None] - 1
-  lo, hi = sel.visible_range(pos, kv_lengths, causal=True, sliding_window=None)
-  n_mid, _, _ = _blocks.middle_counts(lo, hi, spec, nb, s_len)           # [B, 1, nb]
+  lo, hi, n_mid = _decode_ranges(kv_lengths, spec, u.shape[-1], s_len)
   m = ids.shape[-1]
   ns = max(1, min(num_splits or m, m))
   bps = -(-m // ns)

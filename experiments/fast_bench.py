@@ -140,6 +140,12 @@ def _set_parity(s, in_set, v_rows, o_kernel=None):
   return z_set / z, jnp.max(jnp.abs(o - o_set), -1), m[..., 0], z_set, k_err
 
 
+def _middle_counts(pos, spec, nb, s_len):
+  """Middle keys per block [nb] of one causal query at position pos (blocks.middle_counts)."""
+  lo, hi = jnp.zeros((1, 1), jnp.int32), jnp.full((1, 1), pos, jnp.int32)
+  return blocks.middle_counts(lo, hi, spec, nb, s_len)[0][0, 0]
+
+
 def decode_parity(q, k, v, ids, eps, spec, u=None, out=None):
   """Captured mass of the selected set (all scores, float32), the certified eps (given,
   or computed here from the bounds u [B, K, G, nb] as decode_attend does),
@@ -161,8 +167,7 @@ def decode_parity(q, k, v, ids, eps, spec, u=None, out=None):
   o_k = None if out is None else out[:, 0].reshape(b, hkv, g, d)
   cap, err, m, z_set, k_err = _set_parity(s, in_set[:, :, None], vt, o_k)
   if eps is None:
-    n_mid = jnp.clip(jnp.minimum(s_len - 1 - spec.window, jnp.arange(s_len // p) * p + p - 1)
-                     - jnp.maximum(spec.anchor, jnp.arange(s_len // p) * p) + 1, 0)
+    n_mid = _middle_counts(s_len - 1, spec, s_len // p, s_len)
     terms = jnp.where(chosen[:, :, None] | (n_mid == 0), NEG_INF,
                       u + jnp.log(jnp.maximum(n_mid, 1)))                 # [B, K, G, nb]
     log_delta = jax.nn.logsumexp(terms, axis=-1) - m                     # [B, K, G]
@@ -170,8 +175,7 @@ def decode_parity(q, k, v, ids, eps, spec, u=None, out=None):
   # diagnostic, not timed: the same M blocks ranked by the block centre q.c_b instead of
   # the upper bound (blocks straddling two segments have loose min/max boxes)
   summ = blocks.build_summaries(k, p)
-  c, _ = blocks.centre_radius(summ)
-  cen = jnp.einsum("bkgd,bnkd->bkgn", qg.astype(jnp.float32) * (d**-0.5), c)
+  cen = blocks.block_centres(q, summ, d**-0.5)[:, :, :, 0]               # [B, K, G, nb]
   _, ids_c = jax.lax.top_k(blocks.group_score(cen, head_axis=2, block_axis=3),
                            ids.shape[-1])
   chosen_c = jnp.zeros((b, hkv, s_len // p), bool).at[
@@ -289,9 +293,7 @@ def prefill_parity(q, k, v, spec, kblocks, kflags, n_rows=32, out=None):
     # attended, each bounded by its per-query U_b
     u = blocks_pallas.fast_bounds(q[:, r], summ.kmin, summ.kmax, scale)[:, :, 0]   # [B,H,nb]
     nbk = summ.num_blocks
-    start = jnp.arange(nbk) * p
-    n_mid = jnp.maximum(jnp.minimum(pos - spec.window, start + p - 1)
-                        - jnp.maximum(spec.anchor, start) + 1, 0)
+    n_mid = _middle_counts(pos, spec, nbk, s_len)
     taken = jnp.any((lists[..., None] == jnp.arange(nbk)) & (flags[..., None] > 0), -2)
     terms = jnp.where((n_mid > 0) & ~taken,
                       u - m[..., None] + jnp.log(jnp.maximum(n_mid, 1)), NEG_INF)

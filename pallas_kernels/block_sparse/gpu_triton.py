@@ -113,10 +113,14 @@ def _decode_kernel(ranges_ref, blocks_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
   lse_ref[...] = lse
 
 
-def _check_supported(q, block_size, interpret):
-  """NotImplementedError (api.py then falls back) where these Triton kernels can't run."""
+def _check_backend(interpret):
   if not interpret and jax.default_backend() != "gpu":
     raise NotImplementedError("the Triton backend needs a GPU (or interpret=True).")
+
+
+def _check_supported(q, block_size, interpret):
+  """NotImplementedError (api.py then falls back) where these Triton kernels can't run."""
+  _check_backend(interpret)
   d, p = q.shape[-1], block_size
   if p < 16 or p & (p - 1) or d & (d - 1) or d < 16:
     raise NotImplementedError(f"block_size={p}, head dim {d}: the Triton kernel needs "
@@ -315,8 +319,7 @@ def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, chunk=128,
   with_centre also returns scale * q.(min + max) / 2 (a ranking score, not a bound).
   Empty blocks (min > max) give values that callers mask. The summaries are read once,
   in their cache layout. nb must be divisible by 16 (`chunk` shrinks to fit)."""
-  if not interpret and jax.default_backend() != "gpu":
-    raise NotImplementedError("the Triton backend needs a GPU (or interpret=True).")
+  _check_backend(interpret)
   b, hq, d = q.shape
   nb, hkv = kmin.shape[1], kmin.shape[2]
   g = hq // hkv
