@@ -180,15 +180,10 @@ def _decode_kernel(ids_ref, fetch_ref, ranges_ref, q_ref, k_ref, v_ref, o_ref, l
   split, e = pl.program_id(3), pl.program_id(4)
   n_entries = pl.num_programs(4)
 
-  @pl.when(e == 0)
-  def _():
-    _init(m_sc, l_sc, acc_sc)
-
   flat = (((b * num_kv_heads + h) * num_queries + t) * num_splits + split) * n_entries + e
   blk = ids_ref[flat]
 
-  @pl.when(blk >= 0)
-  def _():
+  def keys_ok():
     r = (b * num_queries + t) * 8
     a_lo, a_hi = ranges_ref[r], ranges_ref[r + 1]
     w_lo, w_hi = ranges_ref[r + 2], ranges_ref[r + 3]
@@ -204,26 +199,37 @@ def _decode_kernel(ids_ref, fetch_ref, ranges_ref, q_ref, k_ref, v_ref, o_ref, l
     x2_lo = jnp.where(drop_static, w_lo, 0)
     x2_hi = jnp.where(drop_static, w_hi, -1)
     pos = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
-    ok = (_inside(pos, lo, hi) & ~_inside(pos, x1_lo, x1_hi) & ~_inside(pos, x2_lo, x2_hi)
-          & (pos < num_keys))
-    _attend_block(q_ref, k_ref, v_ref, (m_sc, l_sc, acc_sc), ok, blk,
-                  block_size=block_size, num_keys=num_keys, scale=scale,
-                  precision=precision)
+    return (_inside(pos, lo, hi) & ~_inside(pos, x1_lo, x1_hi)
+            & ~_inside(pos, x2_lo, x2_hi) & (pos < num_keys))
+
+  _entry_step(e, n_entries, blk, keys_ok, q_ref, k_ref, v_ref, o_ref, lse_ref,
+              (m_sc, l_sc, acc_sc), block_size=block_size, num_keys=num_keys,
+              scale=scale, precision=precision)
+
+
+def _entry_step(e, n_entries, blk, keys_ok, q_ref, k_ref, v_ref, o_ref, lse_ref, scratch,
+                *, block_size, num_keys, scale, precision):
+  """One grid step over list entry e of n_entries (both kernels): reset the scratch at
+  the first entry; for a listed block (blk >= 0) one online-softmax step over the fetched
+  [P, D] block with the keys keys_ok() admits ([1, P] or [R, P] bool); write o and lse
+  at the last entry."""
+
+  @pl.when(e == 0)
+  def _():
+    _init(*scratch)
+
+  @pl.when(blk >= 0)
+  def _():
+    v = v_ref[...]
+    if num_keys % block_size:   # rows past S of the last block are not data
+      row = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
+      v = jnp.where(row < num_keys, v, jnp.zeros_like(v))
+    scores = _scores(q_ref[...], k_ref[...], scale, precision)
+    _online_step(*scratch, jnp.where(keys_ok(), scores, NEG_INF), v, precision)
 
   @pl.when(e == n_entries - 1)
   def _():
-    _finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
-
-
-def _attend_block(q_ref, k_ref, v_ref, scratch, ok, blk, *, block_size, num_keys, scale,
-                  precision):
-  """One online-softmax step over the fetched [P, D] block `blk`, keys masked by `ok`."""
-  v = v_ref[...]
-  if num_keys % block_size:   # rows past S of the last block are not data
-    row = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
-    v = jnp.where(row < num_keys, v, jnp.zeros_like(v))
-  scores = _scores(q_ref[...], k_ref[...], scale, precision)
-  _online_step(*scratch, jnp.where(ok, scores, NEG_INF), v, precision)
+    _finish(*scratch, o_ref, lse_ref)
 
 
 def _range_blocks(lo, hi, n, block_size):
@@ -355,28 +361,20 @@ def _prefill_kernel(ids_ref, flags_ref, fetch_ref, q_ref, k_ref, v_ref, o_ref, l
   b, h, i, e = (pl.program_id(a) for a in range(4))
   n_entries = pl.num_programs(3)
 
-  @pl.when(e == 0)
-  def _():
-    _init(m_sc, l_sc, acc_sc)
-
   flat = ((b * num_heads + h) * num_qblocks + i) * n_entries + e
   blk = ids_ref[flat]
 
-  @pl.when(blk >= 0)
-  def _():
+  def keys_ok():
     qpos = (q_offset + i * block_size
             + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0))
     kpos = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
     static = (kpos < anchor) | (kpos > qpos - window)
     middle = (kpos >= anchor) & (kpos <= qpos - window) & (flags_ref[flat] > 0)
-    ok = (kpos <= qpos) & (kpos < num_keys) & (static | middle)
-    _attend_block(q_ref, k_ref, v_ref, (m_sc, l_sc, acc_sc), ok, blk,
-                  block_size=block_size, num_keys=num_keys, scale=scale,
-                  precision=precision)
+    return (kpos <= qpos) & (kpos < num_keys) & (static | middle)
 
-  @pl.when(e == n_entries - 1)
-  def _():
-    _finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
+  _entry_step(e, n_entries, blk, keys_ok, q_ref, k_ref, v_ref, o_ref, lse_ref,
+              (m_sc, l_sc, acc_sc), block_size=block_size, num_keys=num_keys,
+              scale=scale, precision=precision)
 
 
 def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale,
