@@ -456,11 +456,11 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
       for point, key in todo:
         bar.set_postfix_str(f"{prompt.id} {point.key}")
         row = condensate_row(lm, ref, point, config)
+        spec = point_spec(point, config)
         row.update({"key": key, **common, "point_key": point.key,
                     "implementation": config.attention.implementation,
-                    "selection": point_spec(point, config).selection,
-                    "block_rank": point_spec(point, config).block_rank,
-                    "query_blocks": point_spec(point, config).query_blocks,
+                    "selection": spec.selection, "block_rank": spec.block_rank,
+                    "query_blocks": spec.query_blocks,
                     "dense_layers": list(config.attention.dense_layers),
                     "finished": _now()})
         store.append(row)
