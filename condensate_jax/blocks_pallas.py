@@ -307,6 +307,72 @@ def _decode_ranges(kv_lengths, spec, nb, s_len):
   return lo, hi, _blocks.middle_counts(lo, hi, spec, nb, s_len)[0]
 
 
+SELECT_METHODS = TOP_M_METHODS + ("rank",)
+
+
+def _rank_select(q, kmin, kmax, mlo, mhi, spec, scale, rank, m):
+  """decode_select by rank="rank": two Pallas kernels and one small top_k, no sort of
+  blocks. The bounds kernel masks blocks without middle keys and emits the max of the
+  ranking score per superblock; XLA takes the group score of those maxima (exactly the
+  superblock max of `blocks.group_score`: subtracting a head's best is monotone) and the
+  top-M superblocks; `gpu_triton.rank_select` ranks the blocks of those superblocks by
+  comparisons and writes each winner to its rank's slot. The same ids, in the same order,
+  as `top_m` (an exact top-M by the superblock argument of `top_m`)."""
+  from pallas_kernels.block_sparse import gpu_triton
+  b, hq = q.shape[0], q.shape[2]
+  nb, hkv = kmin.shape[1], kmin.shape[2]
+  g = hq // hkv
+  x = min(superblock_size(nb, m), nb & -nb)
+  interpret = jax.default_backend() != "gpu"
+  res = gpu_triton.block_bounds(
+      q[:, 0], kmin, kmax, scale=scale, slack=_blocks.bound_slack(q.shape[-1]),
+      with_centre=rank == "centre", mid_range=jnp.stack([mlo, mhi], -1),
+      block_size=spec.block_size, superblock=x, interpret=interpret)
+  u, score, sbmax = res if rank == "centre" else (res[0], res[0], res[1])
+  best = jnp.max(sbmax, axis=-1)                                         # [B, K, Gp]
+  best = jnp.where(jnp.isneginf(best), 0.0, best)
+  n_sb = nb // x
+  if n_sb > m:
+    r_sb = jnp.max((sbmax - best[..., None])[:, :, :g], axis=2)          # [B, K, nb/X]
+    sbids = jax.lax.top_k(r_sb, m)[1]
+  else:
+    sbids = jnp.broadcast_to(jnp.arange(n_sb, dtype=jnp.int32), (b, hkv, n_sb))
+  ids = gpu_triton.rank_select(sbids, score, best, top=m, superblock=x, heads=g,
+                               interpret=interpret)
+  return ids, u                                          # u: the kernel's Gp >= G rows
+
+
+def _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds):
+  """decode_select's (ids, u); u may carry padding rows beyond G (the rank path's)."""
+  rank = spec.block_rank if rank is None else rank
+  if rank not in ("bound", "centre"):
+    raise ValueError(f"rank={rank!r}: expected 'bound' or 'centre'.")
+  if method not in SELECT_METHODS:
+    raise ValueError(f"method={method!r}: expected one of {list(SELECT_METHODS)}.")
+  nb = kmin.shape[1]
+  lo, hi = sel.visible_range(kv_lengths[:, None] - 1, kv_lengths, causal=True,
+                             sliding_window=None)
+  n_mid, mlo, mhi = _blocks.middle_counts(lo, hi, spec, nb, nb * spec.block_size)
+  m = min(spec.top_blocks, nb)
+  if method == "rank" and bounds != "xla":
+    try:
+      return _rank_select(q, kmin, kmax, mlo[:, 0], mhi[:, 0], spec, scale, rank, m)
+    except NotImplementedError:
+      pass
+  if method == "rank":
+    method = "superblock"
+  has = n_mid[:, :, None, :] > 0                                         # [B, 1, 1, nb]
+  if rank == "bound":
+    u = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds)           # [B, K, G, nb]
+    u = r = jnp.where(has, u, NEG_INF)
+  else:
+    u, c = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds, with_centre=True)
+    u, r = jnp.where(has, u, NEG_INF), jnp.where(has, c, NEG_INF)
+  top_r, ids = top_m(_blocks.group_score(r, head_axis=2, block_axis=3), m, method,
+                     superblock_size(nb, m) if method == "superblock" else 256)
+  return jnp.where(jnp.isneginf(top_r), -1, ids), u
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "method", "rank", "bounds"))
 def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="superblock",
                   rank=None, bounds=None):
@@ -317,23 +383,12 @@ def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="superblock"
   ranks by q.c_b with c_b = (min + max) / 2 instead (blocks straddling two topics have
   loose boxes, see BENCHMARKS.md); eps still comes from the bounds u either way.
   bounds: see `fast_bounds` (the centre score comes from the same summary read).
+  method: a `top_m` method over the group scores, or "rank": the Pallas rank selection
+  (`_rank_select`; Triton kernels, interpreted off GPU; where its kernels do not take
+  the shapes, "superblock"). The same ids in the same order by every method.
   rank=None: spec.block_rank."""
-  rank = spec.block_rank if rank is None else rank
-  if rank not in ("bound", "centre"):
-    raise ValueError(f"rank={rank!r}: expected 'bound' or 'centre'.")
-  nb = kmin.shape[1]
-  _, _, n_mid = _decode_ranges(kv_lengths, spec, nb, nb * spec.block_size)
-  has = n_mid[:, :, None, :] > 0                                         # [B, 1, 1, nb]
-  if rank == "bound":
-    u = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds)           # [B, K, G, nb]
-    u = r = jnp.where(has, u, NEG_INF)
-  else:
-    u, c = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds, with_centre=True)
-    u, r = jnp.where(has, u, NEG_INF), jnp.where(has, c, NEG_INF)
-  m = min(spec.top_blocks, nb)
-  top_r, ids = top_m(_blocks.group_score(r, head_axis=2, block_axis=3), m, method,
-                     superblock_size(nb, m) if method == "superblock" else 256)
-  return jnp.where(jnp.isneginf(top_r), -1, ids), u
+  ids, u = _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds)
+  return ids, u[:, :, :q.shape[2] // kmin.shape[2]]
 
 
 def decode_eps(ids, u, n_mid, lse):
@@ -350,13 +405,35 @@ def decode_eps(ids, u, n_mid, lse):
   return _blocks._log_delta_to_eps(jax.nn.logsumexp(terms, axis=-1), lse)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits"))
-def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None):
-  """Kernel half of `decode_step`: split-K kernel over the blocks `ids` (num_splits
-  programs per K/V head; None = one block per program) plus one program for the anchor
-  and window, split merge, and eps from the unselected blocks' bounds `u`."""
+ATTEND_KERNELS = ("split", "fused")
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "kernel"))
+def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None,
+                  kernel="split"):
+  """Kernel half of `decode_step`: attention over the anchor, the window and the blocks
+  `ids`, and eps from the unselected blocks' bounds `u` ([B, K, G or more, nb]).
+
+  kernel="split": the split-K kernel over the blocks (num_splits programs per K/V head;
+  None = one block per program) plus one program for the anchor and window, then XLA
+  merges the splits and computes eps. kernel="fused": `gpu_triton.decode_step`, two
+  Pallas kernels and nothing else (one program per block plus the anchor/window one,
+  each also summing a share of eps; a merge kernel). The same sets either way."""
+  if kernel not in ATTEND_KERNELS:
+    raise ValueError(f"kernel={kernel!r}: expected one of {list(ATTEND_KERNELS)}.")
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  if kernel == "fused":
+    from pallas_kernels.block_sparse import gpu_triton
+    try:
+      return gpu_triton.decode_step(
+          q, k, v, ids, u, kv_lengths, block_size=spec.block_size, scale=scale,
+          anchor=min(spec.anchor, s_len), window=min(spec.window, s_len),
+          interpret=jax.default_backend() != "gpu")
+    except NotImplementedError:
+      pass
+  u = u[:, :, :g]
   lo, hi, n_mid = _decode_ranges(kv_lengths, spec, u.shape[-1], s_len)
   m = ids.shape[-1]
   ns = max(1, min(num_splits or m, m))
@@ -373,27 +450,28 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "method",
-                                             "rank", "bounds", "return_blocks"))
+                                             "rank", "bounds", "return_blocks", "kernel"))
 def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None,
-                method="superblock", rank=None, bounds=None, return_blocks=False):
+                method="superblock", rank=None, bounds=None, return_blocks=False,
+                kernel="split"):
   """One decode step of selection="blocks" (the timed path).
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries
   (kept beside the cache, updated by `blocks.append_summaries`); kv_lengths [B].
   Reads the summaries once (`fast_bounds`), selects spec.top_blocks blocks per GQA group
-  by `blocks.group_score` (exact `top_m` by `method`, the same blocks by every method;
-  `rank`: see `decode_select`), runs the
-  split-K kernel over them plus anchor and window (`decode_attend`).
+  by `blocks.group_score` (exact top-M by `method`, the same blocks by every method;
+  `rank`: see `decode_select`), attends them plus anchor and window (`decode_attend`
+  with `kernel`). method="rank", kernel="fused" is the leanest: four Pallas kernels and
+  one small top_k per step.
   Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq] (from the
   unselected blocks' U_b); with return_blocks also the block ids [B, Hkv, M].
   """
   if k.shape[1] != kmin.shape[1] * spec.block_size:
     raise ValueError(f"k.shape[1]={k.shape[1]}: decode_step needs S = nb * block_size "
                      f"= {kmin.shape[1] * spec.block_size} (a whole-block cache).")
-  ids, u = decode_select(q, kmin, kmax, kv_lengths, spec=spec, scale=scale, method=method,
-                         rank=rank, bounds=bounds)
+  ids, u = _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds)
   out, lse, eps = decode_attend(q, k, v, ids, u, kv_lengths, spec=spec, scale=scale,
-                                num_splits=num_splits)
+                                num_splits=num_splits, kernel=kernel)
   return (out, lse, eps, ids) if return_blocks else (out, lse, eps)
 
 

@@ -27,9 +27,15 @@ from configs import common
 K = 1024
 
 
-def _dec(s, b=1, p=64, m=64, method="superblock", inputs="topic", rank="bound"):
+def _dec(s, b=1, p=64, m=64, method="superblock", inputs="topic", rank="bound",
+         kernel="split"):
   return dict(op="decode", batch=b, kv_len=s * K, block_size=p, top_blocks=m,
-              method=method, inputs=inputs, rank=rank)
+              method=method, inputs=inputs, rank=rank, kernel=kernel)
+
+
+def _lean(s, **kw):
+  """The leanest decode step: rank selection + fused kernels (4 Pallas kernels + top_k)."""
+  return _dec(s, method="rank", kernel="fused", **kw)
 
 
 def _pre(s, p=64, m=16):
@@ -52,6 +58,11 @@ _CASES = {
                 _PREFILL[2], _dec(128, b=8), _dec(1024, b=8), _dec(8), _dec(32),
                 _dec(512), _PREFILL[0], _PREFILL[1], _GAUSS[0], _VARIANTS[4],
                 _VARIANTS[5], _VARIANTS[0], _dec(8, b=8), _dec(32, b=8), _dec(512, b=8)],
+    # the lean decode step (rank selection, fused kernels) beside the split path
+    "fused": [_lean(128), _lean(1024), _lean(128, p=128, m=32), _lean(1024, p=128, m=32),
+              _lean(128, rank="centre"), _lean(1024, p=128, m=32, rank="centre"),
+              _lean(1024, b=8), _lean(128, b=8), _lean(8), _lean(32), _lean(512),
+              _dec(128), _dec(1024), _dec(128, p=128, m=32), _dec(1024, p=128, m=32)],
     # causal prefill at 1M keys (cuDNN alone takes ~1 minute of the run)
     "long": _PREFILL_1M,
     "quick": [_dec(8), _dec(128), _dec(1024), _PREFILL[0]],
@@ -63,12 +74,15 @@ _CASES = {
                _dec(128, rank="centre"), _PREFILL[0], _PREFILL[1]],
     "smoke": [dict(op="decode", batch=2, kv_len=256, block_size=16, top_blocks=2,
                    method="chunked"),
+              dict(op="decode", batch=2, kv_len=256, block_size=16, top_blocks=2,
+                   method="rank", kernel="fused"),
               dict(op="prefill", batch=1, kv_len=64, block_size=16, top_blocks=1)],
 }
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, {"cases": tuple(_CASES), "timing": ("true", "false")})
+  args = common.parse_arg(arg, {"cases": tuple(_CASES), "timing": ("true", "false"),
+                                "loop": ("fori", "unrolled")})
   name = args.get("cases", "full")
   config = ml_collections.ConfigDict()
   config.name = f"fast_bench_{name}"
@@ -85,6 +99,9 @@ def get_config(arg=None):
   config.iterations, config.prefill_iterations, config.repeats = 20, 5, 5
   # timing=false: parity only (any backend, e.g. CPU): no timing, no floors' ceilings
   config.timing = args.get("timing", "true") == "true"
+  # loop=unrolled: decode loops unrolled into straight-line code (as a model's layers:
+  # no per-iteration loop bookkeeping; dense timed the same way); prefill stays looped
+  config.unroll = args.get("loop", "fori") == "unrolled"
   config.prefill_xla_max = 16 * K
   # prefill at >= prefill_long keys (cuDNN takes ~15 s per 1M call): 1 call per loop,
   # median of long_repeats loops

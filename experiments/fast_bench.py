@@ -190,28 +190,32 @@ def decode_parity(q, k, v, ids, eps, spec, u=None, out=None):
               set_keys=int(in_set[0, 0].sum()))
 
 
-def _time_decode(row, q, k, v, summ, lengths, spec, scale, it, rep):
+def _time_decode(row, q, k, v, summ, lengths, spec, scale, it, rep, unroll):
   kw = dict(method=row["select_method"], rank=row["rank"], bounds=row["bounds"])
-  ns = row["num_splits"]
+  ns, kern = row["num_splits"], row["kernel"]
+  time_loop_ = functools.partial(time_loop, unroll=unroll)
   step = lambda q, k, v, mn, mx, l: blocks_pallas.decode_step(q, k, v, mn, mx, l, spec=spec,
                                                               scale=scale, num_splits=ns,
-                                                              **kw)
-  row["condensate_s"], _ = time_loop(step, q, (k, v, summ.kmin, summ.kmax, lengths), it, rep)
+                                                              kernel=kern, **kw)
+  row["condensate_s"], _ = time_loop_(step, q, (k, v, summ.kmin, summ.kmax, lengths), it,
+                                      rep)
   # components, each timed alone the same way: selection (bounds + top-M) and kernel
   # (split-K kernel + merge + eps) on fixed block ids
   sel_fn = lambda q, mn, mx, l: blocks_pallas.decode_select(q, mn, mx, l, spec=spec,
                                                             scale=scale, **kw)
-  row["select_s"], _ = time_loop(sel_fn, q, (summ.kmin, summ.kmax, lengths), it, rep)
+  row["select_s"], _ = time_loop_(sel_fn, q, (summ.kmin, summ.kmax, lengths), it, rep)
   ids, u = blocks_pallas.decode_select(q, summ.kmin, summ.kmax, lengths, spec=spec,
                                        scale=scale, **kw)
   att_fn = lambda q, k, v, ids, u, l: blocks_pallas.decode_attend(q, k, v, ids, u, l,
                                                                   spec=spec, scale=scale,
-                                                                  num_splits=ns)
-  row["attend_s"], _ = time_loop(att_fn, q, (k, v, ids, u, lengths), it, rep)
+                                                                  num_splits=ns,
+                                                                  kernel=kern)
+  row["attend_s"], _ = time_loop_(att_fn, q, (k, v, ids, u, lengths), it, rep)
   if row["inputs"] == "topic" and jax.default_backend() == "gpu":
-    row["cudnn_s"], _ = time_loop(lambda q, k, v: _cudnn(q, k, v, False), q, (k, v), it, rep)
+    row["cudnn_s"], _ = time_loop_(lambda q, k, v: _cudnn(q, k, v, False), q, (k, v), it,
+                                   rep)
     try:
-      row["xla_s"], _ = time_loop(lambda q, k, v: _xla(q, k, v, False), q, (k, v), it, rep)
+      row["xla_s"], _ = time_loop_(lambda q, k, v: _xla(q, k, v, False), q, (k, v), it, rep)
     except Exception as err:  # noqa: BLE001 (OOM at the largest sizes)
       row["xla_s"], row["xla_error"] = None, f"{type(err).__name__}: {str(err)[:120]}"
 
@@ -231,9 +235,11 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   row["rank"] = case.get("rank", "bound")
   row["bounds"] = case.get("bounds")             # None: the Triton kernel on a GPU
   row["num_splits"] = case.get("num_splits")     # None: one block per program
+  row["kernel"] = case.get("kernel", "split")
+  row["unroll"] = bool(cfg.get("unroll", False))
   kw = dict(method=row["select_method"], rank=row["rank"], bounds=row["bounds"])
   if cfg.timing:
-    _time_decode(row, q, k, v, summ, lengths, spec, scale, it, rep)
+    _time_decode(row, q, k, v, summ, lengths, spec, scale, it, rep, row["unroll"])
   bw, _ = ceilings
   nb = summ.num_blocks
   kv_bytes = 2 * b * s_len * hkv * d * 2
@@ -246,6 +252,7 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
     out, _, eps, ids = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
                                                  spec=spec, scale=scale,
                                                  num_splits=row["num_splits"],
+                                                 kernel=row["kernel"],
                                                  return_blocks=True, **kw)
     u = None
   else:   # parity only (any backend, no kernel): same selection; eps from its bounds u
@@ -359,6 +366,16 @@ def _fmt_t(x):
   return f"{x * 1e3:.3f} ms" if x >= 1e-3 else f"{x * 1e6:.1f} µs"
 
 
+def _variant(r):
+  """Row label beyond P/M: the selection method, ranking, kernel and loop when they are
+  not the first run's defaults."""
+  parts = [r["select_method"]] if r.get("select_method") not in (None, "superblock") else []
+  parts += ["centre"] if r.get("rank") == "centre" else []
+  parts += ["fused"] if r.get("kernel") == "fused" else []
+  parts += ["unrolled"] if r.get("unroll") else []
+  return "".join(" " + p for p in parts)
+
+
 def table(rows, device, ceilings):
   bw, mm = ceilings
   out = [f"device: {device}; measured read+write bandwidth {bw / 1e12:.2f} TB/s, bf16 "
@@ -374,7 +391,7 @@ def table(rows, device, ceilings):
              else "—")
     out.append(
         f"| {r['op']} | {r['inputs']} | {r['batch']} | {r['kv_len'] // 1024}K | "
-        f"{r['block_size']}/{r['top_blocks']}{' ' + r['select_method'] if r.get('select_method') not in (None, 'superblock') else ''}{' centre' if r.get('rank') == 'centre' else ''} | "
+        f"{r['block_size']}/{r['top_blocks']}{_variant(r)} | "
         f"{_fmt_t(r.get('condensate_s'))} ({_fmt_t(r.get('select_s'))} + {_fmt_t(r.get('attend_s'))}) | "
         f"{_fmt_t(r['condensate_floor_s'])} | {_fmt_t(r.get('cudnn_s'))} | "
         f"{_fmt_t(r.get('xla_s'))} | {_fmt_t(r['dense_floor_s'])} | {speed} | "
@@ -415,10 +432,11 @@ def run(config, workdir):
 
 
 def profile_main(arg):
-  """`profile decode KEYS_K P M [bound|centre]` or `profile prefill KEYS_K [P M]`: per-kernel
-  device time of one step at the benchmark's shapes and inputs (experiments.kernel_profile)."""
+  """`profile decode KEYS_K P M [bound|centre [METHOD [split|fused]]]` or `profile prefill
+  KEYS_K [P M]`: per-kernel device time of one step at the benchmark's shapes and inputs
+  (experiments.kernel_profile); METHOD: a `decode_select` method (default superblock)."""
   from configs import fast_bench as fast_bench_config
-  usage = ("expected: profile decode KEYS_K P M [bound|centre]  or  "
+  usage = ("expected: profile decode KEYS_K P M [bound|centre [METHOD [split|fused]]]  or  "
            "profile prefill KEYS_K [P M]")
   if not arg or arg[0] not in ("decode", "prefill") or len(arg) < 2:
     raise ValueError(f"arguments {arg}: {usage}")
@@ -430,14 +448,18 @@ def profile_main(arg):
   scale = cfg.head_dim**-0.5
   if op == "decode":
     rank = arg[4] if len(arg) > 4 else "bound"
+    method = arg[5] if len(arg) > 5 else "superblock"
+    kern = arg[6] if len(arg) > 6 else "split"
     q, k, v = make_inputs("topic", cfg.seed, 1, 1, s_len, cfg.q_heads, cfg.kv_heads,
                           cfg.head_dim, dict(cfg.data))
     lengths = jnp.full((1,), s_len, jnp.int32)
     summ = blocks.build_summaries(k, p, lengths)
     fn = lambda q, k, v, a, c, l: blocks_pallas.decode_step(q, k, v, a, c, l, spec=spec,
-                                                            scale=scale, rank=rank)
+                                                            scale=scale, rank=rank,
+                                                            method=method, kernel=kern)
     res = kernel_profile.profile(fn, q, (k, v, summ.kmin, summ.kmax, lengths), 10)
-    title = f"decode B=1 {arg[1]}K keys P={p} M={m} rank={rank}"
+    title = (f"decode B=1 {arg[1]}K keys P={p} M={m} rank={rank} method={method} "
+             f"kernel={kern}")
   else:
     h = cfg.prefill_heads
     q, k, v = make_inputs("topic", cfg.seed, 1, s_len, s_len, h, h, cfg.head_dim,

@@ -59,6 +59,36 @@ def _finish(m, l, acc):
 # --------------------------------------------------------------------------- decode
 
 
+def _attend(carry, q, k, v, ok, scale, precision):
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision) * scale
+  return _step(carry, jnp.where(ok[None, :], s, NEG_INF), v, precision)
+
+
+def _range_chunks(carry, q, k_ref, v_ref, lo, hi, n, chunk, num_keys, scale, precision):
+  """Attends keys lo..hi (inclusive, at most n * chunk of them) in n static chunks."""
+  for c in range(n):
+    pos = lo + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    ok = (pos <= hi) & (pos < num_keys)
+    safe = jnp.clip(pos, 0, num_keys - 1)
+    carry = _attend(carry, q, k_ref[safe, :], v_ref[safe, :], ok, scale, precision)
+  return carry
+
+
+def _block_read(carry, q, k_ref, v_ref, blk, m_lo, m_hi, block_size, num_keys, scale,
+                precision):
+  """Attends the middle keys of key block blk (one contiguous [P, D] tile)."""
+  start = pl.multiple_of(blk * block_size, block_size)
+  pos = start + jnp.arange(block_size, dtype=jnp.int32)
+  ok = (pos >= m_lo) & (pos <= m_hi) & (pos < num_keys)
+  return _attend(carry, q, k_ref[pl.ds(start, block_size), :],
+                 v_ref[pl.ds(start, block_size), :], ok, scale, precision)
+
+
+def _init(gp, d):
+  return (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
+          jnp.zeros((gp, d), jnp.float32))
+
+
 def _decode_kernel(ranges_ref, blocks_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
                    block_size, chunk, n_anchor_chunks, n_window_chunks, blocks_per_split,
                    num_keys, with_static, precision):
@@ -73,38 +103,22 @@ def _decode_kernel(ranges_ref, blocks_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
   # lse_ref    [Gp]      float32
   gp, d = q_ref.shape
   q = q_ref[...]
-  carry = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
-           jnp.zeros((gp, d), jnp.float32))
-
-  def attend(carry, k, v, ok):
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision) * scale
-    return _step(carry, jnp.where(ok[None, :], s, NEG_INF), v, precision)
-
-  def range_chunks(carry, lo, hi, n):
-    for c in range(n):   # static, small
-      pos = lo + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-      ok = (pos <= hi) & (pos < num_keys)
-      safe = jnp.clip(pos, 0, num_keys - 1)
-      carry = attend(carry, k_ref[safe, :], v_ref[safe, :], ok)
-    return carry
+  carry = _init(gp, d)
+  chunks = functools.partial(_range_chunks, q=q, k_ref=k_ref, v_ref=v_ref, chunk=chunk,
+                             num_keys=num_keys, scale=scale, precision=precision)
 
   if with_static:
     def static_part(carry):
-      carry = range_chunks(carry, ranges_ref[0], ranges_ref[1], n_anchor_chunks)
-      return range_chunks(carry, ranges_ref[2], ranges_ref[3], n_window_chunks)
+      carry = chunks(carry, lo=ranges_ref[0], hi=ranges_ref[1], n=n_anchor_chunks)
+      return chunks(carry, lo=ranges_ref[2], hi=ranges_ref[3], n=n_window_chunks)
     carry = jax.lax.cond(pl.program_id(3) == 0, static_part, lambda c: c, carry)
 
   m_lo, m_hi = ranges_ref[4], ranges_ref[5]
 
   def block_step(j, carry):
     blk = blocks_ref[j]
-
-    def read(carry):
-      start = pl.multiple_of(blk * block_size, block_size)
-      pos = start + jnp.arange(block_size, dtype=jnp.int32)
-      ok = (pos >= m_lo) & (pos <= m_hi) & (pos < num_keys)
-      return attend(carry, k_ref[pl.ds(start, block_size), :],
-                    v_ref[pl.ds(start, block_size), :], ok)
+    read = lambda c: _block_read(c, q, k_ref, v_ref, blk, m_lo, m_hi, block_size,
+                                 num_keys, scale, precision)
     return jax.lax.cond(blk >= 0, read, lambda c: c, carry)
 
   carry = jax.lax.fori_loop(0, blocks_per_split, block_step, carry)
@@ -183,6 +197,173 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
   o = o[:, :, :, :, :g].transpose(0, 1, 2, 4, 3, 5).reshape(b, t, hq, ns, d)
   lse = lse[..., :g].transpose(0, 1, 4, 2, 3).reshape(b, hq, t, ns)
   return o, lse
+
+
+def _step_kernel(lens_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, dl_ref, *,
+                 scale, block_size, chunk, n_anchor_chunks, n_window_chunks, anchor,
+                 window, num_keys, eps_chunk, n_prog, precision):
+  # One decode step of a (b, K/V head): program 0 attends the anchor and window, program
+  # s >= 1 the block ids[s - 1] (ids are padded with -1 to the n_prog programs); every
+  # program also sums its share of the certificate.
+  # Inputs
+  # lens_ref [8]        int32 kv length of this batch row (entry 0)
+  # ids_ref  [NP]       int32 selected block ids, -1 = none (NP = n_prog)
+  # q_ref    [Gp, D]    the group's queries (zero rows beyond G)
+  # k_ref    [Sp, D], v_ref [Sp, D]
+  # u_ref    [Gp, nb]   float32 block bounds, -inf: no middle key
+  # Outputs
+  # o_ref    [Gp, D]    float32 partial output of this program
+  # lse_ref  [Gp]       float32 its lse
+  # dl_ref   [Gp]       float32 log sum over this program's share of the unselected
+  #                     blocks of n_b exp(U_b) (-inf: none)
+  gp, d = q_ref.shape
+  nb = u_ref.shape[1]
+  s = pl.program_id(2)
+  hi = lens_ref[0] - 1
+  m_lo, m_hi = anchor, jnp.minimum(hi - window, num_keys - 1)
+  q = q_ref[...]
+  chunks = functools.partial(_range_chunks, q=q, k_ref=k_ref, v_ref=v_ref, chunk=chunk,
+                             num_keys=num_keys, scale=scale, precision=precision)
+
+  def static_part(carry):     # static_ranges with lo = 0
+    carry = chunks(carry, lo=0, hi=jnp.minimum(anchor - 1, hi), n=n_anchor_chunks)
+    return chunks(carry, lo=jnp.maximum(hi - window + 1, anchor), hi=hi, n=n_window_chunks)
+
+  blk = ids_ref[jnp.maximum(s - 1, 0)]
+  read = lambda c: _block_read(c, q, k_ref, v_ref, blk, m_lo, m_hi, block_size, num_keys,
+                               scale, precision)
+  carry = jax.lax.cond(s == 0, static_part,
+                       lambda c: jax.lax.cond(blk >= 0, read, lambda c: c, c),
+                       _init(gp, d))
+  o, lse = _finish(*carry)
+  o_ref[...] = o
+  lse_ref[...] = lse
+
+  # certificate share: chunks s, s + n_prog, ... of eps_chunk blocks
+  ids = ids_ref[...]
+
+  def eps_part(i, ml):
+    m, l = ml
+    c = s + i * n_prog
+    j = c * eps_chunk + jnp.arange(eps_chunk, dtype=jnp.int32)
+    chosen = jnp.max(((ids[None, :] == j[:, None]) & (ids[None, :] >= 0)).astype(
+        jnp.int32), axis=1) > 0
+    start = j * block_size
+    n = jnp.minimum(m_hi, start + block_size - 1) - jnp.maximum(m_lo, start) + 1
+    drop = chosen | (n <= 0) | (j >= nb)
+    uu = u_ref[:, pl.ds(pl.multiple_of(jnp.minimum(c, nb // eps_chunk - 1) * eps_chunk,
+                                       eps_chunk), eps_chunk)]
+    t = jnp.where(drop[None, :], NEG_INF,
+                  uu + jnp.log(jnp.maximum(n, 1).astype(jnp.float32))[None, :])
+    m_new = jnp.maximum(m, jnp.max(t, axis=1))
+    m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    l = l * jnp.exp(m - m_use) + jnp.sum(jnp.exp(t - m_use[:, None]), axis=1)
+    return m_new, l
+
+  n_chunks = nb // eps_chunk
+  m, l = jax.lax.fori_loop(0, -(-n_chunks // n_prog) if n_chunks else 0, eps_part,
+                           (jnp.full((gp,), NEG_INF, jnp.float32),
+                            jnp.zeros((gp,), jnp.float32)))
+  dl_ref[...] = jnp.where(l > 0, jnp.where(m == NEG_INF, 0.0, m) + jnp.log(
+      jnp.where(l > 0, l, 1.0)), NEG_INF)
+
+
+def _step_finish_kernel(o_ref, lse_ref, dl_ref, out_ref, lse_out_ref, eps_ref, *, heads):
+  # Merges the programs of `_step_kernel` for one (b, K/V head), query head by head.
+  # o_ref [NP, Gp, D], lse_ref / dl_ref [NP, Gp];
+  # out_ref [G, D] (the query's dtype), lse_out_ref / eps_ref [G]
+  for h in range(heads):
+    lse_p = lse_ref[:, h]
+    m = jnp.max(lse_p)
+    m_use = jnp.where(m == NEG_INF, 0.0, m)
+    w = jnp.where(lse_p == NEG_INF, 0.0, jnp.exp(lse_p - m_use))
+    z = jnp.sum(w)
+    o = jnp.sum(w[:, None] * o_ref[:, h, :], axis=0) / jnp.where(z > 0, z, 1.0)
+    lse = jnp.where(z > 0, m_use + jnp.log(jnp.where(z > 0, z, 1.0)), NEG_INF)
+    dl_p = dl_ref[:, h]
+    md = jnp.max(dl_p)
+    md_use = jnp.where(md == NEG_INF, 0.0, md)
+    zd = jnp.sum(jnp.where(dl_p == NEG_INF, 0.0, jnp.exp(dl_p - md_use)))
+    log_delta = jnp.where(zd > 0, md_use + jnp.log(jnp.where(zd > 0, zd, 1.0)), NEG_INF)
+    # blocks._log_delta_to_eps: delta / (Z + delta)
+    eps = jnp.where(lse == NEG_INF, 1.0,
+                    1.0 / (1.0 + jnp.exp(jnp.where(lse == NEG_INF, 0.0, lse) - log_delta)))
+    eps = jnp.where(log_delta == NEG_INF, 0.0, eps)
+    out_ref[h, :] = o.astype(out_ref.dtype)
+    lse_out_ref[h] = lse
+    eps_ref[h] = eps
+
+
+def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, window,
+                interpret=False, num_warps=4, num_stages=2, eps_chunk=128):
+  """One fused decode step over selected blocks: two kernels, no XLA in between.
+
+  q [B, 1, Hq, D]; k, v [B, S, Hkv, D] (S = nb * P); ids [B, Hkv, M] int32 block ids
+  (-1 = none); u [B, Hkv, Gp or G, nb] float32 bounds (-inf where a block holds no
+  middle key; Gp rows as `block_bounds` returns them avoid a copy); kv_lengths [B].
+  The sets of `blocks_pallas.decode_attend` (causal decode: anchor 0..anchor-1, window
+  the last `window` keys, middle keys of the ids' blocks); the certificate from the
+  unselected blocks' bounds. Returns out [B, 1, Hq, D] (q's dtype), lse [B, Hq] and
+  eps [B, Hq]."""
+  _check_supported(q, block_size, interpret)
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  gp = max(16, next_pow2(g))
+  p = block_size
+  nb = u.shape[-1]
+  m = ids.shape[-1]
+  if t != 1 or s_len != nb * p or nb % 16 or g & (g - 1):
+    raise NotImplementedError(f"T={t}, S={s_len}, nb={nb}, G={g}: the fused decode step "
+                              "needs one query, S = nb * P, nb divisible by 16 and a "
+                              "power-of-two group.")
+  qg = q.reshape(b, hkv, g, d)
+  if gp != g:
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+  if u.shape[2] != gp:
+    u = jnp.pad(u, ((0, 0), (0, 0), (0, gp - u.shape[2]), (0, 0)), constant_values=NEG_INF)
+  # programs: 0 = anchor + window, 1..M = the blocks, up to a power of two: empty (-1)
+  n_prog = next_pow2(m + 1)
+  ids = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, 0), (0, n_prog - m)),
+                constant_values=-1)
+  lens = jnp.pad(jnp.asarray(kv_lengths, jnp.int32).reshape(b, 1), ((0, 0), (0, 7)))
+  chunk = max(16, min(64, next_pow2(max(anchor, window, 1))))
+  kernel = functools.partial(
+      _step_kernel, scale=float(scale), block_size=p, chunk=chunk,
+      n_anchor_chunks=-(-anchor // chunk), n_window_chunks=-(-window // chunk),
+      anchor=anchor, window=window, num_keys=s_len,
+      eps_chunk=min(eps_chunk, nb & -nb), n_prog=n_prog, precision=_precision(q.dtype))
+  part = lambda *shape: jax.ShapeDtypeStruct((b, hkv, n_prog) + shape, jnp.float32)
+  o, lse, dl = pl.pallas_call(
+      kernel, grid=(b, hkv, n_prog),
+      in_specs=[pl.BlockSpec((None, 8), lambda b_, h, s: (b_, 0)),
+                pl.BlockSpec((None, None, n_prog), lambda b_, h, s: (b_, h, 0)),
+                pl.BlockSpec((None, None, gp, d), lambda b_, h, s: (b_, h, 0, 0)),
+                pl.BlockSpec((None, s_len, None, d), lambda b_, h, s: (b_, 0, h, 0)),
+                pl.BlockSpec((None, s_len, None, d), lambda b_, h, s: (b_, 0, h, 0)),
+                pl.BlockSpec((None, None, gp, nb), lambda b_, h, s: (b_, h, 0, 0))],
+      out_specs=(pl.BlockSpec((None, None, None, gp, d), lambda b_, h, s: (b_, h, s, 0, 0)),
+                 pl.BlockSpec((None, None, None, gp), lambda b_, h, s: (b_, h, s, 0)),
+                 pl.BlockSpec((None, None, None, gp), lambda b_, h, s: (b_, h, s, 0))),
+      out_shape=(part(gp, d), part(gp), part(gp)), interpret=interpret,
+      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
+                                                  num_stages=num_stages),
+      name="condensate_decode_step")(lens, ids, qg, k, v, u.astype(jnp.float32))
+  out, lse_out, eps = pl.pallas_call(
+      functools.partial(_step_finish_kernel, heads=g), grid=(b, hkv),
+      in_specs=[pl.BlockSpec((None, None, n_prog, gp, d), lambda b_, h: (b_, h, 0, 0, 0)),
+                pl.BlockSpec((None, None, n_prog, gp), lambda b_, h: (b_, h, 0, 0)),
+                pl.BlockSpec((None, None, n_prog, gp), lambda b_, h: (b_, h, 0, 0))],
+      out_specs=(pl.BlockSpec((None, None, g, d), lambda b_, h: (b_, h, 0, 0)),
+                 pl.BlockSpec((None, None, g), lambda b_, h: (b_, h, 0)),
+                 pl.BlockSpec((None, None, g), lambda b_, h: (b_, h, 0))),
+      out_shape=(jax.ShapeDtypeStruct((b, hkv, g, d), q.dtype),
+                 jax.ShapeDtypeStruct((b, hkv, g), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, g), jnp.float32)),
+      interpret=interpret,
+      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1),
+      name="condensate_decode_finish")(o, lse, dl)
+  return out.reshape(b, 1, hq, d), lse_out.reshape(b, hq), eps.reshape(b, hq)
 
 
 # -------------------------------------------------------------------------- prefill
@@ -286,16 +467,26 @@ def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale
 # --------------------------------------------------------------------------- bounds
 
 
-def _bounds_kernel(q_ref, kmin_ref, kmax_ref, u_ref, *c_ref, scale, slack, precision):
-  # q_ref    [Gp, D]   the group's decode queries (zero rows beyond G), unscaled
-  # kmin_ref [C, D]    min / max summaries of C consecutive blocks of one K/V head
-  # kmax_ref [C, D]
-  # u_ref    [Gp, C]   float32 upper bounds on scale * q.k over each block
-  # c_ref    [Gp, C]   (optional) float32 scale * q.(min + max) / 2, the centre score
+def _bounds_kernel(q_ref, kmin_ref, kmax_ref, *refs, scale, slack, precision, block_size,
+                   with_centre, masked, superblock):
+  # q_ref      [Gp, D]   the group's decode queries (zero rows beyond G), unscaled
+  # kmin_ref   [C, D]    min / max summaries of C consecutive blocks of one K/V head
+  # kmax_ref   [C, D]
+  # mrange_ref [8]       (masked only) int32 middle range m_lo, m_hi (inclusive) of the row
+  # Outputs
+  # u_ref      [Gp, C]   float32 upper bounds on scale * q.k over each block
+  #                      (masked: -inf where the block holds no middle key)
+  # c_ref      [Gp, C]   (with_centre) float32 scale * q.(min + max) / 2, the centre score
+  # sbmax_ref  [Gp, C/X] (superblock X) max of the ranking score (c or u) per X blocks
+  mrange_ref = refs[0] if masked else None
+  u_ref, *rest = refs[1:] if masked else refs
+  c_ref = rest.pop(0) if with_centre else None
+  sbmax_ref = rest.pop(0) if superblock else None
   q = q_ref[...]
   zero = jnp.zeros_like(q)
   qp, qn = jnp.maximum(q, zero), jnp.minimum(q, zero)        # exact in any dtype
   mn, mx = kmin_ref[...], kmax_ref[...]
+  gp, c = q.shape[0], mn.shape[0]
 
   def dot(a, b):
     return jnp.dot(a, b.T, preferred_element_type=jnp.float32, precision=precision)
@@ -305,20 +496,38 @@ def _bounds_kernel(q_ref, kmin_ref, kmax_ref, u_ref, *c_ref, scale, slack, preci
   # rounding slack: relative to sum_d |q_d| |picked end| (a product of two values of
   # the summaries' dtype is exact in float32 for bf16/f16; only the accumulation rounds)
   a = dot(qp, jnp.abs(mx)) - dot(qn, jnp.abs(mn))
-  u_ref[...] = scale * (up + un) + (slack * scale) * a
-  if c_ref:
+  u = scale * (up + un) + (slack * scale) * a
+  if with_centre:
     # q.(mn + mx) / 2 from the same four products: q+.mx + q-.mn + q+.mn + q-.mx
-    c_ref[0][...] = (0.5 * scale) * (up + un + dot(qp, mn) + dot(qn, mx))
+    cen = (0.5 * scale) * (up + un + dot(qp, mn) + dot(qn, mx))
+  if masked:
+    start = (pl.program_id(2) * c + jnp.arange(c, dtype=jnp.int32)) * block_size
+    has = (start <= mrange_ref[1]) & (start + block_size - 1 >= mrange_ref[0])
+    u = jnp.where(has[None, :], u, NEG_INF)
+    if with_centre:
+      cen = jnp.where(has[None, :], cen, NEG_INF)
+  u_ref[...] = u
+  if with_centre:
+    c_ref[...] = cen
+  if superblock:
+    score = cen if with_centre else u
+    sbmax_ref[...] = jnp.max(score.reshape(gp, c // superblock, superblock), axis=2)
 
 
-def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, chunk=128,
-                 interpret=False, num_warps=4, num_stages=1):
+def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, mid_range=None,
+                 block_size=None, superblock=None, chunk=128, interpret=False, num_warps=4, num_stages=1):
   """U [B, K, Gp, nb] float32 for decode queries q [B, Hq, D] against min/max summaries
   [B, nb, K, D] (rows beyond G are padding): the box bound as tensor-core matmuls
   (q+ . max + q- . min) plus `slack` times sum_d |q_d| |picked end|, all times `scale`;
   with_centre also returns scale * q.(min + max) / 2 (a ranking score, not a bound).
-  Empty blocks (min > max) give values that callers mask. The summaries are read once,
-  in their cache layout. nb must be divisible by 16 (`chunk` shrinks to fit)."""
+  The summaries are read once, in their cache layout. nb must be divisible by 16
+  (`chunk` shrinks to fit).
+
+  mid_range [B, 2] int32 (m_lo, m_hi inclusive key positions; needs the key block_size):
+  blocks holding no middle key of the row get -inf (u and centre); without it empty blocks (min > max) give values that
+  callers mask. superblock X (a power of two dividing nb): also returns the max of the
+  ranking score (the centre with with_centre, else u) over each run of X blocks,
+  [B, K, Gp, nb / X]. Returns u, or the tuple (u, [centre], [superblock max])."""
   _check_backend(interpret)
   b, hq, d = q.shape
   nb, hkv = kmin.shape[1], kmin.shape[2]
@@ -328,23 +537,119 @@ def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, chunk=128,
   if c < 16 or d < 16 or d & (d - 1):
     raise NotImplementedError(f"num_blocks={nb}, head dim {d}: the bounds kernel needs "
                               "num_blocks divisible by 16 and a power-of-two head dim.")
+  if superblock is not None:
+    x = int(superblock)
+    if x < 1 or x & (x - 1) or nb % x:
+      raise NotImplementedError(f"superblock={superblock}: expected a power of two "
+                                f"dividing num_blocks={nb}.")
+    c = max(c, x)
   dt = jnp.promote_types(q.dtype, kmin.dtype)    # never round q or the summaries
   qg = q.reshape(b, hkv, g, d).astype(dt)
   if gp != g:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+  masked = mid_range is not None
+  if masked and not block_size:
+    raise ValueError("block_bounds: mid_range needs block_size (keys per block).")
   kernel = functools.partial(_bounds_kernel, scale=float(scale), slack=float(slack),
-                             precision=_precision(dt))
+                             precision=_precision(dt), block_size=block_size, with_centre=with_centre,
+                             masked=masked, superblock=superblock)
+  in_specs = [pl.BlockSpec((None, None, gp, d), lambda b_, h, i: (b_, h, 0, 0)),
+              pl.BlockSpec((None, c, None, d), lambda b_, h, i: (b_, i, h, 0)),
+              pl.BlockSpec((None, c, None, d), lambda b_, h, i: (b_, i, h, 0))]
+  args = [qg, kmin.astype(dt), kmax.astype(dt)]
+  if masked:
+    in_specs.append(pl.BlockSpec((None, 8), lambda b_, h, i: (b_, 0)))
+    args.append(jnp.pad(jnp.asarray(mid_range, jnp.int32).reshape(b, 2), ((0, 0), (0, 6))))
   out = pl.BlockSpec((None, None, gp, c), lambda b_, h, i: (b_, h, 0, i))
   shape = jax.ShapeDtypeStruct((b, hkv, gp, nb), jnp.float32)
+  out_specs, out_shape = [out], [shape]
+  if with_centre:
+    out_specs.append(out)
+    out_shape.append(shape)
+  if superblock:
+    out_specs.append(pl.BlockSpec((None, None, gp, c // superblock),
+                                  lambda b_, h, i: (b_, h, 0, i)))
+    out_shape.append(jax.ShapeDtypeStruct((b, hkv, gp, nb // superblock), jnp.float32))
   res = pl.pallas_call(
-      kernel, grid=(b, hkv, nb // c),
-      in_specs=[pl.BlockSpec((None, None, gp, d), lambda b_, h, i: (b_, h, 0, 0)),
-                pl.BlockSpec((None, c, None, d), lambda b_, h, i: (b_, i, h, 0)),
-                pl.BlockSpec((None, c, None, d), lambda b_, h, i: (b_, i, h, 0))],
-      out_specs=(out, out) if with_centre else out,
-      out_shape=(shape, shape) if with_centre else shape,
+      kernel, grid=(b, hkv, nb // c), in_specs=in_specs,
+      out_specs=tuple(out_specs) if len(out_specs) > 1 else out,
+      out_shape=tuple(out_shape) if len(out_shape) > 1 else shape,
       interpret=interpret,
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
-      name="condensate_block_bounds")(qg, kmin.astype(dt), kmax.astype(dt))
+      name="condensate_block_bounds")(*args)
   return res
+
+
+# --------------------------------------------------------------------------- select
+
+
+def _rank_kernel(sbids_ref, score_ref, best_ref, ids_ref, *, superblock, top, heads):
+  # Inputs
+  # sbids_ref [Cp]      int32 candidate superblocks of this (b, K/V head), -1 = padding
+  # score_ref [Gp, nb]  float32 ranking scores (-inf: no middle key)
+  # best_ref  [Gp]      float32 each head's best score (0 where it has none)
+  # Outputs
+  # ids_ref   [Mp]      int32 slot r <- the block of rank r (r < top); -1: -inf score
+  x = superblock
+  n = sbids_ref.shape[0] * x
+  i = jnp.arange(n, dtype=jnp.int32)
+  c_sb = sbids_ref[i // x]                       # gather: candidate superblock per entry
+  c_ok = c_sb >= 0
+  c_idx = jnp.maximum(c_sb, 0) * x + i % x
+  own_sb = sbids_ref[pl.program_id(2)]
+  own_idx = jnp.maximum(own_sb, 0) * x + jnp.arange(x, dtype=jnp.int32)
+
+  def group_score(idx):   # blocks.group_score: max over heads of score - best
+    r = score_ref[0, idx] - best_ref[0]
+    for h in range(1, heads):
+      r = jnp.maximum(r, score_ref[h, idx] - best_ref[h])
+    return r
+
+  r_c, r_o = group_score(c_idx), group_score(own_idx)
+  # rank = entries before this one in lax.top_k's order (value descending, ties to the
+  # lower index); candidate ranks are distinct, so slots 0..top-1 are written once each
+  before = c_ok[None, :] & ((r_c[None, :] > r_o[:, None]) | (
+      (r_c[None, :] == r_o[:, None]) & (c_idx[None, :] < own_idx[:, None])))
+  rank = jnp.sum(before.astype(jnp.int32), axis=1)
+  val = jnp.where(r_o == NEG_INF, -1, own_idx)
+  plgpu_triton.store(ids_ref.at[rank], val, mask=(rank < top) & (own_sb >= 0))
+
+
+def rank_select(sbids, score, best, *, top, superblock, heads, interpret=False,
+                num_warps=4):
+  """Top-`top` blocks per (batch, K/V head) from candidate superblocks, as `lax.top_k`
+  orders them (group score descending, ties to the lower block id), without a sort.
+
+  sbids [B, K, C] int32: the candidate superblocks (each holding `superblock` consecutive
+  blocks; must contain every block of the top `top`, e.g. the top superblocks by their
+  max, see `blocks_pallas.top_m`); score [B, K, Gp, nb] float32 per-head ranking scores
+  (-inf: no middle key); best [B, K, Gp]: each head's max score (0 where -inf); rows
+  >= `heads` are ignored. The group score of a block is max_h (score - best) as in
+  `blocks.group_score`. One program per candidate superblock ranks its blocks against
+  every candidate (comparisons, no sort) and writes block ids to their rank's slot.
+  Returns ids [B, K, top] int32 (-1 where the score is -inf)."""
+  _check_backend(interpret)
+  b, hkv, n_c = sbids.shape
+  gp, nb = score.shape[2], score.shape[3]
+  x = int(superblock)
+  if x < 1 or x & (x - 1) or nb % x or n_c * x < top:
+    raise NotImplementedError(f"superblock={superblock}, {n_c} candidates, top={top}: "
+                              "expected a power of two dividing num_blocks and at least "
+                              "`top` candidate blocks.")
+  cp, mp = next_pow2(n_c), next_pow2(top)
+  sbids = jnp.pad(sbids.astype(jnp.int32), ((0, 0), (0, 0), (0, cp - n_c)),
+                  constant_values=-1)
+  kernel = functools.partial(_rank_kernel, superblock=x, top=top, heads=heads)
+  ids = pl.pallas_call(
+      kernel, grid=(b, hkv, n_c),
+      in_specs=[pl.BlockSpec((None, None, cp), lambda b_, h, j: (b_, h, 0)),
+                pl.BlockSpec((None, None, gp, nb), lambda b_, h, j: (b_, h, 0, 0)),
+                pl.BlockSpec((None, None, gp), lambda b_, h, j: (b_, h, 0))],
+      out_specs=pl.BlockSpec((None, None, mp), lambda b_, h, j: (b_, h, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, hkv, mp), jnp.int32),
+      interpret=interpret,
+      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1),
+      name="condensate_rank_select")(sbids, score.astype(jnp.float32),
+                                     best.astype(jnp.float32))
+  return ids[..., :top]

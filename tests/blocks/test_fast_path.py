@@ -165,3 +165,52 @@ def test_fast_path_and_spec_rank_a_cancelling_block_alike():
     u = np.asarray(blocks_pallas.fast_bounds(q[:, 0], summ.kmin, summ.kmax, 0.25,
                                              bounds=bounds))[0, 0, 0]
     np.testing.assert_allclose(u, u_spec, rtol=2e-5, err_msg=bounds)   # float rounding
+
+
+@pytest.mark.parametrize("g,nb,m,x,high", [(4, 256, 8, 8, 3), (1, 128, 5, 16, 30),
+                                           (2, 64, 16, 8, 1000), (4, 512, 3, 32, 2)])
+def test_rank_select_equals_top_k(g, nb, m, x, high):
+  # the Triton rank selection (interpreted off GPU) on candidate superblocks picked as in
+  # decode_select: the same ids in the same order as lax.top_k over the group score,
+  # with heavy ties (integer scores; high=2: nearly all tied) and -inf blocks
+  from pallas_kernels.block_sparse import gpu_triton
+  rng = np.random.default_rng(g * nb + m)
+  b, hkv, gp = 2, 3, 16
+  score = rng.integers(0, high, (b, hkv, gp, nb)).astype(np.float32)
+  score[rng.random(score.shape) < 0.3] = -np.inf
+  score[1, 2] = -np.inf                                      # a row with no middle key
+  score = jnp.asarray(score)
+  best = jnp.max(score, -1)
+  best = jnp.where(jnp.isneginf(best), 0.0, best)
+  r = blocks.group_score(score[:, :, :g], head_axis=2, block_axis=3)      # [B, K, nb]
+  v_ref, i_ref = jax.lax.top_k(r, m)
+  want = np.where(np.isneginf(np.asarray(v_ref)), -1, np.asarray(i_ref))
+  r_sb = jnp.max(r.reshape(b, hkv, nb // x, x), -1)
+  sbids = jax.lax.top_k(r_sb, min(m, nb // x))[1]
+  if nb // x <= m:
+    sbids = jnp.broadcast_to(jnp.arange(nb // x), (b, hkv, nb // x))
+  got = gpu_triton.rank_select(sbids, score, best, top=m, superblock=x, heads=g,
+                               interpret=jax.default_backend() != "gpu")
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("rank", ["bound", "centre"])
+def test_decode_select_rank_method_same_ids(rank):
+  # integer-valued q and k (exact scores, many tied bounds), ragged lengths, one row
+  # short enough that fewer than M blocks hold middle keys
+  rng = np.random.default_rng(7)
+  b, s, hq, hkv, d, p, m = 3, 1024, 8, 2, 16, 16, 12
+  q = jnp.asarray(rng.integers(-1, 2, (b, 1, hq, d)), jnp.float32)
+  k = jnp.asarray(rng.integers(-1, 2, (b, s, hkv, d)), jnp.float32)
+  lengths = jnp.array([s, 700, 150])
+  spec = cj.CondensateSpec(anchor=16, window=32, selection="blocks", block_size=p,
+                           top_blocks=m, block_rank=rank)
+  summ = blocks.build_summaries(k, p, lengths)
+  args = (q, summ.kmin, summ.kmax, lengths)
+  ids_t, u_t = blocks_pallas.decode_select(*args, spec=spec, scale=0.25, method="top_k")
+  ids_r, u_r = blocks_pallas.decode_select(*args, spec=spec, scale=0.25, method="rank")
+  np.testing.assert_array_equal(np.asarray(ids_r), np.asarray(ids_t))
+  np.testing.assert_array_equal(np.asarray(u_r), np.asarray(u_t))
+  assert np.sum(np.asarray(ids_r)[2] < 0) > 0          # the short row ran out of blocks
+  with pytest.raises(ValueError, match="method='sort'"):
+    blocks_pallas.decode_select(*args, spec=spec, scale=0.25, method="sort")
