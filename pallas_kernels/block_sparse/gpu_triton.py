@@ -201,7 +201,7 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
 
 def _step_kernel(lens_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, dl_ref, *,
                  scale, block_size, chunk, n_anchor_chunks, n_window_chunks, anchor,
-                 window, num_keys, eps_chunk, n_prog, precision):
+                 window, num_keys, eps_chunk, n_prog, with_eps, precision):
   # One decode step of a (b, K/V head): program 0 attends the anchor and window, program
   # s >= 1 the block ids[s - 1] (ids are padded with -1 to the n_prog programs); every
   # program also sums its share of the certificate.
@@ -260,7 +260,7 @@ def _step_kernel(lens_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, 
     l = l * jnp.exp(m - m_use) + jnp.sum(jnp.exp(t - m_use[:, None]), axis=1)
     return m_new, l
 
-  n_chunks = nb // eps_chunk
+  n_chunks = nb // eps_chunk if with_eps else 0
   m, l = jax.lax.fori_loop(0, -(-n_chunks // n_prog) if n_chunks else 0, eps_part,
                            (jnp.full((gp,), NEG_INF, jnp.float32),
                             jnp.zeros((gp,), jnp.float32)))
@@ -268,34 +268,39 @@ def _step_kernel(lens_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, 
       jnp.where(l > 0, l, 1.0)), NEG_INF)
 
 
-def _step_finish_kernel(o_ref, lse_ref, dl_ref, out_ref, lse_out_ref, eps_ref, *, heads):
-  # Merges the programs of `_step_kernel` for one (b, K/V head), query head by head.
-  # o_ref [NP, Gp, D], lse_ref / dl_ref [NP, Gp];
-  # out_ref [G, D] (the query's dtype), lse_out_ref / eps_ref [G]
-  for h in range(heads):
-    lse_p = lse_ref[:, h]
-    m = jnp.max(lse_p)
+def _merge_row(o_parts, lse_p, dl_p):
+  """One query head's merge of `_step_kernel`'s programs: o_parts [NP, D] (normalised
+  partials), lse_p / dl_p [NP]. Returns (o [D], lse, eps) as `blocks_pallas` computes
+  them (eps = delta / (Z + delta), blocks._log_delta_to_eps)."""
+  def lse_of(x):
+    m = jnp.max(x)
     m_use = jnp.where(m == NEG_INF, 0.0, m)
-    w = jnp.where(lse_p == NEG_INF, 0.0, jnp.exp(lse_p - m_use))
+    w = jnp.where(x == NEG_INF, 0.0, jnp.exp(x - m_use))
     z = jnp.sum(w)
-    o = jnp.sum(w[:, None] * o_ref[:, h, :], axis=0) / jnp.where(z > 0, z, 1.0)
-    lse = jnp.where(z > 0, m_use + jnp.log(jnp.where(z > 0, z, 1.0)), NEG_INF)
-    dl_p = dl_ref[:, h]
-    md = jnp.max(dl_p)
-    md_use = jnp.where(md == NEG_INF, 0.0, md)
-    zd = jnp.sum(jnp.where(dl_p == NEG_INF, 0.0, jnp.exp(dl_p - md_use)))
-    log_delta = jnp.where(zd > 0, md_use + jnp.log(jnp.where(zd > 0, zd, 1.0)), NEG_INF)
-    # blocks._log_delta_to_eps: delta / (Z + delta)
-    eps = jnp.where(lse == NEG_INF, 1.0,
-                    1.0 / (1.0 + jnp.exp(jnp.where(lse == NEG_INF, 0.0, lse) - log_delta)))
-    eps = jnp.where(log_delta == NEG_INF, 0.0, eps)
-    out_ref[h, :] = o.astype(out_ref.dtype)
-    lse_out_ref[h] = lse
-    eps_ref[h] = eps
+    return w, z, jnp.where(z > 0, m_use + jnp.log(jnp.where(z > 0, z, 1.0)), NEG_INF)
+
+  w, z, lse = lse_of(lse_p)
+  o = jnp.sum(w[:, None] * o_parts, axis=0) / jnp.where(z > 0, z, 1.0)
+  log_delta = lse_of(dl_p)[2]
+  eps = jnp.where(lse == NEG_INF, 1.0,
+                  1.0 / (1.0 + jnp.exp(jnp.where(lse == NEG_INF, 0.0, lse) - log_delta)))
+  return o, lse, jnp.where(log_delta == NEG_INF, 0.0, eps)
+
+
+def _step_finish_kernel(o_ref, lse_ref, dl_ref, out_ref, lse_out_ref, eps_ref):
+  # Merges the programs of `_step_kernel` for one query head (program (b, K/V head, g)):
+  # o_ref [NP, Gp, D], lse_ref / dl_ref [NP, Gp] of the (b, K/V head);
+  # out_ref [D] (the query's dtype), lse_out_ref / eps_ref [] (scalars)
+  h = pl.program_id(2)
+  o, lse, eps = _merge_row(o_ref[:, h, :], lse_ref[:, h], dl_ref[:, h])
+  out_ref[...] = o.astype(out_ref.dtype)
+  lse_out_ref[...] = lse
+  eps_ref[...] = eps
 
 
 def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, window,
-                interpret=False, num_warps=4, num_stages=2, eps_chunk=128):
+                interpret=False, num_warps=4, num_stages=2, eps_chunk=128, finish="triton",
+                with_eps=True):
   """One fused decode step over selected blocks: two kernels, no XLA in between.
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D] (S = nb * P); ids [B, Hkv, M] int32 block ids
@@ -303,8 +308,12 @@ def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, windo
   middle key; Gp rows as `block_bounds` returns them avoid a copy); kv_lengths [B].
   The sets of `blocks_pallas.decode_attend` (causal decode: anchor 0..anchor-1, window
   the last `window` keys, middle keys of the ids' blocks); the certificate from the
-  unselected blocks' bounds. Returns out [B, 1, Hq, D] (q's dtype), lse [B, Hq] and
-  eps [B, Hq]."""
+  unselected blocks' bounds. finish="triton": the merge is a second kernel (one program
+  per query head); "xla": plain jnp. with_eps=False skips the certificate (profiling:
+  what eps costs; eps is then None). Returns out [B, 1, Hq, D] (q's dtype), lse [B, Hq]
+  and eps [B, Hq]."""
+  if finish not in ("triton", "xla"):
+    raise ValueError(f"finish={finish!r}: expected 'triton' or 'xla'.")
   _check_supported(q, block_size, interpret)
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
@@ -313,10 +322,9 @@ def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, windo
   p = block_size
   nb = u.shape[-1]
   m = ids.shape[-1]
-  if t != 1 or s_len != nb * p or nb % 16 or g & (g - 1):
-    raise NotImplementedError(f"T={t}, S={s_len}, nb={nb}, G={g}: the fused decode step "
-                              "needs one query, S = nb * P, nb divisible by 16 and a "
-                              "power-of-two group.")
+  if t != 1 or s_len != nb * p or nb % 16:
+    raise NotImplementedError(f"T={t}, S={s_len}, nb={nb}: the fused decode step needs "
+                              "one query, S = nb * P and nb divisible by 16.")
   qg = q.reshape(b, hkv, g, d)
   if gp != g:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
@@ -332,7 +340,8 @@ def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, windo
       _step_kernel, scale=float(scale), block_size=p, chunk=chunk,
       n_anchor_chunks=-(-anchor // chunk), n_window_chunks=-(-window // chunk),
       anchor=anchor, window=window, num_keys=s_len,
-      eps_chunk=min(eps_chunk, nb & -nb), n_prog=n_prog, precision=_precision(q.dtype))
+      eps_chunk=min(eps_chunk, nb & -nb), n_prog=n_prog, with_eps=with_eps,
+      precision=_precision(q.dtype))
   part = lambda *shape: jax.ShapeDtypeStruct((b, hkv, n_prog) + shape, jnp.float32)
   o, lse, dl = pl.pallas_call(
       kernel, grid=(b, hkv, n_prog),
@@ -349,21 +358,27 @@ def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, windo
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
       name="condensate_decode_step")(lens, ids, qg, k, v, u.astype(jnp.float32))
-  out, lse_out, eps = pl.pallas_call(
-      functools.partial(_step_finish_kernel, heads=g), grid=(b, hkv),
-      in_specs=[pl.BlockSpec((None, None, n_prog, gp, d), lambda b_, h: (b_, h, 0, 0, 0)),
-                pl.BlockSpec((None, None, n_prog, gp), lambda b_, h: (b_, h, 0, 0)),
-                pl.BlockSpec((None, None, n_prog, gp), lambda b_, h: (b_, h, 0, 0))],
-      out_specs=(pl.BlockSpec((None, None, g, d), lambda b_, h: (b_, h, 0, 0)),
-                 pl.BlockSpec((None, None, g), lambda b_, h: (b_, h, 0)),
-                 pl.BlockSpec((None, None, g), lambda b_, h: (b_, h, 0))),
-      out_shape=(jax.ShapeDtypeStruct((b, hkv, g, d), q.dtype),
-                 jax.ShapeDtypeStruct((b, hkv, g), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, g), jnp.float32)),
-      interpret=interpret,
-      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1),
-      name="condensate_decode_finish")(o, lse, dl)
-  return out.reshape(b, 1, hq, d), lse_out.reshape(b, hq), eps.reshape(b, hq)
+  if finish == "xla":
+    o, lse, dl = (x[:, :, :, :g] for x in (o, lse, dl))
+    out, lse_out, eps = jax.vmap(jax.vmap(jax.vmap(_merge_row, (1, 1, 1)), (0, 0, 0)),
+                                 (0, 0, 0))(o, lse, dl)
+    out = out.astype(q.dtype)
+  else:
+    row = lambda *blk: pl.BlockSpec((None, None) + blk, lambda b_, h, g_: (b_, h) + (0,) * len(blk))
+    out, lse_out, eps = pl.pallas_call(
+        _step_finish_kernel, grid=(b, hkv, g),
+        in_specs=[row(n_prog, gp, d), row(n_prog, gp), row(n_prog, gp)],
+        out_specs=(pl.BlockSpec((None, None, None, d), lambda b_, h, g_: (b_, h, g_, 0)),
+                   pl.BlockSpec((None, None, None), lambda b_, h, g_: (b_, h, g_)),
+                   pl.BlockSpec((None, None, None), lambda b_, h, g_: (b_, h, g_))),
+        out_shape=(jax.ShapeDtypeStruct((b, hkv, g, d), q.dtype),
+                   jax.ShapeDtypeStruct((b, hkv, g), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, g), jnp.float32)),
+        interpret=interpret,
+        compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1),
+        name="condensate_decode_finish")(o, lse, dl)
+  eps = eps.reshape(b, hq) if with_eps else None
+  return out.reshape(b, 1, hq, d), lse_out.reshape(b, hq), eps
 
 
 # -------------------------------------------------------------------------- prefill
