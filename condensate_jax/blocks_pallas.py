@@ -310,14 +310,16 @@ def _decode_ranges(kv_lengths, spec, nb, s_len):
 SELECT_METHODS = TOP_M_METHODS + ("rank",)
 
 
-def _rank_select(q, kmin, kmax, mlo, mhi, spec, scale, rank, m):
-  """decode_select by rank="rank": two Pallas kernels and one small top_k, no sort of
-  blocks. The bounds kernel masks blocks without middle keys and emits the max of the
-  ranking score per superblock; XLA takes the group score of those maxima (exactly the
-  superblock max of `blocks.group_score`: subtracting a head's best is monotone) and the
-  top-M superblocks; `gpu_triton.rank_select` ranks the blocks of those superblocks by
-  comparisons and writes each winner to its rank's slot. The same ids, in the same order,
-  as `top_m` (an exact top-M by the superblock argument of `top_m`)."""
+def _rank_select(q, kv_lengths, kmin, kmax, spec, scale, rank, m):
+  """decode_select by method="rank": three Pallas kernels, no sort and no XLA between
+  them. The bounds kernel masks blocks without middle keys and emits the max of the
+  ranking score per superblock; `gpu_triton.superblock_select` picks the top-M
+  superblocks by the group score of those maxima (exactly the superblock max of
+  `blocks.group_score`: subtracting a head's best is monotone); `gpu_triton.rank_select`
+  ranks the blocks of those superblocks by comparisons and writes each winner to its
+  rank's slot. The same ids, in the same order, as `top_m` (an exact top-M by the
+  superblock argument of `top_m`). Returns ids [B, K, next_pow2(M + 1)] (-1 beyond M,
+  the width `gpu_triton.decode_step` takes as is) and u with the kernel's Gp rows."""
   from pallas_kernels.block_sparse import gpu_triton
   b, hq = q.shape[0], q.shape[2]
   nb, hkv = kmin.shape[1], kmin.shape[2]
@@ -326,20 +328,16 @@ def _rank_select(q, kmin, kmax, mlo, mhi, spec, scale, rank, m):
   interpret = jax.default_backend() != "gpu"
   res = gpu_triton.block_bounds(
       q[:, 0], kmin, kmax, scale=scale, slack=_blocks.bound_slack(q.shape[-1]),
-      with_centre=rank == "centre", mid_range=jnp.stack([mlo, mhi], -1),
-      block_size=spec.block_size, superblock=x, interpret=interpret)
+      with_centre=rank == "centre", kv_lengths=kv_lengths, block_size=spec.block_size,
+      anchor=spec.anchor, window=spec.window, superblock=x, interpret=interpret)
   u, score, sbmax = res if rank == "centre" else (res[0], res[0], res[1])
-  best = jnp.max(sbmax, axis=-1)                                         # [B, K, Gp]
-  best = jnp.where(jnp.isneginf(best), 0.0, best)
   n_sb = nb // x
-  if n_sb > m:
-    r_sb = jnp.max((sbmax - best[..., None])[:, :, :g], axis=2)          # [B, K, nb/X]
-    sbids = jax.lax.top_k(r_sb, m)[1]
-  else:
-    sbids = jnp.broadcast_to(jnp.arange(n_sb, dtype=jnp.int32), (b, hkv, n_sb))
+  sbids, best = gpu_triton.superblock_select(sbmax, top=min(m, n_sb), heads=g,
+                                             interpret=interpret)
+  width = gpu_triton.next_pow2(m + 1)
   ids = gpu_triton.rank_select(sbids, score, best, top=m, superblock=x, heads=g,
-                               interpret=interpret)
-  return ids, u                                          # u: the kernel's Gp >= G rows
+                               width=width, interpret=interpret)
+  return ids, u
 
 
 def _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds):
@@ -352,11 +350,11 @@ def _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds):
   nb = kmin.shape[1]
   lo, hi = sel.visible_range(kv_lengths[:, None] - 1, kv_lengths, causal=True,
                              sliding_window=None)
-  n_mid, mlo, mhi = _blocks.middle_counts(lo, hi, spec, nb, nb * spec.block_size)
+  n_mid = _blocks.middle_counts(lo, hi, spec, nb, nb * spec.block_size)[0]
   m = min(spec.top_blocks, nb)
   if method == "rank" and bounds != "xla":
     try:
-      return _rank_select(q, kmin, kmax, mlo[:, 0], mhi[:, 0], spec, scale, rank, m)
+      return _rank_select(q, kv_lengths, kmin, kmax, spec, scale, rank, m)
     except NotImplementedError:
       pass
   if method == "rank":
@@ -388,7 +386,7 @@ def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="superblock"
   the shapes, "superblock"). The same ids in the same order by every method.
   rank=None: spec.block_rank."""
   ids, u = _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds)
-  return ids, u[:, :, :q.shape[2] // kmin.shape[2]]
+  return ids[..., :min(spec.top_blocks, kmin.shape[1])], u[:, :, :q.shape[2] // kmin.shape[2]]
 
 
 def decode_eps(ids, u, n_mid, lse):
@@ -424,18 +422,18 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None,
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
+  m = min(spec.top_blocks, u.shape[-1])     # ids may be wider (-1 padded, rank path)
   if kernel == "fused":
     from pallas_kernels.block_sparse import gpu_triton
     try:
       return gpu_triton.decode_step(
           q, k, v, ids, u, kv_lengths, block_size=spec.block_size, scale=scale,
-          anchor=min(spec.anchor, s_len), window=min(spec.window, s_len),
+          anchor=min(spec.anchor, s_len), window=min(spec.window, s_len), top=m,
           interpret=jax.default_backend() != "gpu")
     except NotImplementedError:
       pass
-  u = u[:, :, :g]
+  u, ids = u[:, :, :g], ids[..., :m]
   lo, hi, n_mid = _decode_ranges(kv_lengths, spec, u.shape[-1], s_len)
-  m = ids.shape[-1]
   ns = max(1, min(num_splits or m, m))
   bps = -(-m // ns)
   # split 0 gets no blocks: it reads only the anchor and window ranges, in parallel with
@@ -452,8 +450,8 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None,
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "method",
                                              "rank", "bounds", "return_blocks", "kernel"))
 def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None,
-                method="superblock", rank=None, bounds=None, return_blocks=False,
-                kernel="split"):
+                method="rank", rank=None, bounds=None, return_blocks=False,
+                kernel="fused"):
   """One decode step of selection="blocks" (the timed path).
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; kmin, kmax [B, nb, Hkv, D] precomputed summaries
@@ -461,8 +459,10 @@ def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None
   Reads the summaries once (`fast_bounds`), selects spec.top_blocks blocks per GQA group
   by `blocks.group_score` (exact top-M by `method`, the same blocks by every method;
   `rank`: see `decode_select`), attends them plus anchor and window (`decode_attend`
-  with `kernel`). method="rank", kernel="fused" is the leanest: four Pallas kernels and
-  one small top_k per step.
+  with `kernel`). The defaults method="rank", kernel="fused" are the leanest: five
+  Pallas kernels per step and nothing between them (bounds, superblock and block
+  ranking, attention with eps shares, merge); where a kernel does not take the shapes
+  (e.g. fewer than 16 blocks) the step falls back to "superblock" / "split".
   Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq] (from the
   unselected blocks' U_b); with return_blocks also the block ids [B, Hkv, M].
   """
@@ -472,6 +472,7 @@ def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None
   ids, u = _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds)
   out, lse, eps = decode_attend(q, k, v, ids, u, kv_lengths, spec=spec, scale=scale,
                                 num_splits=num_splits, kernel=kernel)
+  ids = ids[..., :min(spec.top_blocks, kmin.shape[1])]
   return (out, lse, eps, ids) if return_blocks else (out, lse, eps)
 
 

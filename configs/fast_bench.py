@@ -27,15 +27,16 @@ from configs import common
 K = 1024
 
 
-def _dec(s, b=1, p=64, m=64, method="superblock", inputs="topic", rank="bound",
-         kernel="split"):
+def _dec(s, b=1, p=64, m=64, method="rank", inputs="topic", rank="bound", kernel="fused"):
+  """A decode row; default the lean step (rank selection, fused kernels: 5 Pallas
+  kernels per step)."""
   return dict(op="decode", batch=b, kv_len=s * K, block_size=p, top_blocks=m,
               method=method, inputs=inputs, rank=rank, kernel=kernel)
 
 
-def _lean(s, **kw):
-  """The leanest decode step: rank selection + fused kernels (4 Pallas kernels + top_k)."""
-  return _dec(s, method="rank", kernel="fused", **kw)
+def _split(s, **kw):
+  """The first run's step: superblock top-M in XLA, split-K kernel, XLA merge and eps."""
+  return _dec(s, **{"method": "superblock", "kernel": "split", **kw})
 
 
 def _pre(s, p=64, m=16):
@@ -43,8 +44,9 @@ def _pre(s, p=64, m=16):
 
 
 _DECODE = [_dec(s, b) for b in (1, 8) for s in (8, 32, 128, 512, 1024)]
-_VARIANTS = [_dec(128, method="top_k"), _dec(1024, method="top_k"), _dec(128, p=128, m=32),
-             _dec(1024, p=128, m=32), _dec(128, m=16), _dec(1024, m=16)]
+_VARIANTS = [_split(128, method="top_k"), _split(1024, method="top_k"),
+             _dec(128, p=128, m=32), _dec(1024, p=128, m=32), _dec(128, m=16),
+             _dec(1024, m=16)]
 _GAUSS = [_dec(128, inputs="gaussian")]
 _PREFILL = [_pre(s) for s in (8, 32, 128)]
 _PREFILL_1M = [_pre(1024)]
@@ -57,12 +59,12 @@ _CASES = {
                 _dec(128, rank="centre"), _dec(1024, p=128, m=32, rank="centre"),
                 _PREFILL[2], _dec(128, b=8), _dec(1024, b=8), _dec(8), _dec(32),
                 _dec(512), _PREFILL[0], _PREFILL[1], _GAUSS[0], _VARIANTS[4],
-                _VARIANTS[5], _VARIANTS[0], _dec(8, b=8), _dec(32, b=8), _dec(512, b=8)],
-    # the lean decode step (rank selection, fused kernels) beside the split path
-    "fused": [_lean(128), _lean(1024), _lean(128, p=128, m=32), _lean(1024, p=128, m=32),
-              _lean(128, rank="centre"), _lean(1024, p=128, m=32, rank="centre"),
-              _lean(1024, b=8), _lean(128, b=8), _lean(8), _lean(32), _lean(512),
-              _dec(128), _dec(1024), _dec(128, p=128, m=32), _dec(1024, p=128, m=32)],
+                _VARIANTS[5], _split(128), _split(1024), _split(128, p=128, m=32),
+                _split(1024, p=128, m=32), _dec(8, b=8), _dec(32, b=8), _dec(512, b=8)],
+    # the lean decode step beside the split path of the first run
+    "fused": [_dec(128), _dec(1024), _dec(128, p=128, m=32), _dec(1024, p=128, m=32),
+              _split(128), _split(1024), _split(128, p=128, m=32),
+              _split(1024, p=128, m=32)],
     # causal prefill at 1M keys (cuDNN alone takes ~1 minute of the run)
     "long": _PREFILL_1M,
     "quick": [_dec(8), _dec(128), _dec(1024), _PREFILL[0]],

@@ -231,11 +231,11 @@ def run_decode(case, spec, cfg, ceilings, inputs="topic"):
   row = dict(op="decode", inputs=inputs, batch=b, kv_len=s_len, block_size=spec.block_size,
              top_blocks=spec.top_blocks, anchor=spec.anchor, window=spec.window,
              iterations=it, repeats=rep)
-  row["select_method"] = case.get("method", "top_k")
+  row["select_method"] = case.get("method", "rank")
   row["rank"] = case.get("rank", "bound")
   row["bounds"] = case.get("bounds")             # None: the Triton kernel on a GPU
   row["num_splits"] = case.get("num_splits")     # None: one block per program
-  row["kernel"] = case.get("kernel", "split")
+  row["kernel"] = case.get("kernel", "fused")
   row["unroll"] = bool(cfg.get("unroll", False))
   kw = dict(method=row["select_method"], rank=row["rank"], bounds=row["bounds"])
   if cfg.timing:
@@ -367,11 +367,15 @@ def _fmt_t(x):
 
 
 def _variant(r):
-  """Row label beyond P/M: the selection method, ranking, kernel and loop when they are
-  not the first run's defaults."""
-  parts = [r["select_method"]] if r.get("select_method") not in (None, "superblock") else []
+  """Row label beyond P/M: "lean" (rank selection + fused kernels, decode_step's default)
+  or "split" (XLA top-M + split-K kernel + XLA merge: the first run's step; rows of runs
+  before the kernel field existed), another method, centre ranking, unrolled loop."""
+  if r["op"] != "decode":
+    return ""
+  method, kern = r.get("select_method"), r.get("kernel", "split")
+  parts = ["lean" if (method, kern) == ("rank", "fused") else
+           "split" if (method, kern) == ("superblock", "split") else f"{method} {kern}"]
   parts += ["centre"] if r.get("rank") == "centre" else []
-  parts += ["fused"] if r.get("kernel") == "fused" else []
   parts += ["unrolled"] if r.get("unroll") else []
   return "".join(" " + p for p in parts)
 
@@ -434,7 +438,8 @@ def run(config, workdir):
 def profile_main(arg):
   """`profile decode KEYS_K P M [bound|centre [METHOD [split|fused]]]` or `profile prefill
   KEYS_K [P M]`: per-kernel device time of one step at the benchmark's shapes and inputs
-  (experiments.kernel_profile); METHOD: a `decode_select` method (default superblock)."""
+  (experiments.kernel_profile); METHOD: a `decode_select` method (default rank, kernel
+  fused: `decode_step`'s defaults)."""
   from configs import fast_bench as fast_bench_config
   usage = ("expected: profile decode KEYS_K P M [bound|centre [METHOD [split|fused]]]  or  "
            "profile prefill KEYS_K [P M]")
@@ -448,8 +453,8 @@ def profile_main(arg):
   scale = cfg.head_dim**-0.5
   if op == "decode":
     rank = arg[4] if len(arg) > 4 else "bound"
-    method = arg[5] if len(arg) > 5 else "superblock"
-    kern = arg[6] if len(arg) > 6 else "split"
+    method = arg[5] if len(arg) > 5 else "rank"
+    kern = arg[6] if len(arg) > 6 else "fused"
     q, k, v = make_inputs("topic", cfg.seed, 1, 1, s_len, cfg.q_heads, cfg.kv_heads,
                           cfg.head_dim, dict(cfg.data))
     lengths = jnp.full((1,), s_len, jnp.int32)

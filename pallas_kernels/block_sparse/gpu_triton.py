@@ -199,16 +199,16 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
   return o, lse
 
 
-def _step_kernel(lens_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, dl_ref, *,
+def _step_kernel(len_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, dl_ref, *,
                  scale, block_size, chunk, n_anchor_chunks, n_window_chunks, anchor,
-                 window, num_keys, eps_chunk, n_prog, with_eps, precision):
-  # One decode step of a (b, K/V head): program 0 attends the anchor and window, program
-  # s >= 1 the block ids[s - 1] (ids are padded with -1 to the n_prog programs); every
-  # program also sums its share of the certificate.
+                 window, num_keys, eps_chunk, n_prog, group, with_eps, precision):
+  # One decode step of a (b, K/V head): program s < NP - 1 attends the block ids[s], the
+  # last program the anchor and window (ids[NP - 1] is always -1); every program also
+  # sums its share of the certificate.
   # Inputs
-  # lens_ref [8]        int32 kv length of this batch row (entry 0)
+  # len_ref  []         int32 kv length of this batch row
   # ids_ref  [NP]       int32 selected block ids, -1 = none (NP = n_prog)
-  # q_ref    [Gp, D]    the group's queries (zero rows beyond G)
+  # q_ref    [Hq, D]    the decode queries of the batch row (the group's rows gathered)
   # k_ref    [Sp, D], v_ref [Sp, D]
   # u_ref    [Gp, nb]   float32 block bounds, -inf: no middle key
   # Outputs
@@ -216,12 +216,12 @@ def _step_kernel(lens_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, 
   # lse_ref  [Gp]       float32 its lse
   # dl_ref   [Gp]       float32 log sum over this program's share of the unselected
   #                     blocks of n_b exp(U_b) (-inf: none)
-  gp, d = q_ref.shape
+  gp, d = o_ref.shape
   nb = u_ref.shape[1]
   s = pl.program_id(2)
-  hi = lens_ref[0] - 1
+  hi = len_ref[...] - 1
   m_lo, m_hi = anchor, jnp.minimum(hi - window, num_keys - 1)
-  q = q_ref[...]
+  q = _group_rows(q_ref, group, gp)
   chunks = functools.partial(_range_chunks, q=q, k_ref=k_ref, v_ref=v_ref, chunk=chunk,
                              num_keys=num_keys, scale=scale, precision=precision)
 
@@ -229,10 +229,10 @@ def _step_kernel(lens_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, 
     carry = chunks(carry, lo=0, hi=jnp.minimum(anchor - 1, hi), n=n_anchor_chunks)
     return chunks(carry, lo=jnp.maximum(hi - window + 1, anchor), hi=hi, n=n_window_chunks)
 
-  blk = ids_ref[jnp.maximum(s - 1, 0)]
+  blk = ids_ref[s]
   read = lambda c: _block_read(c, q, k_ref, v_ref, blk, m_lo, m_hi, block_size, num_keys,
                                scale, precision)
-  carry = jax.lax.cond(s == 0, static_part,
+  carry = jax.lax.cond(s == n_prog - 1, static_part,
                        lambda c: jax.lax.cond(blk >= 0, read, lambda c: c, c),
                        _init(gp, d))
   o, lse = _finish(*carry)
@@ -299,19 +299,21 @@ def _step_finish_kernel(o_ref, lse_ref, dl_ref, out_ref, lse_out_ref, eps_ref):
 
 
 def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, window,
-                interpret=False, num_warps=4, num_stages=2, eps_chunk=128, finish="triton",
-                with_eps=True):
+                top=None, interpret=False, num_warps=4, num_stages=2, eps_chunk=128,
+                finish="triton", with_eps=True):
   """One fused decode step over selected blocks: two kernels, no XLA in between.
 
-  q [B, 1, Hq, D]; k, v [B, S, Hkv, D] (S = nb * P); ids [B, Hkv, M] int32 block ids
-  (-1 = none); u [B, Hkv, Gp or G, nb] float32 bounds (-inf where a block holds no
-  middle key; Gp rows as `block_bounds` returns them avoid a copy); kv_lengths [B].
-  The sets of `blocks_pallas.decode_attend` (causal decode: anchor 0..anchor-1, window
-  the last `window` keys, middle keys of the ids' blocks); the certificate from the
-  unselected blocks' bounds. finish="triton": the merge is a second kernel (one program
-  per query head); "xla": plain jnp. with_eps=False skips the certificate (profiling:
-  what eps costs; eps is then None). Returns out [B, 1, Hq, D] (q's dtype), lse [B, Hq]
-  and eps [B, Hq]."""
+  q [B, 1, Hq, D]; k, v [B, S, Hkv, D] (S = nb * P); ids [B, Hkv, W] int32 block ids
+  (-1 = none): the first `top` slots (default W) are the selection; W == next_pow2(top
+  + 1) with -1 beyond `top` (as `rank_select(width=...)` writes them) is used as is,
+  other widths are padded; u [B, Hkv, Gp or G, nb] float32 bounds (-inf where a block
+  holds no middle key; Gp rows as `block_bounds` returns them avoid a copy); kv_lengths
+  [B]. The sets of `blocks_pallas.decode_attend` (causal decode: anchor 0..anchor-1,
+  window the last `window` keys, middle keys of the ids' blocks); the certificate from
+  the unselected blocks' bounds. finish="triton": the merge is a second kernel (one
+  program per query head); "xla": plain jnp. with_eps=False skips the certificate
+  (profiling: what eps costs; eps is then None). Returns out [B, 1, Hq, D] (q's dtype),
+  lse [B, Hq] and eps [B, Hq]."""
   if finish not in ("triton", "xla"):
     raise ValueError(f"finish={finish!r}: expected 'triton' or 'xla'.")
   _check_supported(q, block_size, interpret)
@@ -321,33 +323,30 @@ def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, windo
   gp = max(16, next_pow2(g))
   p = block_size
   nb = u.shape[-1]
-  m = ids.shape[-1]
+  top = ids.shape[-1] if top is None else top
   if t != 1 or s_len != nb * p or nb % 16:
     raise NotImplementedError(f"T={t}, S={s_len}, nb={nb}: the fused decode step needs "
                               "one query, S = nb * P and nb divisible by 16.")
-  qg = q.reshape(b, hkv, g, d)
-  if gp != g:
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
   if u.shape[2] != gp:
     u = jnp.pad(u, ((0, 0), (0, 0), (0, gp - u.shape[2]), (0, 0)), constant_values=NEG_INF)
-  # programs: 0 = anchor + window, 1..M = the blocks, up to a power of two: empty (-1)
-  n_prog = next_pow2(m + 1)
-  ids = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, 0), (0, n_prog - m)),
-                constant_values=-1)
-  lens = jnp.pad(jnp.asarray(kv_lengths, jnp.int32).reshape(b, 1), ((0, 0), (0, 7)))
+  # programs: one per id slot, the last (always an empty slot) for anchor + window
+  n_prog = next_pow2(top + 1)
+  if ids.shape[-1] != n_prog:
+    ids = jnp.pad(ids[..., :top].astype(jnp.int32), ((0, 0), (0, 0), (0, n_prog - top)),
+                  constant_values=-1)
   chunk = max(16, min(64, next_pow2(max(anchor, window, 1))))
   kernel = functools.partial(
       _step_kernel, scale=float(scale), block_size=p, chunk=chunk,
       n_anchor_chunks=-(-anchor // chunk), n_window_chunks=-(-window // chunk),
-      anchor=anchor, window=window, num_keys=s_len,
+      anchor=anchor, window=window, num_keys=s_len, group=g,
       eps_chunk=min(eps_chunk, nb & -nb), n_prog=n_prog, with_eps=with_eps,
       precision=_precision(q.dtype))
   part = lambda *shape: jax.ShapeDtypeStruct((b, hkv, n_prog) + shape, jnp.float32)
   o, lse, dl = pl.pallas_call(
       kernel, grid=(b, hkv, n_prog),
-      in_specs=[pl.BlockSpec((None, 8), lambda b_, h, s: (b_, 0)),
+      in_specs=[pl.BlockSpec((None,), lambda b_, h, s: (b_,)),
                 pl.BlockSpec((None, None, n_prog), lambda b_, h, s: (b_, h, 0)),
-                pl.BlockSpec((None, None, gp, d), lambda b_, h, s: (b_, h, 0, 0)),
+                pl.BlockSpec((None, hq, d), lambda b_, h, s: (b_, 0, 0)),
                 pl.BlockSpec((None, s_len, None, d), lambda b_, h, s: (b_, 0, h, 0)),
                 pl.BlockSpec((None, s_len, None, d), lambda b_, h, s: (b_, 0, h, 0)),
                 pl.BlockSpec((None, None, gp, nb), lambda b_, h, s: (b_, h, 0, 0))],
@@ -357,7 +356,8 @@ def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, windo
       out_shape=(part(gp, d), part(gp), part(gp)), interpret=interpret,
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
-      name="condensate_decode_step")(lens, ids, qg, k, v, u.astype(jnp.float32))
+      name="condensate_decode_step")(jnp.asarray(kv_lengths, jnp.int32).reshape(b), ids,
+                                     q.reshape(b, hq, d), k, v, u.astype(jnp.float32))
   if finish == "xla":
     o, lse, dl = (x[:, :, :, :g] for x in (o, lse, dl))
     out, lse_out, eps = jax.vmap(jax.vmap(jax.vmap(_merge_row, (1, 1, 1)), (0, 0, 0)),
@@ -482,26 +482,35 @@ def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale
 # --------------------------------------------------------------------------- bounds
 
 
-def _bounds_kernel(q_ref, kmin_ref, kmax_ref, *refs, scale, slack, precision, block_size,
-                   with_centre, masked, superblock):
-  # q_ref      [Gp, D]   the group's decode queries (zero rows beyond G), unscaled
+def _group_rows(q_ref, g, gp):
+  """The K/V head's G query rows of q_ref [Hq, D] as a [Gp, D] tile, zero rows beyond G
+  (a gather: no padded copy of q in memory)."""
+  row = jnp.arange(gp, dtype=jnp.int32)
+  idx = jnp.where(row < g, pl.program_id(1) * g + row, 0)
+  return jnp.where((row < g)[:, None], q_ref[idx, :], 0).astype(q_ref.dtype)
+
+
+def _bounds_kernel(q_ref, kmin_ref, kmax_ref, *refs, scale, slack, precision, dtype,
+                   group, block_size, anchor, window, num_keys, with_centre, masked,
+                   superblock):
+  # q_ref      [Hq, D]   the decode queries of batch row b, unscaled
   # kmin_ref   [C, D]    min / max summaries of C consecutive blocks of one K/V head
   # kmax_ref   [C, D]
-  # mrange_ref [8]       (masked only) int32 middle range m_lo, m_hi (inclusive) of the row
+  # len_ref    []        (masked only) int32 kv length of the row
   # Outputs
   # u_ref      [Gp, C]   float32 upper bounds on scale * q.k over each block
   #                      (masked: -inf where the block holds no middle key)
   # c_ref      [Gp, C]   (with_centre) float32 scale * q.(min + max) / 2, the centre score
   # sbmax_ref  [Gp, C/X] (superblock X) max of the ranking score (c or u) per X blocks
-  mrange_ref = refs[0] if masked else None
+  len_ref = refs[0] if masked else None
   u_ref, *rest = refs[1:] if masked else refs
   c_ref = rest.pop(0) if with_centre else None
   sbmax_ref = rest.pop(0) if superblock else None
-  q = q_ref[...]
+  gp, c = u_ref.shape
+  q = _group_rows(q_ref, group, gp).astype(dtype)
   zero = jnp.zeros_like(q)
   qp, qn = jnp.maximum(q, zero), jnp.minimum(q, zero)        # exact in any dtype
-  mn, mx = kmin_ref[...], kmax_ref[...]
-  gp, c = q.shape[0], mn.shape[0]
+  mn, mx = kmin_ref[...].astype(dtype), kmax_ref[...].astype(dtype)
 
   def dot(a, b):
     return jnp.dot(a, b.T, preferred_element_type=jnp.float32, precision=precision)
@@ -515,9 +524,10 @@ def _bounds_kernel(q_ref, kmin_ref, kmax_ref, *refs, scale, slack, precision, bl
   if with_centre:
     # q.(mn + mx) / 2 from the same four products: q+.mx + q-.mn + q+.mn + q-.mx
     cen = (0.5 * scale) * (up + un + dot(qp, mn) + dot(qn, mx))
-  if masked:
+  if masked:   # middle keys of the decode query at len - 1: anchor .. len - 1 - window
     start = (pl.program_id(2) * c + jnp.arange(c, dtype=jnp.int32)) * block_size
-    has = (start <= mrange_ref[1]) & (start + block_size - 1 >= mrange_ref[0])
+    m_hi = jnp.minimum(len_ref[...] - 1 - window, num_keys - 1)
+    has = (start <= m_hi) & (start + block_size - 1 >= anchor)
     u = jnp.where(has[None, :], u, NEG_INF)
     if with_centre:
       cen = jnp.where(has[None, :], cen, NEG_INF)
@@ -529,19 +539,21 @@ def _bounds_kernel(q_ref, kmin_ref, kmax_ref, *refs, scale, slack, precision, bl
     sbmax_ref[...] = jnp.max(score.reshape(gp, c // superblock, superblock), axis=2)
 
 
-def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, mid_range=None,
-                 block_size=None, superblock=None, chunk=128, interpret=False, num_warps=4, num_stages=1):
+def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, kv_lengths=None,
+                 block_size=None, anchor=0, window=0, superblock=None, chunk=128,
+                 interpret=False, num_warps=4, num_stages=1):
   """U [B, K, Gp, nb] float32 for decode queries q [B, Hq, D] against min/max summaries
   [B, nb, K, D] (rows beyond G are padding): the box bound as tensor-core matmuls
   (q+ . max + q- . min) plus `slack` times sum_d |q_d| |picked end|, all times `scale`;
   with_centre also returns scale * q.(min + max) / 2 (a ranking score, not a bound).
-  The summaries are read once, in their cache layout. nb must be divisible by 16
-  (`chunk` shrinks to fit).
+  The summaries are read once, in their cache layout; q's rows are gathered in the
+  kernel. nb must be divisible by 16 (`chunk` shrinks to fit).
 
-  mid_range [B, 2] int32 (m_lo, m_hi inclusive key positions; needs the key block_size):
-  blocks holding no middle key of the row get -inf (u and centre); without it empty blocks (min > max) give values that
-  callers mask. superblock X (a power of two dividing nb): also returns the max of the
-  ranking score (the centre with with_centre, else u) over each run of X blocks,
+  kv_lengths [B] (with the key block_size, anchor and window): blocks holding no middle
+  key of the decode query at position kv_lengths - 1 (keys anchor .. len - 1 - window)
+  get -inf, u and centre; without it empty blocks (min > max) give values that callers
+  mask. superblock X (a power of two dividing nb): also returns the max of the ranking
+  score (the centre with with_centre, else u) over each run of X blocks,
   [B, K, Gp, nb / X]. Returns u, or the tuple (u, [centre], [superblock max])."""
   _check_backend(interpret)
   b, hq, d = q.shape
@@ -558,23 +570,22 @@ def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, mid_range=No
       raise NotImplementedError(f"superblock={superblock}: expected a power of two "
                                 f"dividing num_blocks={nb}.")
     c = max(c, x)
-  dt = jnp.promote_types(q.dtype, kmin.dtype)    # never round q or the summaries
-  qg = q.reshape(b, hkv, g, d).astype(dt)
-  if gp != g:
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-  masked = mid_range is not None
+  masked = kv_lengths is not None
   if masked and not block_size:
-    raise ValueError("block_bounds: mid_range needs block_size (keys per block).")
-  kernel = functools.partial(_bounds_kernel, scale=float(scale), slack=float(slack),
-                             precision=_precision(dt), block_size=block_size, with_centre=with_centre,
-                             masked=masked, superblock=superblock)
-  in_specs = [pl.BlockSpec((None, None, gp, d), lambda b_, h, i: (b_, h, 0, 0)),
+    raise ValueError("block_bounds: kv_lengths needs block_size (keys per block).")
+  dt = jnp.promote_types(q.dtype, kmin.dtype)    # never round q or the summaries
+  kernel = functools.partial(
+      _bounds_kernel, scale=float(scale), slack=float(slack), precision=_precision(dt),
+      dtype=dt, group=g, block_size=block_size, anchor=anchor, window=window,
+      num_keys=nb * (block_size or 1), with_centre=with_centre, masked=masked,
+      superblock=superblock)
+  in_specs = [pl.BlockSpec((None, hq, d), lambda b_, h, i: (b_, 0, 0)),
               pl.BlockSpec((None, c, None, d), lambda b_, h, i: (b_, i, h, 0)),
               pl.BlockSpec((None, c, None, d), lambda b_, h, i: (b_, i, h, 0))]
-  args = [qg, kmin.astype(dt), kmax.astype(dt)]
+  args = [q, kmin, kmax]
   if masked:
-    in_specs.append(pl.BlockSpec((None, 8), lambda b_, h, i: (b_, 0)))
-    args.append(jnp.pad(jnp.asarray(mid_range, jnp.int32).reshape(b, 2), ((0, 0), (0, 6))))
+    in_specs.append(pl.BlockSpec((None,), lambda b_, h, i: (b_,)))
+    args.append(jnp.asarray(kv_lengths, jnp.int32).reshape(b))
   out = pl.BlockSpec((None, None, gp, c), lambda b_, h, i: (b_, h, 0, i))
   shape = jax.ShapeDtypeStruct((b, hkv, gp, nb), jnp.float32)
   out_specs, out_shape = [out], [shape]
@@ -585,7 +596,7 @@ def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, mid_range=No
     out_specs.append(pl.BlockSpec((None, None, gp, c // superblock),
                                   lambda b_, h, i: (b_, h, 0, i)))
     out_shape.append(jax.ShapeDtypeStruct((b, hkv, gp, nb // superblock), jnp.float32))
-  res = pl.pallas_call(
+  return pl.pallas_call(
       kernel, grid=(b, hkv, nb // c), in_specs=in_specs,
       out_specs=tuple(out_specs) if len(out_specs) > 1 else out,
       out_shape=tuple(out_shape) if len(out_shape) > 1 else shape,
@@ -593,10 +604,79 @@ def block_bounds(q, kmin, kmax, *, scale, slack, with_centre=False, mid_range=No
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
       name="condensate_block_bounds")(*args)
-  return res
 
 
 # --------------------------------------------------------------------------- select
+
+
+def _ranks(r_own, i_own, r_all, i_all, ok_all):
+  """Rank of each own entry among all entries in lax.top_k's order (value descending,
+  ties to the lower index): the count of valid entries before it. Distinct ranks."""
+  before = ok_all[None, :] & ((r_all[None, :] > r_own[:, None]) | (
+      (r_all[None, :] == r_own[:, None]) & (i_all[None, :] < i_own[:, None])))
+  return jnp.sum(before.astype(jnp.int32), axis=1)
+
+
+def _fill_tail(ref, top):
+  """Program 0 writes -1 to slots top .. of a 1-D int32 output ref."""
+  w = ref.shape[0]
+  if w > top:
+    slot = jnp.arange(w, dtype=jnp.int32)
+    plgpu_triton.store(ref.at[slot], jnp.full((w,), -1, jnp.int32),
+                       mask=(slot >= top) & (pl.program_id(2) == 0))
+
+
+def _superblock_kernel(sbmax_ref, sbids_ref, best_ref, *, per_program, top, heads):
+  # Inputs
+  # sbmax_ref [Gp, nsb]  float32 per-head max ranking score of each superblock
+  # Outputs
+  # sbids_ref [Mp]       int32 slot r <- the superblock of rank r (r < top), then -1
+  # best_ref  [Gp]       float32 each head's best score, 0 where it has none (every
+  #                      program writes the same values)
+  gp, nsb = sbmax_ref.shape
+  row = jnp.arange(gp, dtype=jnp.int32)
+  x = sbmax_ref[...]
+  best = jnp.max(x, axis=1)
+  best = jnp.where(best == NEG_INF, 0.0, best)
+  # blocks.group_score of a superblock max: max over heads of (max - best)
+  r_all = jnp.max(jnp.where((row < heads)[:, None], x - best[:, None], NEG_INF), axis=0)
+  i_all = jnp.arange(nsb, dtype=jnp.int32)
+  own = pl.program_id(2) * per_program + jnp.arange(per_program, dtype=jnp.int32)
+  x_own = sbmax_ref[:, pl.ds(pl.multiple_of(pl.program_id(2) * per_program, per_program),
+                             per_program)]
+  r_own = jnp.max(jnp.where((row < heads)[:, None], x_own - best[:, None], NEG_INF), axis=0)
+  rank = _ranks(r_own, own, r_all, i_all, i_all >= 0)
+  plgpu_triton.store(sbids_ref.at[rank], own, mask=rank < top)
+  _fill_tail(sbids_ref, top)
+  best_ref[...] = best
+
+
+def superblock_select(sbmax, *, top, heads, per_program=64, interpret=False, num_warps=4):
+  """The `top` superblocks per (batch, K/V head) by group score (max over the first
+  `heads` rows of sbmax - each head's best), as `lax.top_k` would pick them, without a
+  sort: each program ranks `per_program` superblocks against all of them.
+  sbmax [B, K, Gp, nsb] float32 (nsb a power of two). Returns (sbids [B, K, Mp]: the top
+  superblocks in rank order, then -1 up to Mp = next_pow2(top) (`rank_select` takes it
+  as is); best [B, K, Gp]: each head's max over all superblocks, 0 where -inf)."""
+  _check_backend(interpret)
+  b, hkv, gp, nsb = sbmax.shape
+  if nsb & (nsb - 1) or nsb < top:
+    raise NotImplementedError(f"{nsb} superblocks, top={top}: expected a power of two "
+                              "and at least `top`.")
+  per = min(per_program, nsb)
+  mp = next_pow2(top)
+  kernel = functools.partial(_superblock_kernel, per_program=per, top=top, heads=heads)
+  sbids, best = pl.pallas_call(
+      kernel, grid=(b, hkv, nsb // per),
+      in_specs=[pl.BlockSpec((None, None, gp, nsb), lambda b_, h, j: (b_, h, 0, 0))],
+      out_specs=(pl.BlockSpec((None, None, mp), lambda b_, h, j: (b_, h, 0)),
+                 pl.BlockSpec((None, None, gp), lambda b_, h, j: (b_, h, 0))),
+      out_shape=(jax.ShapeDtypeStruct((b, hkv, mp), jnp.int32),
+                 jax.ShapeDtypeStruct((b, hkv, gp), jnp.float32)),
+      interpret=interpret,
+      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1),
+      name="condensate_superblock_select")(sbmax.astype(jnp.float32))
+  return sbids, best
 
 
 def _rank_kernel(sbids_ref, score_ref, best_ref, ids_ref, *, superblock, top, heads):
@@ -605,12 +685,12 @@ def _rank_kernel(sbids_ref, score_ref, best_ref, ids_ref, *, superblock, top, he
   # score_ref [Gp, nb]  float32 ranking scores (-inf: no middle key)
   # best_ref  [Gp]      float32 each head's best score (0 where it has none)
   # Outputs
-  # ids_ref   [Mp]      int32 slot r <- the block of rank r (r < top); -1: -inf score
+  # ids_ref   [W]       int32 slot r <- the block of rank r (r < top); -1: -inf score;
+  #                     slots top .. W - 1: -1 (written by program 0)
   x = superblock
   n = sbids_ref.shape[0] * x
   i = jnp.arange(n, dtype=jnp.int32)
   c_sb = sbids_ref[i // x]                       # gather: candidate superblock per entry
-  c_ok = c_sb >= 0
   c_idx = jnp.maximum(c_sb, 0) * x + i % x
   own_sb = sbids_ref[pl.program_id(2)]
   own_idx = jnp.maximum(own_sb, 0) * x + jnp.arange(x, dtype=jnp.int32)
@@ -621,17 +701,15 @@ def _rank_kernel(sbids_ref, score_ref, best_ref, ids_ref, *, superblock, top, he
       r = jnp.maximum(r, score_ref[h, idx] - best_ref[h])
     return r
 
-  r_c, r_o = group_score(c_idx), group_score(own_idx)
-  # rank = entries before this one in lax.top_k's order (value descending, ties to the
-  # lower index); candidate ranks are distinct, so slots 0..top-1 are written once each
-  before = c_ok[None, :] & ((r_c[None, :] > r_o[:, None]) | (
-      (r_c[None, :] == r_o[:, None]) & (c_idx[None, :] < own_idx[:, None])))
-  rank = jnp.sum(before.astype(jnp.int32), axis=1)
+  r_o = group_score(own_idx)
+  # candidate ranks are distinct, so slots 0..top-1 are written once each
+  rank = _ranks(r_o, own_idx, group_score(c_idx), c_idx, c_sb >= 0)
   val = jnp.where(r_o == NEG_INF, -1, own_idx)
   plgpu_triton.store(ids_ref.at[rank], val, mask=(rank < top) & (own_sb >= 0))
+  _fill_tail(ids_ref, top)
 
 
-def rank_select(sbids, score, best, *, top, superblock, heads, interpret=False,
+def rank_select(sbids, score, best, *, top, superblock, heads, width=None, interpret=False,
                 num_warps=4):
   """Top-`top` blocks per (batch, K/V head) from candidate superblocks, as `lax.top_k`
   orders them (group score descending, ties to the lower block id), without a sort.
@@ -643,16 +721,18 @@ def rank_select(sbids, score, best, *, top, superblock, heads, interpret=False,
   >= `heads` are ignored. The group score of a block is max_h (score - best) as in
   `blocks.group_score`. One program per candidate superblock ranks its blocks against
   every candidate (comparisons, no sort) and writes block ids to their rank's slot.
-  Returns ids [B, K, top] int32 (-1 where the score is -inf)."""
+  Returns ids [B, K, width] int32 (width >= top, a power of two; default top): the top
+  blocks in rank order (-1 where the score is -inf), then -1."""
   _check_backend(interpret)
   b, hkv, n_c = sbids.shape
   gp, nb = score.shape[2], score.shape[3]
   x = int(superblock)
-  if x < 1 or x & (x - 1) or nb % x or n_c * x < top:
-    raise NotImplementedError(f"superblock={superblock}, {n_c} candidates, top={top}: "
-                              "expected a power of two dividing num_blocks and at least "
-                              "`top` candidate blocks.")
-  cp, mp = next_pow2(n_c), next_pow2(top)
+  width = top if width is None else width
+  if x < 1 or x & (x - 1) or nb % x or n_c * x < top or width < top:
+    raise NotImplementedError(f"superblock={superblock}, {n_c} candidates, top={top}, "
+                              f"width={width}: expected a power of two dividing "
+                              "num_blocks, at least `top` candidate blocks, width >= top.")
+  cp, wp = next_pow2(n_c), next_pow2(width)
   sbids = jnp.pad(sbids.astype(jnp.int32), ((0, 0), (0, 0), (0, cp - n_c)),
                   constant_values=-1)
   kernel = functools.partial(_rank_kernel, superblock=x, top=top, heads=heads)
@@ -661,10 +741,10 @@ def rank_select(sbids, score, best, *, top, superblock, heads, interpret=False,
       in_specs=[pl.BlockSpec((None, None, cp), lambda b_, h, j: (b_, h, 0)),
                 pl.BlockSpec((None, None, gp, nb), lambda b_, h, j: (b_, h, 0, 0)),
                 pl.BlockSpec((None, None, gp), lambda b_, h, j: (b_, h, 0))],
-      out_specs=pl.BlockSpec((None, None, mp), lambda b_, h, j: (b_, h, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, hkv, mp), jnp.int32),
+      out_specs=pl.BlockSpec((None, None, wp), lambda b_, h, j: (b_, h, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, hkv, wp), jnp.int32),
       interpret=interpret,
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1),
       name="condensate_rank_select")(sbids, score.astype(jnp.float32),
                                      best.astype(jnp.float32))
-  return ids[..., :top]
+  return ids[..., :width] if wp != width else ids

@@ -189,9 +189,25 @@ def test_rank_select_equals_top_k(g, nb, m, x, high):
   sbids = jax.lax.top_k(r_sb, min(m, nb // x))[1]
   if nb // x <= m:
     sbids = jnp.broadcast_to(jnp.arange(nb // x), (b, hkv, nb // x))
+  interpret = jax.default_backend() != "gpu"
   got = gpu_triton.rank_select(sbids, score, best, top=m, superblock=x, heads=g,
-                               interpret=jax.default_backend() != "gpu")
+                               interpret=interpret)
   np.testing.assert_array_equal(np.asarray(got), want)
+  # the superblock stage as a kernel: the same superblocks as lax.top_k (as a set: ranks
+  # order them like top_k, padded with -1) and the same best
+  if nb // x > m:
+    sb_max = jnp.max(score.reshape(b, hkv, gp, nb // x, x), -1)
+    sb_k, best_k = gpu_triton.superblock_select(sb_max, top=m, heads=g, per_program=4,
+                                                interpret=interpret)
+    sb_k = np.asarray(sb_k)
+    np.testing.assert_array_equal(sb_k[..., :m], np.asarray(sbids))
+    assert np.all(sb_k[..., m:] == -1)
+    np.testing.assert_array_equal(np.asarray(best_k), np.asarray(best))
+    # wide output: -1 beyond the top m
+    got_w = gpu_triton.rank_select(sb_k, score, best_k, top=m, superblock=x, heads=g,
+                                   width=gpu_triton.next_pow2(m + 1), interpret=interpret)
+    np.testing.assert_array_equal(np.asarray(got_w)[..., :m], want)
+    assert np.all(np.asarray(got_w)[..., m:] == -1)
 
 
 @pytest.mark.parametrize("rank", ["bound", "centre"])
