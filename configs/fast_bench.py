@@ -64,7 +64,7 @@ _CASES = {
     # the lean decode step beside the split path of the first run
     "fused": [_dec(128), _dec(1024), _dec(128, p=128, m=32), _dec(1024, p=128, m=32),
               _split(128), _split(1024), _split(128, p=128, m=32),
-              _split(1024, p=128, m=32)],
+              _split(1024, p=128, m=32), _dec(128, b=8)],
     # causal prefill at 1M keys (cuDNN alone takes ~1 minute of the run)
     "long": _PREFILL_1M,
     "quick": [_dec(8), _dec(128), _dec(1024), _PREFILL[0]],

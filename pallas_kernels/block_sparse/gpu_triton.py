@@ -201,10 +201,11 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
 
 def _step_kernel(len_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, dl_ref, *,
                  scale, block_size, chunk, n_anchor_chunks, n_window_chunks, anchor,
-                 window, num_keys, eps_chunk, n_prog, group, with_eps, precision):
-  # One decode step of a (b, K/V head): program s < NP - 1 attends the block ids[s], the
-  # last program the anchor and window (ids[NP - 1] is always -1); every program also
-  # sums its share of the certificate.
+                 window, num_keys, eps_chunk, n_prog, top, group, with_eps, precision):
+  # One decode step of a (b, K/V head): program 0 attends the anchor and window (first:
+  # it is the longest), program s in 1..top the block ids[s - 1]; the programs beyond top
+  # (there are NP - 1 - top, NP a power of two) sum the certificate in shares (all
+  # programs do where there are none).
   # Inputs
   # len_ref  []         int32 kv length of this batch row
   # ids_ref  [NP]       int32 selected block ids, -1 = none (NP = n_prog)
@@ -229,29 +230,33 @@ def _step_kernel(len_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, d
     carry = chunks(carry, lo=0, hi=jnp.minimum(anchor - 1, hi), n=n_anchor_chunks)
     return chunks(carry, lo=jnp.maximum(hi - window + 1, anchor), hi=hi, n=n_window_chunks)
 
-  blk = ids_ref[s]
+  blk = ids_ref[jnp.maximum(s - 1, 0)]
   read = lambda c: _block_read(c, q, k_ref, v_ref, blk, m_lo, m_hi, block_size, num_keys,
                                scale, precision)
-  carry = jax.lax.cond(s == n_prog - 1, static_part,
+  carry = jax.lax.cond(s == 0, static_part,
                        lambda c: jax.lax.cond(blk >= 0, read, lambda c: c, c),
                        _init(gp, d))
   o, lse = _finish(*carry)
   o_ref[...] = o
   lse_ref[...] = lse
 
-  # certificate share: chunks s, s + n_prog, ... of eps_chunk blocks
+  # certificate share: chunks e, e + n_eps, ... of eps_chunk blocks, where e is this
+  # program's place among the n_eps programs that sum it
   ids = ids_ref[...]
+  first = top + 1 if n_prog > top + 1 else 0
+  n_eps = n_prog - first
+  e = s - first
 
   def eps_part(i, ml):
     m, l = ml
-    c = s + i * n_prog
+    c = e + i * n_eps
     j = c * eps_chunk + jnp.arange(eps_chunk, dtype=jnp.int32)
     chosen = jnp.max(((ids[None, :] == j[:, None]) & (ids[None, :] >= 0)).astype(
         jnp.int32), axis=1) > 0
     start = j * block_size
     n = jnp.minimum(m_hi, start + block_size - 1) - jnp.maximum(m_lo, start) + 1
-    drop = chosen | (n <= 0) | (j >= nb)
-    uu = u_ref[:, pl.ds(pl.multiple_of(jnp.minimum(c, nb // eps_chunk - 1) * eps_chunk,
+    drop = chosen | (n <= 0) | (j >= nb) | (e < 0)
+    uu = u_ref[:, pl.ds(pl.multiple_of(jnp.clip(c, 0, nb // eps_chunk - 1) * eps_chunk,
                                        eps_chunk), eps_chunk)]
     t = jnp.where(drop[None, :], NEG_INF,
                   uu + jnp.log(jnp.maximum(n, 1).astype(jnp.float32))[None, :])
@@ -261,9 +266,10 @@ def _step_kernel(len_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, d
     return m_new, l
 
   n_chunks = nb // eps_chunk if with_eps else 0
-  m, l = jax.lax.fori_loop(0, -(-n_chunks // n_prog) if n_chunks else 0, eps_part,
-                           (jnp.full((gp,), NEG_INF, jnp.float32),
-                            jnp.zeros((gp,), jnp.float32)))
+  init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32))
+  m, l = jax.lax.cond(
+      e >= 0, lambda ml: jax.lax.fori_loop(0, -(-n_chunks // n_eps), eps_part, ml),
+      lambda ml: ml, init) if n_chunks else init
   dl_ref[...] = jnp.where(l > 0, jnp.where(m == NEG_INF, 0.0, m) + jnp.log(
       jnp.where(l > 0, l, 1.0)), NEG_INF)
 
@@ -329,7 +335,7 @@ def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, windo
                               "one query, S = nb * P and nb divisible by 16.")
   if u.shape[2] != gp:
     u = jnp.pad(u, ((0, 0), (0, 0), (0, gp - u.shape[2]), (0, 0)), constant_values=NEG_INF)
-  # programs: one per id slot, the last (always an empty slot) for anchor + window
+  # programs: anchor + window, one per selected slot, then (up to a power of two) eps
   n_prog = next_pow2(top + 1)
   if ids.shape[-1] != n_prog:
     ids = jnp.pad(ids[..., :top].astype(jnp.int32), ((0, 0), (0, 0), (0, n_prog - top)),
@@ -339,7 +345,7 @@ def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, windo
       _step_kernel, scale=float(scale), block_size=p, chunk=chunk,
       n_anchor_chunks=-(-anchor // chunk), n_window_chunks=-(-window // chunk),
       anchor=anchor, window=window, num_keys=s_len, group=g,
-      eps_chunk=min(eps_chunk, nb & -nb), n_prog=n_prog, with_eps=with_eps,
+      eps_chunk=min(eps_chunk, nb & -nb), n_prog=n_prog, top=top, with_eps=with_eps,
       precision=_precision(q.dtype))
   part = lambda *shape: jax.ShapeDtypeStruct((b, hkv, n_prog) + shape, jnp.float32)
   o, lse, dl = pl.pallas_call(

@@ -108,18 +108,20 @@ def test_pallas_blocks_matches_xla_spec(mode, kw):
   assert np.all(stats.keys_scored <= stats.visible)
 
 
-@pytest.mark.parametrize("s,num_splits,method,rank,kernel", [
-    (128, 2, "top_k", "bound", "split"), (128, None, "superblock", "bound", "split"),
-    (128, None, "superblock", "centre", "split"),
-    # the rank selection and the fused step need >= 16 blocks (nb = 32 here)
-    (512, None, "rank", "bound", "fused"), (512, None, "rank", "centre", "fused"),
-    (512, 2, "rank", "bound", "split"), (512, None, "top_k", "centre", "fused")])
-def test_decode_step_matches_xla_spec(s, num_splits, method, rank, kernel):
+@pytest.mark.parametrize("s,num_splits,method,rank,kernel,m", [
+    (128, 2, "top_k", "bound", "split", 3), (128, None, "superblock", "bound", "split", 3),
+    (128, None, "superblock", "centre", "split", 3),
+    # the rank selection and the fused step need >= 16 blocks (nb = 32 here); m = 3: every
+    # program of the fused step sums eps shares, m = 5: only the two beyond the blocks
+    (512, None, "rank", "bound", "fused", 3), (512, None, "rank", "centre", "fused", 5),
+    (512, 2, "rank", "bound", "split", 3), (512, None, "top_k", "centre", "fused", 3),
+    (512, None, "rank", "bound", "fused", 5)])
+def test_decode_step_matches_xla_spec(s, num_splits, method, rank, kernel, m):
   b, hq, hkv, d, p = 2, 4, 2, 32, 16
   q, k, v = _qkv(5, b, 1, s, hq, hkv, d, gain=2.0)
   lengths = jnp.array([s, s // 2 + 13])
   spec = cj.CondensateSpec(anchor=4, window=16, selection="blocks", block_size=p,
-                           top_blocks=3, block_rank=rank)
+                           top_blocks=m, block_rank=rank)
   summ = blocks.build_summaries(k, p, lengths)
   out, lse, eps = blocks_pallas.decode_step(q, k, v, summ.kmin, summ.kmax, lengths,
                                             spec=spec, scale=d**-0.5,
