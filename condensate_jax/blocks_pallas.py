@@ -310,6 +310,13 @@ def _decode_ranges(kv_lengths, spec, nb, s_len):
 SELECT_METHODS = TOP_M_METHODS + ("rank",)
 
 
+def _interpret_triton():
+  """The lean step's Triton kernels: compiled on a GPU, interpreted on a CPU (tests);
+  elsewhere (TPU) they raise NotImplementedError and the step falls back to the
+  superblock top-M and the split path (whose kernel has a Mosaic TPU version)."""
+  return jax.default_backend() == "cpu"
+
+
 def _rank_select(q, kv_lengths, kmin, kmax, spec, scale, rank, m):
   """decode_select by method="rank": three Pallas kernels, no sort and no XLA between
   them. The bounds kernel masks blocks without middle keys and emits the max of the
@@ -325,7 +332,7 @@ def _rank_select(q, kv_lengths, kmin, kmax, spec, scale, rank, m):
   nb, hkv = kmin.shape[1], kmin.shape[2]
   g = hq // hkv
   x = min(superblock_size(nb, m), nb & -nb)
-  interpret = jax.default_backend() != "gpu"
+  interpret = _interpret_triton()
   res = gpu_triton.block_bounds(
       q[:, 0], kmin, kmax, scale=scale, slack=_blocks.bound_slack(q.shape[-1]),
       with_centre=rank == "centre", kv_lengths=kv_lengths, block_size=spec.block_size,
@@ -429,7 +436,7 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None,
       return gpu_triton.decode_step(
           q, k, v, ids, u, kv_lengths, block_size=spec.block_size, scale=scale,
           anchor=min(spec.anchor, s_len), window=min(spec.window, s_len), top=m,
-          interpret=jax.default_backend() != "gpu")
+          interpret=_interpret_triton())
     except NotImplementedError:
       pass
   u, ids = u[:, :, :g], ids[..., :m]
