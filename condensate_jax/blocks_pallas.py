@@ -328,7 +328,7 @@ def _rank_select(q, kv_lengths, kmin, kmax, spec, scale, rank, m):
   superblock argument of `top_m`). Returns ids [B, K, next_pow2(M + 1)] (-1 beyond M,
   the width `gpu_triton.decode_step` takes as is) and u with the kernel's Gp rows."""
   from pallas_kernels.block_sparse import gpu_triton
-  b, hq = q.shape[0], q.shape[2]
+  hq = q.shape[2]
   nb, hkv = kmin.shape[1], kmin.shape[2]
   g = hq // hkv
   x = min(superblock_size(nb, m), nb & -nb)

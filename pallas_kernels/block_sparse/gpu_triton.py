@@ -405,8 +405,7 @@ def _prefill_kernel(kblocks_ref, kflags_ref, q_ref, k_ref, v_ref, o_ref, lse_ref
   p, d = q_ref.shape
   q = q_ref[...]
   qpos = q_offset + pl.program_id(2) * block_size + jnp.arange(p, dtype=jnp.int32)
-  carry = (jnp.full((p,), NEG_INF, jnp.float32), jnp.zeros((p,), jnp.float32),
-           jnp.zeros((p, d), jnp.float32))
+  carry = _init(p, d)
 
   def read(carry, blk, flag):
     start = pl.multiple_of(jnp.maximum(blk, 0) * block_size, block_size)
