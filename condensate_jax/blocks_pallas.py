@@ -389,8 +389,11 @@ def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="superblock"
   loose boxes, see BENCHMARKS.md); eps still comes from the bounds u either way.
   bounds: see `fast_bounds` (the centre score comes from the same summary read).
   method: a `top_m` method over the group scores, or "rank": the Pallas rank selection
-  (`_rank_select`; Triton kernels, interpreted off GPU; where its kernels do not take
-  the shapes, "superblock"). The same ids in the same order by every method.
+  (`_rank_select`; Triton kernels, interpreted on a CPU; where its kernels do not take
+  the shapes, "superblock"). Every method picks the same ids in the same order from the
+  same bounds: on a GPU all use the bounds kernel; on a CPU "rank" interprets it while
+  the others (bounds=None) evaluate the bound in XLA, which can differ by an ulp in
+  float32 and so break a near-tie the other way (bounds="triton" makes them agree).
   rank=None: spec.block_rank."""
   ids, u = _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds)
   return ids[..., :min(spec.top_blocks, kmin.shape[1])], u[:, :, :q.shape[2] // kmin.shape[2]]

@@ -532,7 +532,8 @@ def _bounds_kernel(q_ref, kmin_ref, kmax_ref, *refs, scale, slack, precision, dt
   if masked:   # middle keys of the decode query at len - 1: anchor .. len - 1 - window
     start = (pl.program_id(2) * c + jnp.arange(c, dtype=jnp.int32)) * block_size
     m_hi = jnp.minimum(len_ref[...] - 1 - window, num_keys - 1)
-    has = (start <= m_hi) & (start + block_size - 1 >= anchor)
+    # blocks.middle_counts > 0 (also right when no key is middle: m_hi < anchor)
+    has = jnp.minimum(start + block_size - 1, m_hi) >= jnp.maximum(start, anchor)
     u = jnp.where(has[None, :], u, NEG_INF)
     if with_centre:
       cen = jnp.where(has[None, :], cen, NEG_INF)

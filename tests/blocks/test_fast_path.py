@@ -210,23 +210,35 @@ def test_rank_select_equals_top_k(g, nb, m, x, high):
     assert np.all(np.asarray(got_w)[..., m:] == -1)
 
 
-@pytest.mark.parametrize("rank", ["bound", "centre"])
-def test_decode_select_rank_method_same_ids(rank):
-  # integer-valued q and k (exact scores, many tied bounds), ragged lengths, one row
-  # short enough that fewer than M blocks hold middle keys
+@pytest.mark.parametrize("rank,data", [("bound", "int"), ("centre", "int"),
+                                       ("bound", "float"), ("centre", "float")])
+def test_decode_select_rank_method_same_ids(rank, data):
+  # int: integer-valued q and k (exact scores, many tied bounds); float: float32 normal
+  # values, the reference reading the same kernel bounds (bounds="triton"). Ragged
+  # lengths: one row short enough that fewer than M blocks hold middle keys, one where no
+  # key is a middle key at all (length < anchor + window + 1, with the anchor and the
+  # window's first key in one block)
   rng = np.random.default_rng(7)
-  b, s, hq, hkv, d, p, m = 3, 1024, 8, 2, 16, 16, 12
-  q = jnp.asarray(rng.integers(-1, 2, (b, 1, hq, d)), jnp.float32)
-  k = jnp.asarray(rng.integers(-1, 2, (b, s, hkv, d)), jnp.float32)
-  lengths = jnp.array([s, 700, 150])
-  spec = cj.CondensateSpec(anchor=16, window=32, selection="blocks", block_size=p,
+  b, s, hq, hkv, d, p, m = 4, 1024, 8, 2, 16, 16, 12
+  if data == "int":
+    q = jnp.asarray(rng.integers(-1, 2, (b, 1, hq, d)), jnp.float32)
+    k = jnp.asarray(rng.integers(-1, 2, (b, s, hkv, d)), jnp.float32)
+  else:
+    q = jnp.asarray(rng.standard_normal((b, 1, hq, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.float32)
+  lengths = jnp.array([s, 700, 150, 14])
+  spec = cj.CondensateSpec(anchor=4, window=12, selection="blocks", block_size=p,
                            top_blocks=m, block_rank=rank)
   summ = blocks.build_summaries(k, p, lengths)
   args = (q, summ.kmin, summ.kmax, lengths)
-  ids_t, u_t = blocks_pallas.decode_select(*args, spec=spec, scale=0.25, method="top_k")
+  bounds = None if data == "int" else "triton"
+  ids_t, u_t = blocks_pallas.decode_select(*args, spec=spec, scale=0.25, method="top_k",
+                                           bounds=bounds)
   ids_r, u_r = blocks_pallas.decode_select(*args, spec=spec, scale=0.25, method="rank")
   np.testing.assert_array_equal(np.asarray(ids_r), np.asarray(ids_t))
   np.testing.assert_array_equal(np.asarray(u_r), np.asarray(u_t))
   assert np.sum(np.asarray(ids_r)[2] < 0) > 0          # the short row ran out of blocks
+  assert np.all(np.asarray(ids_r)[3] < 0)              # no middle key: no block
+  assert np.all(np.isneginf(np.asarray(u_r)[3]))
   with pytest.raises(ValueError, match="method='sort'"):
     blocks_pallas.decode_select(*args, spec=spec, scale=0.25, method="sort")
