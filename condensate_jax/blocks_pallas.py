@@ -355,9 +355,7 @@ def _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds):
   if method not in SELECT_METHODS:
     raise ValueError(f"method={method!r}: expected one of {list(SELECT_METHODS)}.")
   nb = kmin.shape[1]
-  lo, hi = sel.visible_range(kv_lengths[:, None] - 1, kv_lengths, causal=True,
-                             sliding_window=None)
-  n_mid = _blocks.middle_counts(lo, hi, spec, nb, nb * spec.block_size)[0]
+  _, _, n_mid = _decode_ranges(kv_lengths, spec, nb, nb * spec.block_size)
   m = min(spec.top_blocks, nb)
   if method == "rank" and bounds != "xla":
     try:
@@ -396,7 +394,8 @@ def decode_select(q, kmin, kmax, kv_lengths, *, spec, scale, method="superblock"
   float32 and so break a near-tie the other way (bounds="triton" makes them agree).
   rank=None: spec.block_rank."""
   ids, u = _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds)
-  return ids[..., :min(spec.top_blocks, kmin.shape[1])], u[:, :, :q.shape[2] // kmin.shape[2]]
+  g = q.shape[2] // kmin.shape[2]
+  return ids[..., :min(spec.top_blocks, kmin.shape[1])], u[:, :, :g]
 
 
 def decode_eps(ids, u, n_mid, lse):

@@ -370,7 +370,8 @@ def decode_step(q, k, v, ids, u, kv_lengths, *, block_size, scale, anchor, windo
                                  (0, 0, 0))(o, lse, dl)
     out = out.astype(q.dtype)
   else:
-    row = lambda *blk: pl.BlockSpec((None, None) + blk, lambda b_, h, g_: (b_, h) + (0,) * len(blk))
+    row = lambda *blk: pl.BlockSpec((None, None) + blk,
+                                    lambda b_, h, g_: (b_, h) + (0,) * len(blk))
     out, lse_out, eps = pl.pallas_call(
         _step_finish_kernel, grid=(b, hkv, g),
         in_specs=[row(n_prog, gp, d), row(n_prog, gp), row(n_prog, gp)],
