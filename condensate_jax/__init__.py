@@ -1,27 +1,42 @@
 """condensate-jax: condensate attention (anchor + window + dynamic top-k) in JAX.
 
 Public API (DESIGN.md §3):
-  CondensateSpec, dense_attention, condensate_attention, AttentionStats.
+  CondensateSpec, dense_attention, condensate_attention (one entry point for every
+  selection mode; `summaries=` takes precomputed BlockSummaries), AttentionStats,
+  load_model / LanguageModel, KVCache, block summaries (build/append/empty).
+The timed fast paths live in `condensate_jax.fast` (imported on demand: it loads the
+Pallas kernels).
 """
 
-from condensate_jax.attention import (IMPLEMENTATIONS, attend, condensate_attention,
-                                      condensate_mask,
+from condensate_jax.attention import (BITWISE_DENSE, IMPLEMENTATIONS, attend,
+                                      condensate_attention, condensate_mask,
                                       dense_attention, register_implementation)
-from condensate_jax.selection import AttentionStats
+from condensate_jax.lm import LanguageModel
+from condensate_jax.models.kv_cache import KVCache
+from condensate_jax.selection.summaries import (BlockSummaries, append_summaries,
+                                                build_summaries, empty_summaries)
+from condensate_jax.softmax import AttentionStats
 from condensate_jax.spec import CondensateSpec
-from condensate_jax.weights.registry import LanguageModel, load_model
+from condensate_jax.weights.registry import HubUnavailableError, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionStats",
+    "BITWISE_DENSE",
+    "BlockSummaries",
     "CondensateSpec",
+    "HubUnavailableError",
     "IMPLEMENTATIONS",
+    "KVCache",
     "LanguageModel",
+    "append_summaries",
     "attend",
+    "build_summaries",
     "condensate_attention",
     "condensate_mask",
     "dense_attention",
+    "empty_summaries",
     "load_model",
     "register_implementation",
 ]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from condensate_jax.models.common import KVCache
+from condensate_jax.models.kv_cache import KVCache
 
 _STATIC = ("graphdef", "attention", "implementation")
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from condensate_jax import generate as gen
-from condensate_jax.models import common
+from condensate_jax.models import layers
 from condensate_jax.spec import CondensateSpec
 
 
@@ -42,7 +42,7 @@ class LanguageModel:
                name: Optional[str] = None):
     self.config = config
     self.tokenizer = tokenizer
-    self.dtype = common.check_dtype(dtype)
+    self.dtype = layers.check_dtype(dtype)
     self.name = name
     self.graphdef, self.state = nnx.split(model)
 
@@ -125,7 +125,7 @@ class LanguageModel:
 
     The caller keeps cache.lengths + T <= the cache size (writes past it are clipped).
     With a block-selection spec the returned cache carries the layers' block summaries
-    (built on the first call, appended on later ones; see `common.KVCache`).
+    (built on the first call, appended on later ones; see `KVCache`).
     """
     tokens = self._tokens(tokens)
     return gen.step(self.graphdef, self.state, tokens, cache,

@@ -8,7 +8,7 @@ FAMILIES maps a family name to its module; each module defines a frozen config d
 from __future__ import annotations
 
 from condensate_jax.models import gemma3, gpt2, gpt_neox, llamalike
-from condensate_jax.models.common import KVCache
+from condensate_jax.models.kv_cache import KVCache
 from condensate_jax.models.gemma3 import Gemma3Config
 from condensate_jax.models.gpt2 import GPT2Config
 from condensate_jax.models.gpt_neox import NeoXConfig

@@ -13,8 +13,8 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from condensate_jax.models import common
-from condensate_jax.models.common import Rope, einsum
+from condensate_jax.models import kv_cache, hf_config, layers
+from condensate_jax.models.layers import Rope, einsum
 from condensate_jax.models.llamalike import GatedMLP
 
 FAMILY = "gemma3"
@@ -50,7 +50,7 @@ class Gemma3Config:
         t not in LAYER_TYPES for t in self.layer_types):
       raise ValueError(f"layer_types={self.layer_types!r}: expected {self.num_layers} "
                        f"entries from {LAYER_TYPES}.")
-    common.check_activation(self.activation, "activation")
+    layers.check_activation(self.activation, "activation")
 
   def is_sliding(self, layer: int) -> bool:
     return self.layer_types[layer] == "sliding_attention"
@@ -95,14 +95,14 @@ class Gemma3Config:
     if model_type not in HF_MODEL_TYPES:
       raise ValueError(f"model_type={model_type!r}: the gemma3 family expects one of "
                        f"{HF_MODEL_TYPES} (the text model).")
-    common.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
+    hf_config.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
     for key, allowed in (("attn_logit_softcapping", (None,)), ("attention_bias", (False,)),
                          ("use_bidirectional_attention", (False, None)),
                          ("tie_word_embeddings", (True,))):
       if key in hf and hf[key] not in allowed:
         raise ValueError(f"HF config {key}={hf[key]!r}: only {allowed} is supported for "
                          "Gemma 3.")
-    req = lambda k: common.require(hf, k, FAMILY)
+    req = lambda k: hf_config.require(hf, k, FAMILY)
     layers, head_dim = req("num_hidden_layers"), req("head_dim")
     types = hf.get("layer_types")
     if types is None:
@@ -119,7 +119,7 @@ class Gemma3Config:
         query_pre_attn_scalar=float(req("query_pre_attn_scalar")),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         final_logit_softcapping=hf.get("final_logit_softcapping"),
-        activation=common.check_activation(
+        activation=layers.check_activation(
             hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
             "hidden_activation"))
 
@@ -128,14 +128,14 @@ def _ropes(hf: dict, head_dim: int) -> tuple[Rope, Rope]:
   params = hf.get("rope_parameters")
   if isinstance(params, dict) and set(params) <= set(LAYER_TYPES) and params:
     # current layout: one dict per layer type
-    local = common.rope_from_hf(params.get("sliding_attention"), theta=10000.0,
+    local = layers.rope_from_hf(params.get("sliding_attention"), theta=10000.0,
                                 rotary_dim=head_dim, where="rope_parameters[sliding]")
-    global_ = common.rope_from_hf(params.get("full_attention"), theta=1000000.0,
+    global_ = layers.rope_from_hf(params.get("full_attention"), theta=1000000.0,
                                   rotary_dim=head_dim, where="rope_parameters[full]")
     return local, global_
   # older layout: rope_theta + rope_scaling for global layers, rope_local_base_freq local
   local = Rope(float(hf.get("rope_local_base_freq", 10000.0)), head_dim)
-  global_ = common.rope_from_hf(params or hf.get("rope_scaling"),
+  global_ = layers.rope_from_hf(params or hf.get("rope_scaling"),
                                 theta=hf.get("rope_theta", 1000000.0), rotary_dim=head_dim,
                                 where="rope_scaling")
   return local, global_
@@ -144,12 +144,12 @@ def _ropes(hf: dict, head_dim: int) -> tuple[Rope, Rope]:
 class Attention(nnx.Module):
   def __init__(self, cfg: Gemma3Config, dtype, rngs: nnx.Rngs):
     d, n, k, h = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q_dnh = common.param(rngs, (d, n, h), dtype)
-    self.k_dkh = common.param(rngs, (d, k, h), dtype)
-    self.v_dkh = common.param(rngs, (d, k, h), dtype)
-    self.o_nhd = common.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
-    self.q_norm = common.RMSNorm(h, cfg.norm_eps, dtype, plus_one=True)
-    self.k_norm = common.RMSNorm(h, cfg.norm_eps, dtype, plus_one=True)
+    self.q_dnh = layers.param(rngs, (d, n, h), dtype)
+    self.k_dkh = layers.param(rngs, (d, k, h), dtype)
+    self.v_dkh = layers.param(rngs, (d, k, h), dtype)
+    self.o_nhd = layers.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
+    self.q_norm = layers.RMSNorm(h, cfg.norm_eps, dtype, plus_one=True)
+    self.k_norm = layers.RMSNorm(h, cfg.norm_eps, dtype, plus_one=True)
 
   def __call__(self, x, ctx, layer: int, cfg: Gemma3Config):
     q = self.q_norm(einsum("btd,dnh->btnh", x, self.q_dnh[...]))
@@ -158,7 +158,7 @@ class Attention(nnx.Module):
     rope = cfg.local_rope if cfg.is_sliding(layer) else cfg.global_rope
     q, k = rope.apply(q, ctx.positions), rope.apply(k, ctx.positions)
     window = cfg.sliding_window if cfg.is_sliding(layer) else None
-    out, kv, stats = common.attend_layer(ctx, layer, q, k, v,
+    out, kv, stats = kv_cache.attend_layer(ctx, layer, q, k, v,
                                          scale=cfg.query_pre_attn_scalar**-0.5,
                                          sliding_window=window)
     return einsum("btnh,nhd->btd", out.astype(x.dtype), self.o_nhd[...]), kv, stats
@@ -166,7 +166,7 @@ class Attention(nnx.Module):
 
 class Block(nnx.Module):
   def __init__(self, cfg: Gemma3Config, dtype, rngs: nnx.Rngs):
-    norm = lambda: common.RMSNorm(cfg.width, cfg.norm_eps, dtype, plus_one=True)
+    norm = lambda: layers.RMSNorm(cfg.width, cfg.norm_eps, dtype, plus_one=True)
     self.pre_attn_norm, self.post_attn_norm = norm(), norm()
     self.pre_mlp_norm, self.post_mlp_norm = norm(), norm()
     self.attn = Attention(cfg, dtype, rngs)
@@ -182,21 +182,21 @@ class Block(nnx.Module):
 class Model(nnx.Module):
   def __init__(self, cfg: Gemma3Config, dtype=jnp.float32, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed_vd = common.param(rngs, (cfg.vocab_size, cfg.width), dtype)
+    self.embed_vd = layers.param(rngs, (cfg.vocab_size, cfg.width), dtype)
     self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = common.RMSNorm(cfg.width, cfg.norm_eps, dtype, plus_one=True)
+    self.final_norm = layers.RMSNorm(cfg.width, cfg.norm_eps, dtype, plus_one=True)
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
                return_stats=False):
-    ctx = common.make_context(tokens, cache, attention, implementation, return_stats)
+    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats)
     emb = self.embed_vd[...]
     x = emb[tokens] * jnp.asarray(self.cfg.width**0.5, emb.dtype)
-    x, new_kv, stats = common.run_layers(self.layers, x, ctx, self.cfg)
+    x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
     logits = einsum("btd,vd->btv", self.final_norm(x), emb).astype(jnp.float32)
     cap = self.cfg.final_logit_softcapping
     if cap is not None:
       logits = jnp.tanh(logits / cap) * cap
-    return common.finish(logits, ctx, new_kv, stats, tokens.shape[1])
+    return kv_cache.finish(logits, ctx, new_kv, stats, tokens.shape[1])
 
 
 HF_KEYS = [

@@ -11,8 +11,8 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from condensate_jax.models import common
-from condensate_jax.models.common import einsum
+from condensate_jax.models import kv_cache, hf_config, layers
+from condensate_jax.models.layers import einsum
 
 FAMILY = "gpt2"
 HF_MODEL_TYPES = ("gpt2",)
@@ -31,10 +31,10 @@ class GPT2Config:
   scale_attn_weights: bool = True
 
   def __post_init__(self):
-    common.check_mha_config(self)
+    layers.check_mha_config(self)
 
-  head_dim = property(common.mha_head_dim)
-  num_kv_heads = property(common.mha_num_kv_heads)
+  head_dim = property(layers.mha_head_dim)
+  num_kv_heads = property(layers.mha_num_kv_heads)
 
   # ------------------------------------------------------------------ presets
   @classmethod
@@ -74,18 +74,18 @@ class GPT2Config:
     if hf.get("model_type", "gpt2") not in HF_MODEL_TYPES:
       raise ValueError(f"model_type={hf.get('model_type')!r}: the gpt2 family expects "
                        f"{HF_MODEL_TYPES}.")
-    common.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
+    hf_config.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
     for key, allowed in (("scale_attn_by_inverse_layer_idx", False),
                          ("tie_word_embeddings", True), ("n_special", 0)):
       if key in hf and hf[key] != allowed:
         raise ValueError(f"HF config {key}={hf[key]!r}: only {allowed} is supported.")
-    req = lambda k: common.require(hf, k, FAMILY)
+    req = lambda k: hf_config.require(hf, k, FAMILY)
     width = req("n_embd")
     return cls(vocab_size=req("vocab_size"), width=width, num_layers=req("n_layer"),
                num_heads=req("n_head"), mlp_width=hf.get("n_inner") or 4 * width,
-               max_length=common.require(hf, "n_positions", FAMILY, "n_ctx"),
+               max_length=hf_config.require(hf, "n_positions", FAMILY, "n_ctx"),
                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-               activation=common.check_activation(hf.get("activation_function", "gelu_new"),
+               activation=layers.check_activation(hf.get("activation_function", "gelu_new"),
                                                   "activation_function"),
                scale_attn_weights=bool(hf.get("scale_attn_weights", True)))
 
@@ -93,20 +93,20 @@ class GPT2Config:
 class Block(nnx.Module):
   def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs):
     d, n, h, f = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_width
-    self.ln_1 = common.LayerNorm(d, cfg.norm_eps, dtype)
-    self.q_dnh = common.param(rngs, (d, n, h), dtype)
-    self.k_dnh = common.param(rngs, (d, n, h), dtype)
-    self.v_dnh = common.param(rngs, (d, n, h), dtype)
-    self.q_bias_nh = common.param(rngs, (n, h), dtype)
-    self.k_bias_nh = common.param(rngs, (n, h), dtype)
-    self.v_bias_nh = common.param(rngs, (n, h), dtype)
-    self.o_nhd = common.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
-    self.o_bias_d = common.param(rngs, (d,), dtype)
-    self.ln_2 = common.LayerNorm(d, cfg.norm_eps, dtype)
-    self.up_df = common.param(rngs, (d, f), dtype)
-    self.up_bias_f = common.param(rngs, (f,), dtype)
-    self.down_fd = common.param(rngs, (f, d), dtype)
-    self.down_bias_d = common.param(rngs, (d,), dtype)
+    self.ln_1 = layers.LayerNorm(d, cfg.norm_eps, dtype)
+    self.q_dnh = layers.param(rngs, (d, n, h), dtype)
+    self.k_dnh = layers.param(rngs, (d, n, h), dtype)
+    self.v_dnh = layers.param(rngs, (d, n, h), dtype)
+    self.q_bias_nh = layers.param(rngs, (n, h), dtype)
+    self.k_bias_nh = layers.param(rngs, (n, h), dtype)
+    self.v_bias_nh = layers.param(rngs, (n, h), dtype)
+    self.o_nhd = layers.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
+    self.o_bias_d = layers.param(rngs, (d,), dtype)
+    self.ln_2 = layers.LayerNorm(d, cfg.norm_eps, dtype)
+    self.up_df = layers.param(rngs, (d, f), dtype)
+    self.up_bias_f = layers.param(rngs, (f,), dtype)
+    self.down_fd = layers.param(rngs, (f, d), dtype)
+    self.down_bias_d = layers.param(rngs, (d,), dtype)
 
   def __call__(self, x, ctx, layer, cfg: GPT2Config):
     h = self.ln_1(x)
@@ -114,12 +114,12 @@ class Block(nnx.Module):
     k = einsum("btd,dnh->btnh", h, self.k_dnh[...]) + self.k_bias_nh[...]
     v = einsum("btd,dnh->btnh", h, self.v_dnh[...]) + self.v_bias_nh[...]
     scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
-    out, kv, stats = common.attend_layer(ctx, layer, q, k, v, scale=scale,
+    out, kv, stats = kv_cache.attend_layer(ctx, layer, q, k, v, scale=scale,
                                          sliding_window=None)
     x = x + einsum("btnh,nhd->btd", out.astype(x.dtype), self.o_nhd[...]) + \
         self.o_bias_d[...]
     h = einsum("btd,df->btf", self.ln_2(x), self.up_df[...]) + self.up_bias_f[...]
-    h = common.ACTIVATIONS[cfg.activation](h)
+    h = layers.ACTIVATIONS[cfg.activation](h)
     x = x + einsum("btf,fd->btd", h, self.down_fd[...]) + self.down_bias_d[...]
     return x, kv, stats
 
@@ -127,19 +127,19 @@ class Block(nnx.Module):
 class Model(nnx.Module):
   def __init__(self, cfg: GPT2Config, dtype=jnp.float32, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed_vd = common.param(rngs, (cfg.vocab_size, cfg.width), dtype)
-    self.pos_embed_sd = common.param(rngs, (cfg.max_length, cfg.width), dtype, std=0.01)
+    self.embed_vd = layers.param(rngs, (cfg.vocab_size, cfg.width), dtype)
+    self.pos_embed_sd = layers.param(rngs, (cfg.max_length, cfg.width), dtype, std=0.01)
     self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
-    self.ln_f = common.LayerNorm(cfg.width, cfg.norm_eps, dtype)
+    self.ln_f = layers.LayerNorm(cfg.width, cfg.norm_eps, dtype)
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
                return_stats=False):
-    ctx = common.make_context(tokens, cache, attention, implementation, return_stats)
+    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats)
     emb = self.embed_vd[...]
     x = emb[tokens] + self.pos_embed_sd[...][ctx.positions]
-    x, new_kv, stats = common.run_layers(self.layers, x, ctx, self.cfg)
+    x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
     logits = einsum("btd,vd->btv", self.ln_f(x), emb)
-    return common.finish(logits, ctx, new_kv, stats, tokens.shape[1])
+    return kv_cache.finish(logits, ctx, new_kv, stats, tokens.shape[1])
 
 
 # Conversions: see condensate_jax/weights/hf.py (CONVERSIONS).

@@ -7,8 +7,8 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from condensate_jax.models import common
-from condensate_jax.models.common import Rope, einsum
+from condensate_jax.models import kv_cache, hf_config, layers
+from condensate_jax.models.layers import Rope, einsum
 
 FAMILY = "gpt_neox"
 HF_MODEL_TYPES = ("gpt_neox",)
@@ -30,10 +30,10 @@ class NeoXConfig:
   tie_embeddings: bool = False
 
   def __post_init__(self):
-    common.check_mha_config(self)
+    layers.check_mha_config(self)
 
-  head_dim = property(common.mha_head_dim)
-  num_kv_heads = property(common.mha_num_kv_heads)
+  head_dim = property(layers.mha_head_dim)
+  num_kv_heads = property(layers.mha_num_kv_heads)
 
   # ------------------------------------------------------------------ presets
   @classmethod
@@ -72,14 +72,14 @@ class NeoXConfig:
     if hf.get("model_type", "gpt_neox") not in HF_MODEL_TYPES:
       raise ValueError(f"model_type={hf.get('model_type')!r}: the gpt_neox family expects "
                        f"{HF_MODEL_TYPES}.")
-    common.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
-    req = lambda k: common.require(hf, k, FAMILY)
+    hf_config.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
+    req = lambda k: hf_config.require(hf, k, FAMILY)
     width, heads = req("hidden_size"), req("num_attention_heads")
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     pct = params.get("partial_rotary_factor",
                      hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
     theta = hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
-    rope = common.rope_from_hf(params, theta=theta, rotary_dim=int(width // heads * pct),
+    rope = layers.rope_from_hf(params, theta=theta, rotary_dim=int(width // heads * pct),
                                where="rope_parameters")
     return cls(vocab_size=req("vocab_size"), width=width, num_layers=req("num_hidden_layers"),
                num_heads=heads, mlp_width=req("intermediate_size"), rope=rope,
@@ -87,7 +87,7 @@ class NeoXConfig:
                norm_eps=hf.get("layer_norm_eps", 1e-5),
                parallel_residual=bool(hf.get("use_parallel_residual", True)),
                attention_bias=bool(hf.get("attention_bias", True)),
-               activation=common.check_activation(hf.get("hidden_act", "gelu"),
+               activation=layers.check_activation(hf.get("hidden_act", "gelu"),
                                                   "hidden_act"),
                tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
@@ -95,21 +95,21 @@ class NeoXConfig:
 class Block(nnx.Module):
   def __init__(self, cfg: NeoXConfig, dtype, rngs: nnx.Rngs):
     d, n, h, f = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_width
-    self.ln_attn = common.LayerNorm(d, cfg.norm_eps, dtype)
-    self.ln_mlp = common.LayerNorm(d, cfg.norm_eps, dtype)
-    self.q_dnh = common.param(rngs, (d, n, h), dtype)
-    self.k_dnh = common.param(rngs, (d, n, h), dtype)
-    self.v_dnh = common.param(rngs, (d, n, h), dtype)
-    self.o_nhd = common.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
+    self.ln_attn = layers.LayerNorm(d, cfg.norm_eps, dtype)
+    self.ln_mlp = layers.LayerNorm(d, cfg.norm_eps, dtype)
+    self.q_dnh = layers.param(rngs, (d, n, h), dtype)
+    self.k_dnh = layers.param(rngs, (d, n, h), dtype)
+    self.v_dnh = layers.param(rngs, (d, n, h), dtype)
+    self.o_nhd = layers.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
     bias = cfg.attention_bias
-    self.q_bias_nh = common.param(rngs, (n, h), dtype) if bias else None
-    self.k_bias_nh = common.param(rngs, (n, h), dtype) if bias else None
-    self.v_bias_nh = common.param(rngs, (n, h), dtype) if bias else None
-    self.o_bias_d = common.param(rngs, (d,), dtype) if bias else None
-    self.up_df = common.param(rngs, (d, f), dtype)
-    self.up_bias_f = common.param(rngs, (f,), dtype)
-    self.down_fd = common.param(rngs, (f, d), dtype)
-    self.down_bias_d = common.param(rngs, (d,), dtype)
+    self.q_bias_nh = layers.param(rngs, (n, h), dtype) if bias else None
+    self.k_bias_nh = layers.param(rngs, (n, h), dtype) if bias else None
+    self.v_bias_nh = layers.param(rngs, (n, h), dtype) if bias else None
+    self.o_bias_d = layers.param(rngs, (d,), dtype) if bias else None
+    self.up_df = layers.param(rngs, (d, f), dtype)
+    self.up_bias_f = layers.param(rngs, (f,), dtype)
+    self.down_fd = layers.param(rngs, (f, d), dtype)
+    self.down_bias_d = layers.param(rngs, (d,), dtype)
 
   def attention(self, x, ctx, layer, cfg: NeoXConfig):
     q = einsum("btd,dnh->btnh", x, self.q_dnh[...])
@@ -118,14 +118,14 @@ class Block(nnx.Module):
     if self.q_bias_nh is not None:
       q, k, v = q + self.q_bias_nh[...], k + self.k_bias_nh[...], v + self.v_bias_nh[...]
     q, k = cfg.rope.apply(q, ctx.positions), cfg.rope.apply(k, ctx.positions)
-    out, kv, stats = common.attend_layer(ctx, layer, q, k, v, scale=cfg.head_dim**-0.5,
+    out, kv, stats = kv_cache.attend_layer(ctx, layer, q, k, v, scale=cfg.head_dim**-0.5,
                                          sliding_window=None)
     y = einsum("btnh,nhd->btd", out.astype(x.dtype), self.o_nhd[...])
     return (y if self.o_bias_d is None else y + self.o_bias_d[...]), kv, stats
 
   def mlp(self, x, cfg: NeoXConfig):
     h = einsum("btd,df->btf", x, self.up_df[...]) + self.up_bias_f[...]
-    h = common.ACTIVATIONS[cfg.activation](h)
+    h = layers.ACTIVATIONS[cfg.activation](h)
     return einsum("btf,fd->btd", h, self.down_fd[...]) + self.down_bias_d[...]
 
   def __call__(self, x, ctx, layer, cfg: NeoXConfig):
@@ -139,19 +139,19 @@ class Block(nnx.Module):
 class Model(nnx.Module):
   def __init__(self, cfg: NeoXConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed_vd = common.param(rngs, (cfg.vocab_size, cfg.width), dtype)
+    self.embed_vd = layers.param(rngs, (cfg.vocab_size, cfg.width), dtype)
     self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
-    self.ln_f = common.LayerNorm(cfg.width, cfg.norm_eps, dtype)
+    self.ln_f = layers.LayerNorm(cfg.width, cfg.norm_eps, dtype)
     self.unembed_dv = (None if cfg.tie_embeddings else
-                       common.param(rngs, (cfg.width, cfg.vocab_size), dtype))
+                       layers.param(rngs, (cfg.width, cfg.vocab_size), dtype))
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
                return_stats=False):
-    ctx = common.make_context(tokens, cache, attention, implementation, return_stats)
+    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats)
     x = self.embed_vd[...][tokens]
-    x, new_kv, stats = common.run_layers(self.layers, x, ctx, self.cfg)
-    logits = common.unembed(self.ln_f(x), self.embed_vd, self.unembed_dv)
-    return common.finish(logits, ctx, new_kv, stats, tokens.shape[1])
+    x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
+    logits = kv_cache.unembed(self.ln_f(x), self.embed_vd, self.unembed_dv)
+    return kv_cache.finish(logits, ctx, new_kv, stats, tokens.shape[1])
 
 
 HF_KEYS = [

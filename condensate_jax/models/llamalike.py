@@ -13,8 +13,8 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from condensate_jax.models import common
-from condensate_jax.models.common import Rope, einsum
+from condensate_jax.models import kv_cache, hf_config, layers
+from condensate_jax.models.layers import Rope, einsum
 
 FAMILY = "llamalike"
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -48,7 +48,7 @@ class LlamaConfig:
     if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
       raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries: expected "
                        f"num_layers={self.num_layers}.")
-    common.check_activation(self.activation, "activation")
+    layers.check_activation(self.activation, "activation")
 
   def window(self, layer: int) -> Optional[int]:
     if self.sliding_window is None:
@@ -102,13 +102,13 @@ class LlamaConfig:
     if model_type not in HF_MODEL_TYPES:
       raise ValueError(f"model_type={model_type!r}: the llamalike family expects one of "
                        f"{HF_MODEL_TYPES}.")
-    common.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
-    req = lambda k: common.require(hf, k, FAMILY)
+    hf_config.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
+    req = lambda k: hf_config.require(hf, k, FAMILY)
     width, heads, layers = req("hidden_size"), req("num_attention_heads"), \
         req("num_hidden_layers")
     head_dim = hf.get("head_dim") or width // heads
     rope_params = hf.get("rope_parameters") or hf.get("rope_scaling")
-    rope = common.rope_from_hf(rope_params, theta=hf.get("rope_theta", 10000.0),
+    rope = layers.rope_from_hf(rope_params, theta=hf.get("rope_theta", 10000.0),
                                rotary_dim=head_dim, where="rope_parameters")
     window, sliding_layers = _sliding(hf, model_type, layers)
     qkv_bias = bool(hf.get("attention_bias", model_type == "qwen2"))
@@ -121,7 +121,7 @@ class LlamaConfig:
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=window, sliding_layers=sliding_layers,
-        activation=common.check_activation(hf.get("hidden_act", "silu"), "hidden_act"))
+        activation=layers.check_activation(hf.get("hidden_act", "silu"), "hidden_act"))
 
 
 def _sliding(hf: dict, model_type: str, layers: int):
@@ -148,15 +148,15 @@ def _sliding(hf: dict, model_type: str, layers: int):
 class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
     d, n, k, h = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q_dnh = common.param(rngs, (d, n, h), dtype)
-    self.k_dkh = common.param(rngs, (d, k, h), dtype)
-    self.v_dkh = common.param(rngs, (d, k, h), dtype)
-    self.o_nhd = common.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
+    self.q_dnh = layers.param(rngs, (d, n, h), dtype)
+    self.k_dkh = layers.param(rngs, (d, k, h), dtype)
+    self.v_dkh = layers.param(rngs, (d, k, h), dtype)
+    self.o_nhd = layers.param(rngs, (n, h, d), dtype, std=(n * h)**-0.5)
     bias = cfg.qkv_bias
-    self.q_bias_nh = common.param(rngs, (n, h), dtype) if bias else None
-    self.k_bias_kh = common.param(rngs, (k, h), dtype) if bias else None
-    self.v_bias_kh = common.param(rngs, (k, h), dtype) if bias else None
-    self.o_bias_d = common.param(rngs, (d,), dtype) if cfg.o_bias else None
+    self.q_bias_nh = layers.param(rngs, (n, h), dtype) if bias else None
+    self.k_bias_kh = layers.param(rngs, (k, h), dtype) if bias else None
+    self.v_bias_kh = layers.param(rngs, (k, h), dtype) if bias else None
+    self.o_bias_d = layers.param(rngs, (d,), dtype) if cfg.o_bias else None
 
   def __call__(self, x, ctx, layer: int, cfg: LlamaConfig):
     q = einsum("btd,dnh->btnh", x, self.q_dnh[...])
@@ -165,7 +165,7 @@ class Attention(nnx.Module):
     if self.q_bias_nh is not None:
       q, k, v = q + self.q_bias_nh[...], k + self.k_bias_kh[...], v + self.v_bias_kh[...]
     q, k = cfg.rope.apply(q, ctx.positions), cfg.rope.apply(k, ctx.positions)
-    out, kv, stats = common.attend_layer(ctx, layer, q, k, v, scale=cfg.head_dim**-0.5,
+    out, kv, stats = kv_cache.attend_layer(ctx, layer, q, k, v, scale=cfg.head_dim**-0.5,
                                          sliding_window=cfg.window(layer))
     y = einsum("btnh,nhd->btd", out.astype(x.dtype), self.o_nhd[...])
     if self.o_bias_d is not None:
@@ -179,28 +179,28 @@ class GatedMLP(nnx.Module):
   def __init__(self, width: int, mlp_width: int, activation: str, bias: bool, dtype,
                rngs: nnx.Rngs):
     self.activation = activation
-    self.gate_df = common.param(rngs, (width, mlp_width), dtype)
-    self.up_df = common.param(rngs, (width, mlp_width), dtype)
-    self.down_fd = common.param(rngs, (mlp_width, width), dtype)
-    self.gate_bias_f = common.param(rngs, (mlp_width,), dtype) if bias else None
-    self.up_bias_f = common.param(rngs, (mlp_width,), dtype) if bias else None
-    self.down_bias_d = common.param(rngs, (width,), dtype) if bias else None
+    self.gate_df = layers.param(rngs, (width, mlp_width), dtype)
+    self.up_df = layers.param(rngs, (width, mlp_width), dtype)
+    self.down_fd = layers.param(rngs, (mlp_width, width), dtype)
+    self.gate_bias_f = layers.param(rngs, (mlp_width,), dtype) if bias else None
+    self.up_bias_f = layers.param(rngs, (mlp_width,), dtype) if bias else None
+    self.down_bias_d = layers.param(rngs, (width,), dtype) if bias else None
 
   def __call__(self, x):
     gate = einsum("btd,df->btf", x, self.gate_df[...])
     up = einsum("btd,df->btf", x, self.up_df[...])
     if self.gate_bias_f is not None:
       gate, up = gate + self.gate_bias_f[...], up + self.up_bias_f[...]
-    y = einsum("btf,fd->btd", common.ACTIVATIONS[self.activation](gate) * up,
+    y = einsum("btf,fd->btd", layers.ACTIVATIONS[self.activation](gate) * up,
                self.down_fd[...])
     return y if self.down_bias_d is None else y + self.down_bias_d[...]
 
 
 class Block(nnx.Module):
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-    self.attn_norm = common.RMSNorm(cfg.width, cfg.norm_eps, dtype)
+    self.attn_norm = layers.RMSNorm(cfg.width, cfg.norm_eps, dtype)
     self.attn = Attention(cfg, dtype, rngs)
-    self.mlp_norm = common.RMSNorm(cfg.width, cfg.norm_eps, dtype)
+    self.mlp_norm = layers.RMSNorm(cfg.width, cfg.norm_eps, dtype)
     self.mlp = GatedMLP(cfg.width, cfg.mlp_width, cfg.activation, cfg.mlp_bias, dtype, rngs)
 
   def __call__(self, x, ctx, layer, cfg):
@@ -212,19 +212,19 @@ class Block(nnx.Module):
 class Model(nnx.Module):
   def __init__(self, cfg: LlamaConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed_vd = common.param(rngs, (cfg.vocab_size, cfg.width), dtype)
+    self.embed_vd = layers.param(rngs, (cfg.vocab_size, cfg.width), dtype)
     self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = common.RMSNorm(cfg.width, cfg.norm_eps, dtype)
+    self.final_norm = layers.RMSNorm(cfg.width, cfg.norm_eps, dtype)
     self.unembed_dv = (None if cfg.tie_embeddings else
-                       common.param(rngs, (cfg.width, cfg.vocab_size), dtype))
+                       layers.param(rngs, (cfg.width, cfg.vocab_size), dtype))
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
                return_stats=False):
-    ctx = common.make_context(tokens, cache, attention, implementation, return_stats)
+    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats)
     x = self.embed_vd[...][tokens]
-    x, new_kv, stats = common.run_layers(self.layers, x, ctx, self.cfg)
-    logits = common.unembed(self.final_norm(x), self.embed_vd, self.unembed_dv)
-    return common.finish(logits, ctx, new_kv, stats, tokens.shape[1])
+    x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
+    logits = kv_cache.unembed(self.final_norm(x), self.embed_vd, self.unembed_dv)
+    return kv_cache.finish(logits, ctx, new_kv, stats, tokens.shape[1])
 
 
 # Checkpoint key (prefix-stripped, HF layout) -> module path and conversion.

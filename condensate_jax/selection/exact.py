@@ -1,0 +1,115 @@
+"""Exact top-k selection and its certificate (DESIGN.md §1), in plain jnp.
+
+Shapes (axis letters, see `condensate_jax/glossary.py`):
+  scores  [B, K, G, T, S]  float32: query head h = k * G + g, key position s
+  lo, hi  [B, T]           int32: the visible keys of query t are lo..hi (inclusive);
+                                  hi < lo means none
+Every function here is traceable (no Python control flow on values), so it runs under jit.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from condensate_jax import geometry
+from condensate_jax.softmax import NEG_INF, AttentionStats, masked_lse
+from condensate_jax.spec import CondensateSpec
+
+
+class TopK(NamedTuple):
+  indices: jax.Array   # [B, K, G, T, k'] int32 key positions, k' = min(top_k, S)
+  valid: jax.Array     # [B, K, G, T, k'] bool: the index is a selected middle key
+  tau: jax.Array       # [B, K, G, T] float32: every dropped middle score is <= tau
+  n_dropped: jax.Array  # [B, 1, 1, T] int32: middle keys not selected
+
+
+def exact_top_k(scores: jax.Array, middle: jax.Array, top_k: int) -> TopK:
+  """Per-head exact top-k of the middle keys; ties go to the lower position.
+
+  `lax.top_k` is stable: among equal values it returns the lower index first, which is
+  exactly the tie rule of DESIGN.md §1 (tested against a NumPy stable sort).
+  """
+  num_keys = scores.shape[-1]
+  masked = jnp.where(middle, scores, NEG_INF)
+  n_mid = jnp.sum(middle, axis=-1, dtype=jnp.int32)
+  n_dropped = jnp.maximum(n_mid - top_k, 0)
+  kk = min(top_k, num_keys)
+  if kk == 0:
+    empty = jnp.zeros(scores.shape[:-1] + (0,), jnp.int32)
+    return TopK(empty, empty.astype(bool), jnp.max(masked, axis=-1), n_dropped)
+  values, indices = jax.lax.top_k(masked, kk)
+  middle_b = jnp.broadcast_to(middle, scores.shape)
+  valid = jnp.take_along_axis(middle_b, indices, axis=-1)
+  # The k-th selected value bounds every unselected middle score; when fewer than k
+  # middle keys exist nothing is dropped (n_dropped == 0) and tau is irrelevant.
+  return TopK(indices.astype(jnp.int32), valid, values[..., -1], n_dropped)
+
+
+def topk_mask(topk: TopK, num_keys: int) -> jax.Array:
+  """Scatter the selected indices into a [B, K, G, T, S] bool mask."""
+  shape = topk.indices.shape[:-1] + (num_keys,)
+  if topk.indices.shape[-1] == 0:
+    return jnp.zeros(shape, bool)
+  return jnp.put_along_axis(jnp.zeros(shape, bool), topk.indices, topk.valid, axis=-1,
+                            inplace=False)
+
+
+class Selection(NamedTuple):
+  masks: geometry.StaticMasks
+  topk: TopK
+  in_set: jax.Array  # [B, K, G, T, S] bool: the condensate set
+
+
+def select(scores: jax.Array, lo: jax.Array, hi: jax.Array,
+           spec: CondensateSpec) -> Selection:
+  """The condensate set of every (query head, query) as a mask over key positions."""
+  num_keys = scores.shape[-1]
+  masks = geometry.static_masks(lo, hi, num_keys, spec)
+  topk = exact_top_k(scores, masks.middle, spec.top_k)
+  in_set = masks.anchor | masks.window | (topk_mask(topk, num_keys) & masks.middle)
+  return Selection(masks, topk, in_set)
+
+
+def set_indices(selection: Selection, lo: jax.Array, hi: jax.Array,
+                spec: CondensateSpec, num_keys: int) -> tuple[jax.Array, jax.Array]:
+  """The set as positions: (indices, valid), each [B, K, G, T, N] with
+  N = min(anchor, S) + min(window, S) + min(top_k, S), laid out [anchor | window |
+  top-k]. Invalid slots hold a position clipped into [0, S) and must be ignored. Valid
+  positions are distinct.
+  """
+  st_idx, st_ok = geometry.static_positions(lo, hi, spec, num_keys)   # [B, T, A + W]
+  shape = selection.topk.indices.shape[:-1]
+  n = st_idx.shape[-1:]
+  idx = jnp.concatenate([jnp.broadcast_to(st_idx[:, None, None], shape + n),
+                         selection.topk.indices], axis=-1)
+  valid = jnp.concatenate([jnp.broadcast_to(st_ok[:, None, None], shape + n),
+                           selection.topk.valid], axis=-1)
+  return idx, valid
+
+
+def certificate(scores: jax.Array, selection: Selection) -> AttentionStats:
+  """True captured/dropped mass and the certified bound; shapes [B, K, G, T]."""
+  masks, topk, in_set = selection
+  visible = jnp.broadcast_to(masks.visible, scores.shape)
+  dropped_set = visible & ~in_set
+  m, z_all = masked_lse(scores, visible)
+  z_set = jnp.sum(jnp.where(in_set, jnp.exp(scores - m[..., None]), 0.0), axis=-1)
+  z_drop = jnp.sum(jnp.where(dropped_set, jnp.exp(scores - m[..., None]), 0.0), axis=-1)
+  safe_z = jnp.where(z_all > 0, z_all, 1.0)
+  captured = jnp.where(z_all > 0, z_set / safe_z, 1.0)
+  dropped = jnp.where(z_all > 0, z_drop / safe_z, 0.0)
+  # Certificate from the set's own max m_c and normaliser z_c (what a sparse kernel
+  # knows): delta <= n_dropped * exp(tau - m_c), eps <= delta / (z_c + delta).
+  m_c, z_c = masked_lse(scores, in_set)
+  n_drop = topk.n_dropped.astype(jnp.float32)
+  log_delta = jnp.log(n_drop) + (topk.tau - m_c)
+  log_delta = jnp.where(n_drop > 0, log_delta, NEG_INF)
+  bound = jax.nn.sigmoid(log_delta - jnp.log(jnp.where(z_c > 0, z_c, 1.0)))
+  bound = jnp.where(z_c > 0, bound, 1.0)  # an empty set drops everything
+  bound = jnp.where(n_drop > 0, bound, 0.0)
+  n_visible = jnp.sum(visible, axis=-1, dtype=jnp.int32)
+  set_size = jnp.sum(in_set, axis=-1, dtype=jnp.int32)
+  return AttentionStats(captured, dropped, bound, set_size, n_visible, n_visible)

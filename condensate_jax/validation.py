@@ -1,0 +1,134 @@
+"""Input validation shared by every entry point: arrays, integer arrays, static options.
+
+The bottom layer of condensate_jax (imports only the spec): each check raises a
+`ValueError` that names the argument, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from condensate_jax.spec import SELECTIONS, check_spec
+
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+BLOCK_SELECTIONS = tuple(s for s in SELECTIONS if s != "exact")
+
+
+def is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_qkv(q, k, v):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise ValueError(f"{name}: expected an array, got {type(x).__name__}.")
+    if x.ndim != 4:
+      raise ValueError(
+          f"{name}.shape={tuple(x.shape)}: expected 4 dims "
+          f"({'[B, T, Hq, D]' if name == 'q' else '[B, S, Hkv, D]'}).")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in DTYPES]:
+      raise ValueError(
+          f"{name}.dtype={jnp.dtype(x.dtype).name}: expected one of {DTYPE_NAMES}.")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(
+        f"q, k, v dtypes {q.dtype.name}, {k.dtype.name}, {v.dtype.name}: expected one "
+        "dtype for all three.")
+  if k.shape != v.shape:
+    raise ValueError(
+        f"k.shape={tuple(k.shape)} and v.shape={tuple(v.shape)}: expected equal shapes.")
+  b, _, hq, d = q.shape
+  if k.shape[0] != b:
+    raise ValueError(f"k.shape[0]={k.shape[0]}: expected the batch size of q, {b}.")
+  if k.shape[3] != d:
+    raise ValueError(f"k.shape[3]={k.shape[3]}: expected the head dim of q, {d}.")
+  if d == 0:
+    raise ValueError("q.shape[3]=0: expected a head dim >= 1.")
+  hkv = k.shape[2]
+  if hkv == 0 or hq % hkv:
+    raise ValueError(
+        f"q heads {hq}, k/v heads {hkv}: expected q heads to be a positive multiple "
+        "of k/v heads (MHA, GQA or MQA).")
+  if k.shape[1] == 0:
+    raise ValueError("k.shape[1]=0: expected at least one key.")
+
+
+def check_int_array(name, x, shape, lo, hi):
+  if is_concrete(x) and not isinstance(x, jax.Array):
+    x = np.asarray(x)  # range-check in NumPy: jnp.asarray would wrap int64 to int32
+    if np.issubdtype(x.dtype, np.integer) and x.size and (x.min() < lo or x.max() > hi):
+      raise ValueError(
+          f"{name} has values in [{x.min()}, {x.max()}]: expected values in [{lo}, {hi}].")
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name}.dtype={x.dtype.name}: expected an integer dtype.")
+  if tuple(x.shape) != shape:
+    raise ValueError(f"{name}.shape={tuple(x.shape)}: expected {shape}.")
+  if is_concrete(x) and x.size:
+    xs = np.asarray(x)
+    if xs.min() < lo or xs.max() > hi:
+      raise ValueError(
+          f"{name} has values in [{xs.min()}, {xs.max()}]: expected values in "
+          f"[{lo}, {hi}].")
+  return x.astype(jnp.int32)
+
+
+def prepare(q, k, v, *, causal, q_positions, kv_lengths, sliding_window, scale):
+  """Validates inputs; returns (kv_lengths [B], q_positions [B,T], scale)."""
+  check_qkv(q, k, v)
+  b, t, _, d = q.shape
+  s = k.shape[1]
+  if not isinstance(causal, (bool, np.bool_)):
+    raise ValueError(f"causal={causal!r}: expected True or False.")
+  if sliding_window is not None and (isinstance(sliding_window, bool) or
+                                     not isinstance(sliding_window, (int, np.integer))
+                                     or sliding_window < 1):
+    raise ValueError(f"sliding_window={sliding_window!r}: expected None or an int >= 1.")
+  if scale is None:
+    scale = 1.0 / float(np.sqrt(d))
+  elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or (
+      not np.isfinite(scale)) or scale <= 0:
+    raise ValueError(f"scale={scale!r}: expected None or a finite float > 0.")
+  if kv_lengths is None:
+    kv_lengths = jnp.full((b,), s, jnp.int32)
+  else:
+    kv_lengths = check_int_array("kv_lengths", kv_lengths, (b,), 0, s)
+  if q_positions is None:
+    q_positions = kv_lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)
+  else:
+    q_positions = check_int_array("q_positions", q_positions, (b, t), 0, s - 1)
+  return kv_lengths, q_positions, float(scale)
+
+
+def static_window(sliding_window):
+  return None if sliding_window is None else int(sliding_window)
+
+
+def check_bool(name, value):
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name}={value!r}: expected True or False.")
+  return bool(value)
+
+
+def check_block_size(block_size):
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or (
+      block_size < 1):
+    raise ValueError(f"block_size={block_size!r}: expected an int >= 1.")
+  return int(block_size)
+
+
+def check_keys(k, name="k"):
+  if not hasattr(k, "shape") or getattr(k, "ndim", 0) != 4:
+    raise ValueError(f"{name}: expected an array [B, S, Hkv, D], got "
+                     f"{getattr(k, 'shape', type(k).__name__)}.")
+  if not jnp.issubdtype(k.dtype, jnp.floating):
+    raise ValueError(f"{name}.dtype={jnp.dtype(k.dtype).name}: expected a float dtype.")
+
+
+def check_block_spec(spec):
+  check_spec(spec)
+  if spec.selection not in BLOCK_SELECTIONS:
+    raise ValueError(f"spec.selection={spec.selection!r}: expected one of "
+                     f"{BLOCK_SELECTIONS} for block-summary selection.")

@@ -1,0 +1,129 @@
+"""condensate_jax.metrics on hand-made cases whose answers are worked out by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from condensate_jax import metrics
+from condensate_jax.softmax import AttentionStats
+
+
+def _next(x, steps=1):
+  x = np.float32(x)
+  for _ in range(steps):
+    x = np.nextafter(x, np.float32(np.inf), dtype=np.float32)
+  return x
+
+
+def test_bitwise_fraction_counts_positions_not_entries():
+  dense = np.arange(12, dtype=np.float32).reshape(3, 4)
+  cond = dense.copy()
+  cond[1, 2] = _next(cond[1, 2])  # one ulp in one entry of position 1
+  assert metrics.bitwise_fraction(dense, cond) == pytest.approx(2 / 3)
+  assert metrics.bitwise_fraction(dense, dense.copy()) == 1.0
+
+
+def test_bitwise_distinguishes_signed_zeros_but_ulp_does_not():
+  dense = np.array([[0.0, 1.0]], np.float32)
+  cond = np.array([[-0.0, 1.0]], np.float32)
+  assert metrics.bitwise_fraction(dense, cond) == 0.0
+  assert metrics.max_ulp_diff(dense, cond) == 0
+  assert metrics.max_abs_logit_diff(dense, cond) == 0.0
+
+
+@pytest.mark.parametrize("a, b, ulps", [
+    (1.0, _next(1.0), 1),
+    (1.0, _next(1.0, 5), 5),
+    (-1.0, -_next(1.0, 3), 3),
+    (1.0, 2.0, 2**23),  # one binade of float32
+    (np.float32(1e-45), np.float32(-1e-45), 2),  # smallest subnormals across zero
+])
+def test_max_ulp_diff(a, b, ulps):
+  dense = np.array([[a, 7.0]], np.float32)
+  cond = np.array([[b, 7.0]], np.float32)
+  assert metrics.max_ulp_diff(dense, cond) == ulps
+  assert metrics.max_ulp_diff(cond, dense) == ulps
+
+
+def test_max_abs_logit_diff():
+  dense = np.array([[1.0, -2.0], [3.0, np.inf]], np.float32)
+  cond = np.array([[1.5, -2.0], [2.75, np.inf]], np.float32)
+  assert metrics.max_abs_logit_diff(dense, cond) == 0.5
+  cond[0, 1] = np.nan
+  assert math.isnan(metrics.max_abs_logit_diff(dense, cond))
+
+
+def test_mean_kl_two_class_by_hand():
+  # p = softmax(0, 0) = (1/2, 1/2); q = softmax(0, ln 3) = (1/4, 3/4).
+  dense = np.array([[0.0, 0.0], [5.0, 5.0]], np.float32)
+  cond = np.array([[0.0, math.log(3.0)], [5.0, 5.0]], np.float32)
+  kl0 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+  assert metrics.mean_kl(dense, cond) == pytest.approx(kl0 / 2, rel=1e-6)
+  assert metrics.mean_kl(dense, cond, chunk=1) == pytest.approx(kl0 / 2, rel=1e-6)
+  assert metrics.mean_kl(dense, dense) == 0.0
+
+
+def test_mean_kl_is_not_symmetric():
+  dense = np.array([[0.0, 2.0, -1.0]], np.float32)
+  cond = np.array([[1.0, 0.0, 0.0]], np.float32)
+  assert metrics.mean_kl(dense, cond) != pytest.approx(metrics.mean_kl(cond, dense))
+
+
+def test_top1_agreement():
+  dense = np.array([[0, 1, 0], [2, 0, 0], [0, 0, 3], [1, 0, 0]], np.float32)
+  cond = np.array([[0, 2, 0], [0, 5, 0], [0, 0, 1], [0, 0, 9]], np.float32)
+  assert metrics.top1_agreement(dense, cond) == 0.5
+
+
+def test_greedy_match():
+  out = metrics.greedy_match([5, 6, 7, 8], [5, 6, 9, 8])
+  assert out == {"n": 4, "prefix": 2, "equal": 3, "first_divergence": 2, "exact": False}
+  out = metrics.greedy_match(np.array([[1, 2, 3]]), np.array([[1, 2, 3]]))
+  assert out == {"n": 3, "prefix": 3, "equal": 3, "first_divergence": None, "exact": True}
+  assert metrics.greedy_match([1, 2], [3, 2])["first_divergence"] == 0
+
+
+def test_attention_summary():
+  shape = (2, 1, 1, 2)  # [L, B, Hq, T]
+  stats = AttentionStats(
+      captured_mass=np.array([1.0, 0.5, 0.75, 1.0], np.float32).reshape(shape),
+      dropped_mass=np.array([0.0, 0.5, 0.25, 0.0], np.float32).reshape(shape),
+      dropped_mass_bound=np.array([0.0, 0.6, 0.3, 0.0], np.float32).reshape(shape),
+      set_size=np.array([1, 2, 2, 3], np.int32).reshape(shape),
+      visible=np.array([1, 4, 4, 3], np.int32).reshape(shape),
+      keys_scored=np.array([1, 4, 4, 3], np.int32).reshape(shape))
+  out = metrics.attention_summary(stats)
+  assert out["captured_mass_min"] == 0.5
+  assert out["captured_mass_mean"] == pytest.approx(0.8125)
+  assert out["dropped_mass_max"] == 0.5
+  assert out["dropped_mass_mean"] == pytest.approx(0.1875)
+  assert out["certified_eps_max"] == pytest.approx(0.6)
+  assert out["keys_read_frac"] == pytest.approx(8 / 12)
+  assert out["keys_scored_frac"] == 1.0
+
+
+def test_logit_parity_of_a_perturbed_copy():
+  rng = np.random.default_rng(0)
+  dense = rng.normal(size=(5, 11)).astype(np.float32)
+  cond = dense.copy()
+  cond[4] += np.float32(0.25)  # a uniform shift: same softmax, different bits
+  out = metrics.logit_parity(dense, cond)
+  assert out["bitwise_frac"] == pytest.approx(0.8)
+  assert out["max_abs_logit_diff"] == pytest.approx(0.25, abs=1e-6)
+  assert out["max_ulp_diff"] > 0
+  assert out["mean_kl"] == pytest.approx(0.0, abs=1e-12)
+  assert out["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("fn", [metrics.bitwise_fraction, metrics.max_ulp_diff])
+def test_float32_required(fn):
+  with pytest.raises(ValueError, match="float32"):
+    fn(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_shape_mismatch():
+  with pytest.raises(ValueError, match="shape"):
+    metrics.max_abs_logit_diff(np.zeros((2, 3), np.float32), np.zeros((3, 3), np.float32))
+  with pytest.raises(ValueError, match="length"):
+    metrics.greedy_match([1, 2], [1, 2, 3])
