@@ -15,12 +15,12 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
                         timed prefill's lists); False (default): per query
   attention.selection   "exact" (default), "bounded", "blocks", "certified" (+ block_size,
                         top_blocks, epsilon); any of these four may be a tuple, and they
-                        are then grid axes (experiments.parity.selection_variants)
+                        are then grid axes (experiments.grid.selection_variants)
   prompts.num           number of distinct prompts (built-in texts or texts from files)
   prompts.lengths       tuple of prompt lengths in tokens (each + new_tokens <= context)
   prompts.files         comma-separated .txt / .jsonl paths ("" = built-in texts)
   generate.new_tokens   greedy tokens per prompt (default 128)
-  job                   "parity" (this schema) or another experiments.<job> module
+  job                   "parity" (this schema) or another job of experiments.cli.JOBS
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
   covers-everything point (added by the runner), over prompts x lengths.
 
   selection, block_size, top_blocks, epsilon: scalars (every non-gate point uses them)
-  or tuples (block-selection grid axes; see experiments.parity.selection_variants).
+  or tuples (block-selection grid axes; see experiments.grid.selection_variants).
   """
   config = ml_collections.ConfigDict()
   config.name = name
@@ -138,8 +138,8 @@ def sweep_of(config: ml_collections.ConfigDict) -> list[dict[str, int]]:
   a = config.attention
   if any(isinstance(a[k], tuple) for k in ("selection", "block_size", "top_blocks",
                                              "epsilon")):
-    from experiments import parity  # pylint: disable=import-outside-toplevel
+    from experiments import grid  # pylint: disable=import-outside-toplevel
     return [dict(anchor=x, window=w, **v) for x in a.anchor for w in a.window
-            for v in parity.selection_variants(config)]
+            for v in grid.selection_variants(config)]
   return [dict(anchor=x, window=w, top_k=k) for x in a.anchor for w in a.window
           for k in a.top_k]

@@ -11,9 +11,11 @@ Runtime on one H100/H200: `cases=full` about 10 minutes (mostly compilation and 
 `cases=smoke` runs tiny cases anywhere (CPU: interpret mode, timings meaningless);
 `cases=parity,timing=false` computes the parity columns of the 128K decode and 8K/32K
 prefill rows only (CPU, 24 GB: about 5 minutes; 1M rows need more host memory).
-Expected result: see BENCHMARKS.md "## Fast path (block selection)".
+Expected result: see BENCHMARKS.md "## Fast path (block selection)". Job:
+experiments/bench/fast_bench.py; a cut-short run's table and per-kernel profiles of one
+step: `python -m experiments.bench.profile` (table RESULTS.jsonl | decode ... | prefill ...).
 
-Inputs: topic-structured synthetic q/k/v (condensate_jax/blocks_data.py: contiguous key
+Inputs: topic-structured synthetic q/k/v (experiments/bench/synthetic.py: contiguous key
 segments around random topic vectors, each query aimed at 2 segments; parameters in
 `data` below, printed with every row); one Gaussian decode row for contrast (flat
 attention: block selection is lossy there).
@@ -96,8 +98,9 @@ def get_config(arg=None):
   config.anchor, config.window = 16, 64
   config.data = dict(segment=256, topic_norm=1.0, key_noise=0.1, query_topics=2,
                      query_gain=2.0, query_noise=0.3)
-  # median over `repeats` jitted loops of `iterations` calls (prefill above 16K keys:
-  # `prefill_iterations`); XLA dense prefill only up to prefill_xla_max keys (T x S scores)
+  # experiments.bench.timing.time_loop: median over `repeats` jitted loops of `iterations`
+  # chained calls (prefill above 16K keys: `prefill_iterations`); XLA dense prefill only
+  # up to prefill_xla_max keys (T x S scores)
   config.iterations, config.prefill_iterations, config.repeats = 20, 5, 5
   # timing=false: parity only (any backend, e.g. CPU): no timing, no floors' ceilings
   config.timing = args.get("timing", "true") == "true"

@@ -12,6 +12,7 @@ kernel runs; the gather kernel alone is far below dense time only at long decode
 
 `kernel_bench.py:cases=smoke` runs two tiny cases (CPU: interpret mode, timings
 meaningless) to check the plumbing; `cases=decode` / `cases=prefill` run one half.
+Job: experiments/bench/kernel_bench.py.
 """
 
 import ml_collections
@@ -39,7 +40,8 @@ def get_config(arg=None):
   config.attention.anchor = 1
   config.attention.window = 64
   config.attention.top_k = 32
-  # Timing: median over `repeats` timed loops of `iterations` calls, after `warmup` calls.
+  # Timing (experiments.bench.timing.time_loop): median over `repeats` timed jitted loops
+  # of `iterations` chained calls, after `warmup` untimed loops.
   config.warmup = 3
   config.iterations = 10
   config.repeats = 7

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from configs import common
-from experiments import cli, parity, report
+from experiments import cli, grid, parity, report
 from experiments.errors import ConfigError
 from tests.experiments import fake_lm
 
@@ -24,20 +24,20 @@ def test_scalar_settings_keep_the_old_grid_and_keys():
   """A scalar config (every config before block grids) sweeps top_k with the configured
   selection, and its results keys are the strings earlier runs wrote (resume)."""
   config = cli.load_config("smoke.py")
-  assert not parity.is_block_grid(config)
-  points = parity.grid(config, 112)
+  assert not grid.is_block_grid(config)
+  points = grid.grid(config, 112)
   assert [p.key for p in points] == ["a1-w8-k103", "a1-w8-k4", "a1-w8-k16", "a1-w32-k4",
                                      "a1-w32-k16"]
   prompt = type("P", (), {"id": "p0", "sha": "abc"})()
-  key = parity._keys(config, "tiny-random", prompt, points[1])  # pylint: disable=protected-access
+  key = grid.keys(config, "tiny-random", prompt, points[1])
   assert key == "tiny-random|float32|p0:abc|N16|xla|dl[]|a1-w8-k4"
   config.attention.selection = "blocks"
   config.attention.block_size = 16
   config.attention.top_blocks = 1
-  points = parity.grid(config, 112)
+  points = grid.grid(config, 112)
   assert len(points) == 5 and all(p.selection == "blocks" for p in points[1:])
   assert points[0].exact and points[0].selection == "exact"
-  key = parity._keys(config, "tiny-random", prompt, points[1])  # pylint: disable=protected-access
+  key = grid.keys(config, "tiny-random", prompt, points[1])
   assert key == ("tiny-random|float32|p0:abc|N16|xla|dl[|blocks-P16-M1-"
                  "e5.960464477539063e-08]|a1-w8-k4")
   assert points[1].key == "a1-w8-k4-blocks-P16-M1"
@@ -48,9 +48,9 @@ def test_block_grid_takes_only_the_axes_each_mode_uses():
       name="g", model="tiny-random", top_k=(32, 64), window=(8,), anchor=(1,),
       selection=("exact", "blocks", "certified", "bounded"), block_size=(16, 32),
       top_blocks=(2, 4), epsilon=(1e-3, 1e-6))
-  assert parity.is_block_grid(config)
-  parity.check_config(config)
-  points = parity.grid(config, 600)[1:]
+  assert grid.is_block_grid(config)
+  grid.check_config(config)
+  points = grid.grid(config, 600)[1:]
   by_mode = {m: [p for p in points if p.selection == m]
              for m in ("exact", "blocks", "certified", "bounded")}
   assert [p.top_k for p in by_mode["exact"]] == [32, 64]
@@ -63,7 +63,7 @@ def test_block_grid_takes_only_the_axes_each_mode_uses():
       (32, 16), (32, 32), (64, 16), (64, 32)}
   assert len(points) == 2 + 4 + 4 + 4
   assert len({p.key for p in points}) == len(points)
-  specs = {p.key: parity.point_spec(p, config) for p in points}
+  specs = {p.key: grid.point_spec(p, config) for p in points}
   spec = specs["a1-w8-k64-blocks-P32-M2"]
   assert (spec.selection, spec.block_size, spec.top_blocks) == ("blocks", 32, 2)
   assert specs["a1-w8-k0-certified-P16-e1e-06"].epsilon == 1e-6
@@ -84,16 +84,16 @@ def test_bad_block_axes_are_refused(key, value, match):
   config = _block_grid_config()
   config.attention[key] = value
   with pytest.raises(ConfigError, match=match):
-    parity.check_config(config)
+    grid.check_config(config)
 
 
 def test_smollm2_blocks_config():
   for size in ("small", "medium", None):
     config = cli.load_config("smollm2_blocks.py" + (f":size={size}" if size else ""))
-    parity.check_config(config)
+    grid.check_config(config)
     assert config.model.name == "smollm2-135m" and config.attention.anchor == (16,)
     assert config.attention.window == (64,)
-    points = parity.grid(config, max(config.prompts.lengths) + config.generate.new_tokens)
+    points = grid.grid(config, max(config.prompts.lengths) + config.generate.new_tokens)
     keys = {p.key for p in points}
     # Exact selection at the same budget as P=64 M=16 blocks, and certified at 1e-3.
     assert {"a16-w64-k1024", "a16-w64-k1024-blocks-P64-M16",
@@ -165,7 +165,7 @@ def test_block_grid_resumes_and_reads_rows_without_new_fields(grid_run, tmp_path
   old = []
   for row in _rows(workdir):
     if row["kind"] == "condensate":
-      row["point_key"] = parity.GridPoint(**row["point"]).budget_key
+      row["point_key"] = grid.GridPoint(**row["point"]).budget_key
       for name in ("set_size_mean", "set_size_max", "set_size_last_mean"):
         row.pop(name)
     old.append(json.dumps(row))
@@ -185,13 +185,13 @@ def test_block_rank_and_query_blocks_reach_the_spec_keys_and_summary(tmp_path):
                                 anchor=(1,), lengths=(96,), num_prompts=1, new_tokens=4,
                                 selection="blocks", block_size=16, top_blocks=1,
                                 block_rank="centre", query_blocks=True)
-  points = parity.grid(config, 100)
-  spec = parity.point_spec(points[1], config)
+  points = grid.grid(config, 100)
+  spec = grid.point_spec(points[1], config)
   assert (spec.selection, spec.block_rank, spec.query_blocks) == ("blocks", "centre", True)
-  gate = parity.point_spec(points[0], config)                  # the covering point: exact
+  gate = grid.point_spec(points[0], config)                  # the covering point: exact
   assert (gate.selection, gate.block_rank, gate.query_blocks) == ("exact", "bound", False)
   prompt = type("P", (), {"id": "p0", "sha": "abc"})()
-  key = parity._keys(config, "tiny-random", prompt, points[1])  # pylint: disable=protected-access
+  key = grid.keys(config, "tiny-random", prompt, points[1])
   assert key.endswith("-rcentre-qb]|a1-w8-k8")
   parity.run(config, tmp_path, load_model=fake_lm.loader(), progress=False)
   rows = [r for r in _rows(tmp_path) if r["kind"] == "condensate" and not r["covers"]]
@@ -199,9 +199,9 @@ def test_block_rank_and_query_blocks_reach_the_spec_keys_and_summary(tmp_path):
   assert "| blocks centre query-blocks | 16 | 1 |" in (tmp_path / "summary.md").read_text()
   config.attention.block_rank = "mean"
   with pytest.raises(ConfigError, match="block_rank='mean'"):
-    parity.point_spec(points[1], config)
+    grid.point_spec(points[1], config)
   # a typo is refused even where the option would not apply (exact selection)
   exact = common.parity_config(name="e", model="tiny-random", top_k=(8,), window=(8,),
                                block_rank="centr")
   with pytest.raises(ConfigError, match="block_rank='centr'"):
-    parity.check_config(exact)
+    grid.check_config(exact)

@@ -4,7 +4,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli, parity
+from experiments import cli, grid
 from experiments.errors import ConfigError
 
 CONFIGS = cli.available_configs()
@@ -22,12 +22,12 @@ def test_expected_configs_exist():
 def test_parity_config(name):
   config = cli.load_config(name)
   assert config.job == "parity"
-  parity.check_config(config)
+  grid.check_config(config)
   module_doc = open(cli.CONFIG_DIR / name).read().split('"""')[1]
   assert module_doc.splitlines()[0].startswith(f"python -m experiments.run --config={name}")
   assert "Runtime" in module_doc and "Expected result" in module_doc
   assert config.generate.new_tokens >= 1
-  points = parity.grid(config, max(config.prompts.lengths) + config.generate.new_tokens)
+  points = grid.grid(config, max(config.prompts.lengths) + config.generate.new_tokens)
   assert points[0].covering and points[0].budget >= max(config.prompts.lengths)
   assert len(points) == 1 + len(config.attention.top_k) * len(
       config.attention.window) * len(config.attention.anchor)
@@ -70,9 +70,18 @@ def test_command_line_overrides_through_config_flags():
     config.new_key = 1  # locked
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_names_a_job_of_the_table(name):
+  config = cli.load_config(name)
+  assert config.job in cli.JOBS
+  assert callable(cli.job_module(config.job).run)
+
+
 def test_unknown_job_is_a_clear_error(smoke_config):
   smoke_config.job = "no_such_job"
   with pytest.raises(ConfigError, match="no module experiments.no_such_job"):
+    cli.job_module(smoke_config.job)
+  with pytest.raises(ConfigError, match="fast_bench, kernel_bench, parity"):
     cli.job_module(smoke_config.job)
 
 
@@ -87,4 +96,4 @@ def test_bad_config_values(smoke_config, key, value, match):
   section, field = key.split(".")
   smoke_config[section][field] = value
   with pytest.raises(ConfigError, match=match):
-    parity.check_config(smoke_config)
+    grid.check_config(smoke_config)

@@ -1,9 +1,9 @@
-"""experiments.kernel_profile: aggregation of a trace's device events."""
+"""experiments.bench.profile: aggregation of a trace's device events."""
 
 import jax.numpy as jnp
 import pytest
 
-from experiments import kernel_profile
+from experiments.bench import profile as kernel_profile
 
 
 def _trace():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from condensate_jax import attention as attention_lib
-from experiments import cli, parity
+from experiments import cli, grid, parity
 from experiments.errors import GateFailure, ModelUnavailable
 from tests.experiments import fake_lm
 
@@ -106,14 +106,15 @@ def test_resume_after_crash_with_truncated_line(tmp_path, smoke_run):
 
 def _broken(q, k, v, *args, **kwargs):
   """The real masked implementation plus an error of 1e-3 in every output."""
-  out = attention_lib.IMPLEMENTATIONS["xla_masked"](q, k, v, *args, **kwargs)
+  out = attention_lib.resolve_implementation("xla_masked", kwargs["spec"])(q, k, v, *args,
+                                                                          **kwargs)
   if kwargs.get("return_stats"):
     return out[0] + jnp.asarray(1e-3, out[0].dtype), out[1]
   return out + jnp.asarray(1e-3, out.dtype)
 
 
 def test_gate_fails_on_a_broken_implementation(tmp_path, monkeypatch, capsys):
-  monkeypatch.setitem(attention_lib.IMPLEMENTATIONS, "broken_for_test", _broken)
+  monkeypatch.setitem(attention_lib.REGISTERED, "broken_for_test", _broken)
   config = cli.load_config("smoke.py")
   config.attention.implementation = "broken_for_test"
   with pytest.raises(GateFailure, match="exactness gate FAILED"):
@@ -186,7 +187,7 @@ def test_block_selection_points_run_and_are_keyed_apart(tmp_path):
 def _nudged(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window, scale,
             return_stats):
   """Gathered attention plus a 1e-3 relative error: wrong beyond float rounding."""
-  res = attention_lib.IMPLEMENTATIONS["xla_gathered"](
+  res = attention_lib.resolve_implementation("xla_gathered", spec)(
       q, k, v, q_positions, kv_lengths, spec=spec, causal=causal,
       sliding_window=sliding_window, scale=scale, return_stats=return_stats)
   out, stats = res if return_stats else (res, None)
@@ -206,7 +207,7 @@ def test_gate_for_non_bitwise_implementations(tmp_path, monkeypatch):
               and r["covers"]]
   assert covering and all(r["exact"] for r in covering) and result["summary"]
   assert any(r["bitwise_frac"] < 1.0 for r in covering)  # really not bitwise
-  monkeypatch.setitem(attention_lib.IMPLEMENTATIONS, "nudged_for_test", _nudged)
+  monkeypatch.setitem(attention_lib.REGISTERED, "nudged_for_test", _nudged)
   config.attention.implementation = "nudged_for_test"
   with pytest.raises(GateFailure, match="up to float rounding"):
     parity.run(config, tmp_path / "nudged", load_model=fake_lm.loader(), progress=False)
@@ -223,7 +224,7 @@ def test_gate_message_survives_nan_rows_on_resume(tmp_path):
 
 def test_aggregate_propagates_nan_whatever_the_order():
   from experiments import report
-  point = parity.GridPoint(1, 8, 4)
+  point = grid.GridPoint(1, 8, 4)
   base = {"point_key": point.key, "greedy_first_divergence": None, "greedy_exact": True,
           "covers": False, "bitwise_frac": 0.5, "max_ulp_diff": 1, "mean_kl": 0.1,
           "top1_agreement": 1.0, "greedy_prefix": 4, "greedy_n": 4,

@@ -1,10 +1,13 @@
-"""Kernel benchmark job (`config.job == "kernel_bench"`, configs/kernel_bench.py).
+"""Job "kernel_bench" (configs/kernel_bench.py): the exact-selection gather kernel.
 
 For each case: dense XLA, cuDNN, condensate "xla" and "pallas" (selection included), and
 the parts of "pallas": the XLA selection alone, its score matrix alone (the part that
-reads all of K) and the gather kernel alone (indices precomputed). Times are the median over `repeats` loops of `iterations` jitted calls
-(host clock around a loop ending in block_until_ready, after `warmup` calls), on one
-fixed seeded input set. Writes results.json and table.md into workdir; returns the table.
+reads all of K) and the gather kernel alone (indices precomputed), on one fixed seeded
+input set (`synthetic.normal_qkv`). Timing: `timing.time_loop`, the fast-path benchmark's
+method: each sample is one jitted loop of `iterations` chained calls / iterations (device
+time of a call plus one sum over its outputs added to q's first row; no per-call host
+dispatch), after `warmup` untimed loops; the median over `repeats` samples. Writes
+results.json and table.md into workdir; returns the table.
 
 Throughput columns: dense — decode: K+V bytes read / time (GB/s); prefill: causal
 attention FLOPs (2 matmuls, half the T x S square) / time (TFLOP/s). Gather kernel:
@@ -17,39 +20,29 @@ from __future__ import annotations
 import json
 import pathlib
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import condensate_jax as cj
-from condensate_jax import attention as cj_attention
-from condensate_jax import pallas_impl
+from condensate_jax import softmax
+from condensate_jax.impl import pallas_exact, xla_masked
+from experiments.bench import synthetic, tables, timing
 from pallas_kernels.gather_attention import api as gather_api
 from pallas_kernels.gather_attention import arg_specs
 
 
 def _time_ms(fn, args, warmup, iterations, repeats):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(iterations):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / iterations * 1e3)
-  return statistics.median(samples), samples
+  """`timing.time_loop` of fn(*args) in milliseconds: (median, samples)."""
+  median, samples = timing.time_loop(fn, args[0], args[1:], iterations, repeats,
+                                     warmup=warmup)
+  return median * 1e3, [s * 1e3 for s in samples]
 
 
 def _inputs(case, dtype, seed):
-  rng = np.random.default_rng(seed)
-  shapes = ((case.batch, case.q_len, case.q_heads, case.head_dim),
-            (case.batch, case.kv_len, case.kv_heads, case.head_dim),
-            (case.batch, case.kv_len, case.kv_heads, case.head_dim))
-  return tuple(jnp.asarray(rng.standard_normal(s, np.float32), dtype) for s in shapes)
+  return synthetic.normal_qkv(seed, case.batch, case.q_len, case.kv_len, case.q_heads,
+                              case.kv_heads, case.head_dim, dtype)
 
 
 def _functions(case, spec):
@@ -60,9 +53,9 @@ def _functions(case, spec):
   kv_len = jnp.full((b,), s, jnp.int32)
 
   def select(q, k):
-    _, lo, hi, selection = cj_attention._select(q, k, q_pos, kv_len, spec, True, None,
-                                                scale)
-    return pallas_impl.split_set(selection, lo, hi, spec, s, case.q_heads)
+    _, lo, hi, selection = xla_masked.select_scores(q, k, q_pos, kv_len, spec, True, None,
+                                                    scale)
+    return pallas_exact.split_set(selection, lo, hi, spec, s, case.q_heads)
 
   def kernel(q, k, v, shared, head):
     return gather_api.gather_attention(q, k, v, *head, scale=scale, shared_indices=shared[0],
@@ -78,7 +71,7 @@ def _functions(case, spec):
           q, k, v, spec, implementation="pallas")),
       "selection_only": jax.jit(select),
       # The part of the selection that reads all of K: the score matrix alone.
-      "scores_only": jax.jit(lambda q, k: cj_attention._scores(q, k, scale)),
+      "scores_only": jax.jit(lambda q, k: softmax.scores(q, k, scale)),
       "gather_kernel_only": jax.jit(kernel),
   }
 
@@ -88,14 +81,15 @@ def _bench_case(case, config, spec, dtype):
   fns = _functions(case, spec)
   row = {"case": case.name, "B": case.batch, "T": case.q_len, "S": case.kv_len,
          "Hq": case.q_heads, "Hkv": case.kv_heads, "D": case.head_dim}
-  timing = dict(warmup=config.warmup, iterations=config.iterations, repeats=config.repeats)
+  timing_kw = dict(warmup=config.warmup, iterations=config.iterations,
+                   repeats=config.repeats)
   indices = None
   for name, fn in fns.items():
     args = (q, k) if name in ("selection_only", "scores_only") else (q, k, v)
     if name == "gather_kernel_only":
       args = (q, k, v) + indices
     try:
-      ms, samples = _time_ms(fn, args, **timing)
+      ms, samples = _time_ms(fn, args, **timing_kw)
       row[name + "_ms"], row[name + "_samples_ms"] = ms, samples
     except Exception as err:  # e.g. cuDNN unavailable on this platform/shape
       row[name + "_ms"], row[name + "_error"] = None, f"{type(err).__name__}: {err}"[:300]
@@ -126,29 +120,6 @@ def _bench_case(case, config, spec, dtype):
   return row
 
 
-def _fmt(x, digits=3):
-  return "—" if x is None else f"{x:.{digits}g}"
-
-
-def markdown_table(rows):
-  head = ("| case | B | T | S | dense XLA ms | cuDNN ms | best dense thru | cond. XLA ms "
-          "| cond. Pallas ms | = selection ms | (scores ms) | + kernel ms | kernel GB/s "
-          "| kernel / best dense | Pallas / best dense |\n" + "|" + " --- |" * 15)
-  lines = [head]
-  for r in rows:
-    thru = (f"{_fmt(r['best_dense_GBps'])} GB/s" if "best_dense_GBps" in r else
-            f"{_fmt(r['best_dense_TFLOPs'])} TFLOP/s" if "best_dense_TFLOPs" in r else "—")
-    lines.append(
-        f"| {r['case']} | {r['B']} | {r['T']} | {r['S']} | {_fmt(r.get('dense_xla_ms'))} "
-        f"| {_fmt(r.get('cudnn_ms'))} | {thru} | {_fmt(r.get('condensate_xla_ms'))} "
-        f"| {_fmt(r.get('condensate_pallas_ms'))} | {_fmt(r.get('selection_only_ms'))} "
-        f"| {_fmt(r.get('scores_only_ms'))} "
-        f"| {_fmt(r.get('gather_kernel_only_ms'))} | {_fmt(r.get('gather_kernel_GBps'))} "
-        f"| {_fmt(r.get('gather_kernel_only_over_best_dense'))}× "
-        f"| {_fmt(r.get('condensate_pallas_over_best_dense'))}× |")
-  return "\n".join(lines)
-
-
 def run(config, workdir):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +131,7 @@ def run(config, workdir):
          "platform": jax.default_backend(), "jax": jax.__version__,
          "python": platform.python_version(), "spec": str(spec), "dtype": dtype.name,
          "timing": dict(warmup=config.warmup, iterations=config.iterations,
-                        repeats=config.repeats)}
+                        repeats=config.repeats, method="timing.time_loop")}
   rows = []
   for name in config.cases:
     if name not in arg_specs.BENCH_CASES_BY_NAME:
@@ -170,7 +141,7 @@ def run(config, workdir):
     print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("samples_ms")}),
           flush=True)
   table = (f"{env['device']} ({env['platform']}), JAX {env['jax']}, {dtype.name}, "
-           f"{spec}\n\n" + markdown_table(rows))
+           f"{spec}\n\n" + tables.kernel_table(rows))
   (workdir / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
   (workdir / "table.md").write_text(table + "\n")
   return {"table": table, "computed": len(rows), "skipped": 0}
