@@ -10,6 +10,7 @@ Mosaic kernels are compiled. The same test files run everywhere. Import the name
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 PLATFORM = jax.default_backend()
 if PLATFORM == "gpu":
@@ -45,3 +46,10 @@ def assert_close(actual, expected, dtype, what):
   assert np.all(err <= bound), (
       f"{what}: max |err| {err.max():.3g} exceeds {tol} (+rel) at {worst}: "
       f"{a[worst]} vs {e[worst]}")
+
+
+@pytest.fixture
+def smoke_config():
+  """The smoke config (configs/smoke.py), unlocked, so tests may adjust it."""
+  from experiments import cli
+  return cli.load_config("smoke.py")
