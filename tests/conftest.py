@@ -53,3 +53,13 @@ def smoke_config():
   """The smoke config (configs/smoke.py), unlocked, so tests may adjust it."""
   from experiments import cli
   return cli.load_config("smoke.py")
+
+
+@pytest.fixture
+def on_cpu_unless_tpu():
+  """TPU interpret mode runs on the CPU device (also on a GPU host); a TPU compiles."""
+  if PLATFORM == "tpu":
+    yield
+  else:
+    with jax.default_device(jax.devices("cpu")[0]):
+      yield

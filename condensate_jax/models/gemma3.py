@@ -103,14 +103,14 @@ class Gemma3Config:
         raise ValueError(f"HF config {key}={hf[key]!r}: only {allowed} is supported for "
                          "Gemma 3.")
     req = lambda k: hf_config.require(hf, k, FAMILY)
-    layers, head_dim = req("num_hidden_layers"), req("head_dim")
+    n_layers, head_dim = req("num_hidden_layers"), req("head_dim")
     types = hf.get("layer_types")
     if types is None:
       every = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
-      types = cls.pattern(layers, every)
+      types = cls.pattern(n_layers, every)
     local, global_ = _ropes(hf, head_dim)
     return cls(
-        vocab_size=req("vocab_size"), width=req("hidden_size"), num_layers=layers,
+        vocab_size=req("vocab_size"), width=req("hidden_size"), num_layers=n_layers,
         num_heads=req("num_attention_heads"),
         num_kv_heads=hf.get("num_key_value_heads") or req("num_attention_heads"),
         head_dim=head_dim, mlp_width=req("intermediate_size"),

@@ -104,16 +104,16 @@ class LlamaConfig:
                        f"{HF_MODEL_TYPES}.")
     hf_config.check_hf_keys(hf, cls._HANDLED, set(), FAMILY)
     req = lambda k: hf_config.require(hf, k, FAMILY)
-    width, heads, layers = req("hidden_size"), req("num_attention_heads"), \
+    width, heads, n_layers = req("hidden_size"), req("num_attention_heads"), \
         req("num_hidden_layers")
     head_dim = hf.get("head_dim") or width // heads
     rope_params = hf.get("rope_parameters") or hf.get("rope_scaling")
     rope = layers.rope_from_hf(rope_params, theta=hf.get("rope_theta", 10000.0),
                                rotary_dim=head_dim, where="rope_parameters")
-    window, sliding_layers = _sliding(hf, model_type, layers)
+    window, sliding_layers = _sliding(hf, model_type, n_layers)
     qkv_bias = bool(hf.get("attention_bias", model_type == "qwen2"))
     return cls(
-        vocab_size=req("vocab_size"), width=width, num_layers=layers, num_heads=heads,
+        vocab_size=req("vocab_size"), width=width, num_layers=n_layers, num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
         mlp_width=req("intermediate_size"), rope=rope,
         max_length=req("max_position_embeddings"), norm_eps=hf.get("rms_norm_eps", 1e-6),

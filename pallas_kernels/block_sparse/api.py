@@ -22,41 +22,22 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels import util
 from pallas_kernels.block_sparse import gpu_triton, reference, tpu_mosaic
 
 _BEST = {"gpu": ("triton", "reference"), "tpu": ("mosaic_tpu", "reference"),
          "cpu": ("triton", "reference")}
 IMPLEMENTATIONS = ("reference", "triton", "mosaic_tpu")
-_KERNELS = {"triton": gpu_triton, "mosaic_tpu": tpu_mosaic}
+_MODULES = {"reference": reference, "triton": gpu_triton, "mosaic_tpu": tpu_mosaic}
 
 
-def _names(implementation):
-  if implementation is None:
-    return _BEST.get(jax.default_backend(), ("reference",))
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation={implementation!r}: expected None or one of "
-                     f"{list(IMPLEMENTATIONS)}.")
-  return (implementation,)
+def default_implementations(platform: str | None = None) -> tuple[str, ...]:
+  return _BEST.get(platform or jax.default_backend(), ("reference",))
 
 
-def _interpret(interpret):
-  if interpret is None:
-    return jax.default_backend() == "cpu"
-  if not isinstance(interpret, bool):
-    raise ValueError(f"interpret={interpret!r}: expected None, True or False.")
-  return interpret
-
-
-def _dispatch(implementation, op, args, kw, kernel_kw):
-  error = None
-  for name in _names(implementation):
-    try:
-      if name == "reference":
-        return getattr(reference, op)(*args, **kw)
-      return getattr(_KERNELS[name], op)(*args, **kw, **kernel_kw)
-    except NotImplementedError as e:
-      error = e
-  raise NotImplementedError(f"no block-sparse implementation accepts these inputs: {error}")
+def _dispatch(implementation, interpret, op, args, kw, kernel_kw):
+  table = {name: getattr(module, op) for name, module in _MODULES.items()}
+  return util.dispatch(op, table, _BEST, implementation, interpret, args, kw, kernel_kw)
 
 
 def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
@@ -70,18 +51,17 @@ def block_decode(q, k, v, blocks, ranges, *, block_size, scale, anchor, window,
   `reference.combine` merges them.
   """
   kw = dict(block_size=block_size, scale=scale, with_static=with_static)
-  kernel_kw = dict(kernel_kw, anchor=anchor, window=window,
-                   interpret=_interpret(interpret))
-  return _dispatch(implementation, "block_decode", (q, k, v, blocks, ranges), kw, kernel_kw)
+  kernel_kw = dict(kernel_kw, anchor=anchor, window=window)
+  return _dispatch(implementation, interpret, "block_decode", (q, k, v, blocks, ranges), kw,
+                   kernel_kw)
 
 
 def block_prefill(q, k, v, kblocks, kflags, *, block_size, anchor, window, scale,
                   implementation=None, interpret=None, **kernel_kw):
   """Block-sparse causal prefill (see reference.block_prefill); returns (o, lse)."""
   kw = dict(block_size=block_size, anchor=anchor, window=window, scale=scale)
-  kernel_kw = dict(kernel_kw, interpret=_interpret(interpret))
-  return _dispatch(implementation, "block_prefill", (q, k, v, kblocks, kflags), kw,
-                   kernel_kw)
+  return _dispatch(implementation, interpret, "block_prefill", (q, k, v, kblocks, kflags),
+                   kw, kernel_kw)
 
 
 combine = reference.combine

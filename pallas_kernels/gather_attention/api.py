@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels import util
 from pallas_kernels.gather_attention import gpu_triton, reference, tpu_mosaic
 
 IMPLEMENTATIONS = {
@@ -47,24 +48,6 @@ def gather_attention(q, k, v, indices, valid, *, scale=None, shared_indices=None
     o [B, T, Hq, D] in q.dtype, lse [B, Hq, T] float32 (log-sum-exp of the scaled
     scores over the set; -inf and o = 0 for an empty set), so partial results merge.
   """
-  if implementation is None:
-    names = default_implementations()
-  elif implementation in IMPLEMENTATIONS:
-    names = (implementation,)
-  else:
-    raise ValueError(f"implementation={implementation!r}: expected None or one of "
-                     f"{sorted(IMPLEMENTATIONS)}.")
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  if not isinstance(interpret, bool):
-    raise ValueError(f"interpret={interpret!r}: expected None, True or False.")
-  error = None
-  for name in names:
-    kw = dict(scale=scale, shared_indices=shared_indices, shared_valid=shared_valid)
-    if name != "reference":
-      kw.update(kernel_kw, interpret=interpret)
-    try:
-      return IMPLEMENTATIONS[name](q, k, v, indices, valid, **kw)
-    except NotImplementedError as e:  # try the next backend
-      error = e
-  raise NotImplementedError(f"no implementation of {names} accepts these inputs: {error}")
+  kw = dict(scale=scale, shared_indices=shared_indices, shared_valid=shared_valid)
+  return util.dispatch("gather_attention", IMPLEMENTATIONS, _BEST, implementation,
+                       interpret, (q, k, v, indices, valid), kw, kernel_kw)

@@ -12,18 +12,6 @@ import condensate_jax as cj
 from condensate_jax import fast
 from condensate_jax.impl import pallas_blocks
 
-ON_TPU = jax.default_backend() == "tpu"
-
-
-@pytest.fixture
-def on_cpu_unless_tpu():
-  """Interpret mode runs on the CPU device (also on a GPU host); a TPU compiles."""
-  if ON_TPU:
-    yield
-  else:
-    with jax.default_device(jax.devices("cpu")[0]):
-      yield
-
 
 def _qkv(seed, b, t, s, hq, hkv, d, dtype=jnp.float32, gain=1.0):
   rng = np.random.default_rng(seed)

@@ -37,15 +37,6 @@ except TypeError:   # a jax whose InterpretParams lacks the field (NaN is its de
 API_INTERPRET = not ON_TPU
 
 
-@pytest.fixture
-def on_cpu_unless_tpu():
-  """TPU interpret mode runs on the CPU device (also on a GPU host); a TPU compiles."""
-  if ON_TPU:
-    yield
-  else:
-    with jax.default_device(jax.devices("cpu")[0]):
-      yield
-
 
 mosaic = pytest.mark.usefixtures("on_cpu_unless_tpu")
 
@@ -300,7 +291,7 @@ def test_skipped_entries_keep_the_fetched_block():
 
 def test_registered_for_tpu():
   assert "mosaic_tpu" in api.IMPLEMENTATIONS
-  assert api._BEST["tpu"] == ("mosaic_tpu", "reference")
+  assert api.default_implementations("tpu") == ("mosaic_tpu", "reference")
 
 
 @mosaic
