@@ -95,7 +95,11 @@ def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}: expected one of "
                      f"{implementation_names()}.")
-  return _load(IMPLEMENTATIONS[name])
+  try:
+    return _load(IMPLEMENTATIONS[name])
+  except ImportError as err:   # the Pallas implementations need jax.experimental.pallas
+    raise ValueError(f"implementation={implementation!r}: {IMPLEMENTATIONS[name]} did not "
+                     f"import ({type(err).__name__}: {err}); 'xla' needs no Pallas.") from err
 
 
 def dense_attention(q, k, v, *, causal: bool = True, q_positions=None, kv_lengths=None,

@@ -42,7 +42,7 @@ class CondensateSpec:
     query_blocks: "blocks" mode only. False: every query selects its own blocks. True: a
       multi-query call (a prefill chunk, queries at consecutive positions) selects per
       block of `block_size` query rows with the lists of the timed block-sparse prefill
-      (`blocks_pallas.prefill_lists`: the block's centre query ranked against key-block
+      (`selection.prefill_lists`: the block's centre query ranked against key-block
       boxes, top `top_blocks`, plus anchor and window), so a model's parity is measured
       with the sets the prefill kernel computes. Single-query (decode) calls are
       unchanged. Each query's certificate still comes from its own bounds.

@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from condensate_jax import geometry, softmax
+from condensate_jax import geometry, softmax, validation
 from condensate_jax.impl import xla_blocks
 from condensate_jax.selection import bounds, order as order_lib
 from condensate_jax.selection import summaries as summaries_lib
@@ -162,6 +162,7 @@ def condensate_pallas_blocks(q, k, v, q_positions, kv_lengths, *, spec, causal,
                              num_splits=8):
   """`implementation="pallas"` for a block-selection spec on validated inputs, with
   optional precomputed `summaries` (None: built from k). Same sets as the XLA spec."""
+  validation.check_block_spec(spec)   # at trace time: spec is static
   if spec.query_blocks and q.shape[1] > 1:
     # the prefill lists as a masked softmax (the same sets as prefill_step's kernel,
     # which assumes a full-length cache; see xla_blocks.query_block_prefill)

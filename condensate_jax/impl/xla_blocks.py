@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from condensate_jax import geometry, softmax
+from condensate_jax import geometry, softmax, validation
 from condensate_jax.selection import bounds, order as order_lib, prefill_lists as lists_lib
 from condensate_jax.selection import summaries as summaries_lib
 from condensate_jax.softmax import HIGHEST, NEG_INF, gather_rows
@@ -348,6 +348,7 @@ def condensate_xla_blocks(q, k, v, q_positions, kv_lengths, *, spec, causal,
                           sliding_window, scale, return_stats, summaries=None):
   """`implementation="xla"` for a block-selection spec on validated inputs; `summaries`
   (None: built from k) are the BlockSummaries of k at spec.block_size."""
+  validation.check_block_spec(spec)   # at trace time: spec is static
   lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
                                   sliding_window=sliding_window)
   if summaries is None:

@@ -1,6 +1,6 @@
 """Independent float64 NumPy reference of block-summary selection ("blocks", "certified").
 
-Plain loops from the definition (condensate_jax/blocks.py docstring), sharing no code
+Plain loops from the definition (condensate_jax/impl/xla_blocks.py docstring), sharing no code
 with condensate_jax: block bounds in the elementwise form
 U_b = scale * sum_d max(q_d * min_bd, q_d * max_bd) over the keys < kv_length of block b,
 the GQA group orders blocks by max over its heads of U_hb - max_b' U_hb' (ties to the
