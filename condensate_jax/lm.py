@@ -17,16 +17,40 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from condensate_jax import attention as attention_lib
 from condensate_jax import generate as gen
 from condensate_jax.models import layers
 from condensate_jax.spec import CondensateSpec
 
 
-def _check_attention(attention):
+def _check_attention(attention, implementation, num_layers: int):
+  """attention: None or a CondensateSpec whose dense_layers exist in the model;
+  implementation: a name `condensate_attention` takes for it (checked also when the run
+  is dense, so a typo never passes silently). Returns attention."""
   if attention is not None and not isinstance(attention, CondensateSpec):
     raise ValueError(f"attention={attention!r}: expected None (dense) or a "
                      "condensate_jax.CondensateSpec.")
+  if attention is None:
+    if not isinstance(implementation, str) or (
+        implementation not in attention_lib.implementation_names()):
+      raise ValueError(f"implementation={implementation!r}: expected one of "
+                       f"{attention_lib.implementation_names()}.")
+    return None
+  beyond = [i for i in attention.dense_layers if i >= num_layers]
+  if beyond:
+    raise ValueError(f"attention.dense_layers={attention.dense_layers!r}: layers {beyond} "
+                     f"do not exist; expected indices in [0, {num_layers - 1}] "
+                     f"(the model has {num_layers} layers).")
+  attention_lib.resolve_implementation(implementation, attention)
   return attention
+
+
+def _check_count(name, value, lo, hi=None):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (
+      hi is not None and value > hi):
+    allowed = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]"
+    raise ValueError(f"{name}={value!r}: expected {allowed}.")
+  return int(value)
 
 
 def _check_flag(name, value):
@@ -72,7 +96,12 @@ class LanguageModel:
     return list(self.tokenizer.encode(text).ids)
 
   def decode(self, ids) -> str:
-    return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+    arr = np.asarray(ids)
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0
+                     or arr.max() >= self.vocab_size):
+      raise ValueError(f"ids: expected integer token ids in [0, {self.vocab_size - 1}], got "
+                       f"dtype {arr.dtype} with values in [{arr.min()}, {arr.max()}].")
+    return self.tokenizer.decode([int(i) for i in arr.reshape(-1)],
                                  skip_special_tokens=False)
 
   # ----------------------------------------------------------------- compute
@@ -96,7 +125,8 @@ class LanguageModel:
     """Teacher-forced logits [B,T,V] float32; optionally the stacked AttentionStats."""
     tokens = self._tokens(tokens)
     return gen.forward(self.graphdef, self.state, tokens,
-                       attention=_check_attention(attention), implementation=implementation,
+                       attention=_check_attention(attention, implementation, self.num_layers),
+                       implementation=implementation,
                        return_stats=_check_flag("return_stats", return_stats))
 
   def generate(self, tokens, max_new_tokens: int, attention: Optional[CondensateSpec] = None,
@@ -111,12 +141,12 @@ class LanguageModel:
       raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1.")
     tokens = self._tokens(tokens, extra=int(max_new_tokens))
     return gen.greedy(self.graphdef, self.state, tokens, max_new_tokens=int(max_new_tokens),
-                      attention=_check_attention(attention), implementation=implementation,
-                      cfg=self.config, dtype=self.dtype)
+                      attention=_check_attention(attention, implementation, self.num_layers),
+                      implementation=implementation, cfg=self.config, dtype=self.dtype)
 
   def init_cache(self, batch: int, max_len: int):
-    if not 1 <= max_len <= self.max_length:
-      raise ValueError(f"max_len={max_len!r}: expected 1..{self.max_length}.")
+    batch = _check_count("batch", batch, 1)
+    max_len = _check_count("max_len", max_len, 1, self.max_length)
     return gen.init_cache(self.config, batch, max_len, self.dtype)
 
   def step(self, tokens, cache, attention: Optional[CondensateSpec] = None,
@@ -129,4 +159,5 @@ class LanguageModel:
     """
     tokens = self._tokens(tokens)
     return gen.step(self.graphdef, self.state, tokens, cache,
-                    attention=_check_attention(attention), implementation=implementation)
+                    attention=_check_attention(attention, implementation, self.num_layers),
+                    implementation=implementation)

@@ -15,10 +15,14 @@ SELECTIONS = ("exact", "bounded", "blocks", "certified")
 BLOCK_RANKS = ("bound", "centre")
 
 
+INT32_MAX = 2**31 - 1   # positions, counts and sizes are int32 inside the kernels
+
+
 def _check_int(name: str, value, *, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+  if isinstance(value, bool) or not isinstance(value, int) or not (
+      minimum <= value <= INT32_MAX):
     raise ValueError(
-        f"CondensateSpec.{name}={value!r}: expected an int >= {minimum}.")
+        f"CondensateSpec.{name}={value!r}: expected an int in [{minimum}, {INT32_MAX}].")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensate_jax.spec import SELECTIONS, check_spec
+from condensate_jax.spec import INT32_MAX, SELECTIONS, check_spec
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -84,18 +84,32 @@ def prepare(q, k, v, *, causal, q_positions, kv_lengths, sliding_window, scale):
     raise ValueError(f"causal={causal!r}: expected True or False.")
   if sliding_window is not None and (isinstance(sliding_window, bool) or
                                      not isinstance(sliding_window, (int, np.integer))
-                                     or sliding_window < 1):
-    raise ValueError(f"sliding_window={sliding_window!r}: expected None or an int >= 1.")
+                                     or not 1 <= sliding_window <= INT32_MAX):
+    raise ValueError(f"sliding_window={sliding_window!r}: expected None or an int in "
+                     f"[1, {INT32_MAX}].")
   if scale is None:
     scale = 1.0 / float(np.sqrt(d))
   elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or (
       not np.isfinite(scale)) or scale <= 0:
     raise ValueError(f"scale={scale!r}: expected None or a finite float > 0.")
+  kv_given = kv_lengths is not None
   if kv_lengths is None:
     kv_lengths = jnp.full((b,), s, jnp.int32)
   else:
     kv_lengths = check_int_array("kv_lengths", kv_lengths, (b,), 0, s)
   if q_positions is None:
+    # default: the last T positions before each row's length. A row with 0 < length < T
+    # would put some queries at negative positions: refused (an empty row, length 0, is
+    # a row with no visible key, whose queries give 0)
+    short = None
+    if is_concrete(kv_lengths):
+      lengths = np.asarray(kv_lengths)
+      short = lengths[(lengths > 0) & (lengths < t)]
+    if short is not None and short.size:
+      where = (f"kv_lengths={np.asarray(kv_lengths).tolist()}" if kv_given
+               else f"k.shape[1]={s}")
+      raise ValueError(f"{where}: q.shape[1]={t} queries with default positions need "
+                       f"at least {t} keys in every non-empty row; pass q_positions.")
     q_positions = kv_lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)
   else:
     q_positions = check_int_array("q_positions", q_positions, (b, t), 0, s - 1)
@@ -112,10 +126,15 @@ def check_bool(name, value):
   return bool(value)
 
 
-def check_block_size(block_size):
-  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or (
-      block_size < 1):
-    raise ValueError(f"block_size={block_size!r}: expected an int >= 1.")
+def check_block_size(block_size, num_keys=None):
+  """block_size: an int >= 1 whose padded cache (num_keys rounded up to it) fits int32."""
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or not (
+      1 <= block_size <= INT32_MAX):
+    raise ValueError(f"block_size={block_size!r}: expected an int in [1, {INT32_MAX}].")
+  if num_keys is not None and -(-int(num_keys) // int(block_size)) * int(block_size) > (
+      INT32_MAX):
+    raise ValueError(f"block_size={block_size!r} with {num_keys} keys: the padded length "
+                     f"exceeds {INT32_MAX} positions.")
   return int(block_size)
 
 

@@ -43,8 +43,8 @@ def num_blocks(num_keys: int, block_size: int) -> int:
 def build_summaries(k, block_size: int, kv_lengths=None) -> BlockSummaries:
   """Summaries of k [B, S, Hkv, D]; keys at positions >= kv_lengths[b] are ignored."""
   validation.check_keys(k)
-  p = validation.check_block_size(block_size)
   b, s, _, _ = k.shape
+  p = validation.check_block_size(block_size, s)
   if kv_lengths is None:
     kv_lengths = jnp.full((b,), s, jnp.int32)
   else:
@@ -69,7 +69,7 @@ def build(k, kv_lengths, p):
 def empty_summaries(batch: int, capacity: int, num_kv_heads: int, head_dim: int,
                     block_size: int, dtype=jnp.float32) -> BlockSummaries:
   """Summaries of an empty cache of `capacity` positions (every block empty)."""
-  p = validation.check_block_size(block_size)
+  p = validation.check_block_size(block_size, capacity)
   shape = (batch, num_blocks(capacity, p), num_kv_heads, head_dim)
   return BlockSummaries(jnp.full(shape, jnp.inf, dtype), jnp.full(shape, -jnp.inf, dtype), p)
 

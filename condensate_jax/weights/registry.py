@@ -79,6 +79,9 @@ def load_model(name_or_path, dtype="float32"):
     raise ValueError(f"name_or_path={name_or_path!r}: expected a str or path.")
   layers.check_dtype(dtype)
   name = os.fspath(name_or_path)
+  if not name.strip():
+    raise ValueError(f"name_or_path={name!r}: expected a model name (e.g. 'smollm2-135m', "
+                     "'tiny-random'), a hub id, a local directory or a .gguf path.")
   if name == "tiny-random" or name.startswith("tiny-random-"):
     family = "llamalike" if name == "tiny-random" else name[len("tiny-random-"):]
     if family not in TINY_FAMILIES:
