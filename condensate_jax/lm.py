@@ -19,6 +19,7 @@ from flax import nnx
 
 from condensate_jax import attention as attention_lib
 from condensate_jax import generate as gen
+from condensate_jax import validation
 from condensate_jax.models import layers
 from condensate_jax.spec import CondensateSpec
 
@@ -51,12 +52,6 @@ def _check_count(name, value, lo, hi=None):
     allowed = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]"
     raise ValueError(f"{name}={value!r}: expected {allowed}.")
   return int(value)
-
-
-def _check_flag(name, value):
-  if not isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"{name}={value!r}: expected True or False.")
-  return bool(value)
 
 
 class LanguageModel:
@@ -127,7 +122,7 @@ class LanguageModel:
     return gen.forward(self.graphdef, self.state, tokens,
                        attention=_check_attention(attention, implementation, self.num_layers),
                        implementation=implementation,
-                       return_stats=_check_flag("return_stats", return_stats))
+                       return_stats=validation.check_bool("return_stats", return_stats))
 
   def generate(self, tokens, max_new_tokens: int, attention: Optional[CondensateSpec] = None,
                implementation: str = "xla"):
@@ -135,12 +130,9 @@ class LanguageModel:
 
     Always produces exactly max_new_tokens per row (no stop at an end-of-text token).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens,
-                                                           (int, np.integer)) \
-        or max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1.")
-    tokens = self._tokens(tokens, extra=int(max_new_tokens))
-    return gen.greedy(self.graphdef, self.state, tokens, max_new_tokens=int(max_new_tokens),
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 1)
+    tokens = self._tokens(tokens, extra=max_new_tokens)
+    return gen.greedy(self.graphdef, self.state, tokens, max_new_tokens=max_new_tokens,
                       attention=_check_attention(attention, implementation, self.num_layers),
                       implementation=implementation, cfg=self.config, dtype=self.dtype)
 

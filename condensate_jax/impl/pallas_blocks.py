@@ -50,10 +50,6 @@ def decode_parts(q, k, v, blocks, ranges, spec, scale, with_static=True):
   return o, lse.reshape(b, hkv, g, t, ns)
 
 
-def _static_set(lo, hi, spec, s_len):
-  return geometry.static_positions(lo, hi, spec, s_len)
-
-
 def select_blocks_mode(q, k, v, summ, lo, hi, spec, scale, num_splits):
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
@@ -72,8 +68,8 @@ def select_blocks_mode(q, k, v, summ, lo, hi, spec, scale, num_splits):
   r = jnp.sum(has[..., :m], -1, dtype=jnp.int32)
   n_exp = jnp.sum(jnp.where(has[..., :m], n_sorted[..., :m], 0), -1, dtype=jnp.int32)
   log_delta = jnp.take_along_axis(tail, r[:, :, None, :, None], axis=-1)[..., 0]
-  return o, lse, xla_blocks.BlockSet(order, r, n_exp, *_static_set(lo, hi, spec, s_len),
-                                     log_delta)
+  st_idx, st_ok = geometry.static_positions(lo, hi, spec, s_len)
+  return o, lse, xla_blocks.BlockSet(order, r, n_exp, st_idx, st_ok, log_delta)
 
 
 def select_certified(q, k, v, summ, lo, hi, spec, scale):
@@ -133,8 +129,8 @@ def select_certified(q, k, v, summ, lo, hi, spec, scale):
   _, o_acc, lse_acc, r, n_read, _ = jax.lax.while_loop(
       cond, body, (jnp.int32(0), o_acc, lse_acc, zeros, zeros, alive0))
   log_delta = jnp.take_along_axis(tail, r[:, :, None, :, None], axis=-1)[..., 0]
-  return o_acc, lse_acc, xla_blocks.BlockSet(order, r, n_read,
-                                             *_static_set(lo, hi, spec, s_len), log_delta)
+  st_idx, st_ok = geometry.static_positions(lo, hi, spec, s_len)
+  return o_acc, lse_acc, xla_blocks.BlockSet(order, r, n_read, st_idx, st_ok, log_delta)
 
 
 def bounded(q, k, v, summ, lo, hi, spec, scale):
