@@ -11,9 +11,10 @@ implementation share one softmax (`softmax.masked_softmax`); when a query's set 
 every visible key the outputs are bitwise equal. `BITWISE_DENSE` names the
 implementations that promise this; the others agree to float rounding.
 
-NaN or Inf in q, k or v propagate to the outputs of the queries that read them (and,
-as in any masked attention, a NaN in v at a masked position reaches every query of that
-row through 0 * NaN); nothing raises.
+Non-finite inputs (`finite.py`): a query that reads a NaN / Inf (its q row, the k or v
+row of a key it can see, the summary of a block it can see) gets a NaN output and NaN
+mass stats; every other query is unaffected (no 0 * NaN leak through masked positions);
+nothing raises.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import types
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 
-from condensate_jax import validation
+from condensate_jax import finite, validation
 from condensate_jax.impl import xla_masked
 from condensate_jax.selection import summaries as summaries_lib
 from condensate_jax.spec import CondensateSpec, check_spec
@@ -121,9 +123,13 @@ def dense_attention(q, k, v, *, causal: bool = True, q_positions=None, kv_length
   kv_lengths, q_positions, scale = validation.prepare(
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
-  return xla_masked.dense(q, k, v, q_positions, kv_lengths, causal=bool(causal),
-                          sliding_window=validation.static_window(sliding_window),
-                          scale=scale)
+  window = validation.static_window(sliding_window)
+  bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
+                               sliding_window=window)
+  out = xla_masked.dense(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v),
+                         q_positions, kv_lengths, causal=bool(causal),
+                         sliding_window=window, scale=scale)
+  return finite.poison(out, bad)
 
 
 def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
@@ -149,17 +155,29 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
   kv_lengths, q_positions, scale = validation.prepare(
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
-  kwargs = {}
+  kwargs, summary_arrays = {}, None
   if summaries is not None:
     if spec.selection == "exact":
       raise ValueError("summaries: given with spec.selection='exact', which scores every "
                        "key; block summaries serve the block-selection modes "
                        f"{validation.BLOCK_SELECTIONS}.")
     summaries_lib.check_summaries(summaries, k, spec)
-    kwargs["summaries"] = summaries
-  return fn(q, k, v, q_positions, kv_lengths, spec=spec, causal=bool(causal),
-            sliding_window=validation.static_window(sliding_window), scale=scale,
-            return_stats=return_stats, **kwargs)
+    summary_arrays = (summaries.kmin, summaries.kmax, summaries.block_size)
+    kwargs["summaries"] = summaries_lib.BlockSummaries(
+        *finite.sanitize_summaries(summaries.kmin, summaries.kmax), summaries.block_size)
+  window = validation.static_window(sliding_window)
+  bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
+                               sliding_window=window, summaries=summary_arrays)
+  result = fn(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v), q_positions,
+              kv_lengths, spec=spec, causal=bool(causal), sliding_window=window,
+              scale=scale, return_stats=return_stats, **kwargs)
+  if not return_stats:
+    return finite.poison(result, bad)
+  out, stats = result
+  out = finite.poison(out, bad)
+  # also where the output overflowed (finite inputs, scores or sums beyond float range)
+  bad_out = ~jnp.all(jnp.isfinite(out), axis=-1)
+  return out, finite.poison_stats(stats, bad_out.transpose(0, 2, 1))
 
 
 def condensate_mask(q, k, spec: CondensateSpec, *, causal: bool = True, q_positions=None,

@@ -21,6 +21,7 @@ from condensate_jax import attention as attention_lib
 from condensate_jax import generate as gen
 from condensate_jax import validation
 from condensate_jax.models import layers
+from condensate_jax.models.kv_cache import KVCache
 from condensate_jax.spec import CondensateSpec
 
 
@@ -101,7 +102,20 @@ class LanguageModel:
 
   # ----------------------------------------------------------------- compute
   def _tokens(self, tokens, extra: int = 0, name: str = "tokens"):
-    arr = np.asarray(tokens) if not hasattr(tokens, "dtype") else tokens
+    if hasattr(tokens, "dtype"):
+      arr = tokens
+    else:
+      try:
+        arr = np.asarray(tokens)
+      except (ValueError, TypeError):   # ragged rows
+        lengths = [len(row) if hasattr(row, "__len__") else None for row in tokens]
+        raise ValueError(f"{name}: rows of lengths {lengths[:8]}"
+                         f"{'...' if len(lengths) > 8 else ''}: expected a rectangular "
+                         "[B, T] batch of ids (pad the rows to one length, or run them "
+                         "one at a time).") from None
+      if arr.dtype == object:
+        raise ValueError(f"{name}: expected a rectangular [B, T] batch of integer ids, "
+                         f"got {type(tokens).__name__} of mixed rows.")
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
       raise ValueError(f"{name}.shape={tuple(arr.shape)}: expected [B, T] with B, T >= 1.")
     if not jnp.issubdtype(arr.dtype, jnp.integer):
@@ -141,15 +155,37 @@ class LanguageModel:
     max_len = _check_count("max_len", max_len, 1, self.max_length)
     return gen.init_cache(self.config, batch, max_len, self.dtype)
 
+  def _check_cache(self, cache, shape):
+    """cache: a KVCache of this model for a batch of `shape[0]` rows with room for
+    shape[1] more tokens (checked where its lengths are concrete)."""
+    if not isinstance(cache, KVCache):
+      raise ValueError(f"cache: expected a KVCache (lm.init_cache), got "
+                       f"{type(cache).__name__}.")
+    if len(cache.k) != self.num_layers:
+      raise ValueError(f"cache has {len(cache.k)} layers: expected {self.num_layers} "
+                       "(a cache of this model, lm.init_cache).")
+    b, t = shape
+    rows, capacity = cache.k[0].shape[0], cache.k[0].shape[1]
+    if rows != b:
+      raise ValueError(f"tokens.shape={tuple(shape)}: the cache holds {rows} rows; "
+                       f"expected tokens with {rows} rows (or lm.init_cache({b}, ...)).")
+    if validation.is_concrete(cache.lengths):
+      longest = int(np.max(np.asarray(cache.lengths)))
+      if longest + t > capacity:
+        raise ValueError(f"tokens.shape={tuple(shape)}: a cache row holds {longest} of "
+                         f"{capacity} positions, no room for {t} more (a larger "
+                         "lm.init_cache max_len).")
+
   def step(self, tokens, cache, attention: Optional[CondensateSpec] = None,
            implementation: str = "xla"):
     """Feeds tokens [B,T] through `cache`: (logits [B,T,V] float32, updated cache).
 
-    The caller keeps cache.lengths + T <= the cache size (writes past it are clipped).
+    cache.lengths + T must fit the cache (refused where the lengths are concrete).
     With a block-selection spec the returned cache carries the layers' block summaries
     (built on the first call, appended on later ones; see `KVCache`).
     """
     tokens = self._tokens(tokens)
+    self._check_cache(cache, tokens.shape)
     return gen.step(self.graphdef, self.state, tokens, cache,
                     attention=_check_attention(attention, implementation, self.num_layers),
                     implementation=implementation)

@@ -132,18 +132,34 @@ def combine_splits(o, lse):
 
 def mass_stats(scores, in_set, visible, eps, scored) -> AttentionStats:
   """AttentionStats [B, Hq, T] from scores [B, K, G, T, S], the set and visible masks,
-  the certified eps [B, K, G, T] and the keys scored (broadcastable to [B, K, G, T])."""
+  the certified eps [B, K, G, T] and the keys scored (broadcastable to [B, K, G, T]).
+  Non-finite scores among the visible keys give NaN masses."""
   visible = jnp.broadcast_to(visible, scores.shape)
-  m = jnp.max(jnp.where(visible, scores, NEG_INF), -1, keepdims=True)
-  m = jnp.where(jnp.isneginf(m), 0.0, m)
-  e = jnp.where(visible, jnp.exp(scores - m), 0.0)
-  z_all = jnp.sum(e, -1)
-  safe = jnp.where(z_all > 0, z_all, 1.0)
-  captured = jnp.where(z_all > 0, jnp.sum(jnp.where(in_set, e, 0.0), -1) / safe, 1.0)
-  dropped = jnp.where(z_all > 0, jnp.sum(jnp.where(in_set, 0.0, e), -1) / safe, 0.0)
+  captured, dropped = mass_split(scores, in_set, visible)
   set_size = jnp.sum(in_set & visible, -1, dtype=jnp.int32)
   n_visible = jnp.sum(visible, -1, dtype=jnp.int32)
   scored = jnp.broadcast_to(scored, set_size.shape)
   h = heads_last
   return AttentionStats(h(captured), h(dropped), h(eps), h(set_size), h(n_visible),
                         h(scored))
+
+
+def mass_split(scores, in_set, visible):
+  """(captured, dropped) [B, K, G, T]: the dense softmax mass over `visible` of the keys
+  in `in_set` and of the others, each summed directly (accurate when tiny); 1 / 0 where
+  nothing is visible, NaN where a visible score is not finite.
+
+  z_all is the sum of the two parts, so captured + dropped = 1 and captured <= 1 even
+  where XLA evaluates exp(s - m) in each reduction differently (seen on CPU: at scale
+  1e5 a fused multiply-add put s - m an ulp of the score above 0, captured 1.027; at
+  1e10 exp overflowed); exp(min(s - m, 0)) keeps each term <= 1 (s <= m exactly)."""
+  m, _ = masked_lse(scores, visible)
+  e = jnp.where(visible, jnp.exp(jnp.minimum(scores - m[..., None], 0.0)), 0.0)
+  z_set = jnp.sum(jnp.where(in_set, e, 0.0), -1)
+  z_drop = jnp.sum(jnp.where(in_set, 0.0, e), -1)
+  z_all = z_set + z_drop
+  safe = jnp.where(z_all > 0, z_all, 1.0)
+  bad = jnp.any(visible & ~jnp.isfinite(scores), -1)
+  captured = jnp.where(bad, jnp.nan, jnp.where(z_all > 0, z_set / safe, 1.0))
+  dropped = jnp.where(bad, jnp.nan, jnp.where(z_all > 0, z_drop / safe, 0.0))
+  return captured, dropped

@@ -87,11 +87,7 @@ def prepare(q, k, v, *, causal, q_positions, kv_lengths, sliding_window, scale):
                                      or not 1 <= sliding_window <= INT32_MAX):
     raise ValueError(f"sliding_window={sliding_window!r}: expected None or an int in "
                      f"[1, {INT32_MAX}].")
-  if scale is None:
-    scale = 1.0 / float(np.sqrt(d))
-  elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or (
-      not np.isfinite(scale)) or scale <= 0:
-    raise ValueError(f"scale={scale!r}: expected None or a finite float > 0.")
+  scale = check_scale(scale, d)
   kv_given = kv_lengths is not None
   if kv_lengths is None:
     kv_lengths = jnp.full((b,), s, jnp.int32)
@@ -113,7 +109,21 @@ def prepare(q, k, v, *, causal, q_positions, kv_lengths, sliding_window, scale):
     q_positions = kv_lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)
   else:
     q_positions = check_int_array("q_positions", q_positions, (b, t), 0, s - 1)
-  return kv_lengths, q_positions, float(scale)
+  return kv_lengths, q_positions, scale
+
+
+def check_scale(scale, head_dim: int, *, optional: bool = True) -> float:
+  """scale: None (1/sqrt(head_dim), when optional) or a float > 0 that stays finite and
+  nonzero in float32 (the scores are float32)."""
+  if scale is None and optional:
+    return 1.0 / float(np.sqrt(head_dim))
+  if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or (
+      not np.isfinite(scale)) or not (scale <= float(np.finfo(np.float32).max) and
+                                      np.float32(scale) > 0):
+    raise ValueError(f"scale={scale!r}: expected {'None or ' if optional else ''}a float "
+                     "> 0 that stays finite and nonzero in float32 (at most "
+                     f"{np.finfo(np.float32).max:.4g}, at least 1.4e-45).")
+  return float(scale)
 
 
 def static_window(sliding_window):

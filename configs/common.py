@@ -21,6 +21,8 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
   prompts.files         comma-separated .txt / .jsonl paths ("" = built-in texts)
   generate.new_tokens   greedy tokens per prompt (default 128)
   job                   "parity" (this schema) or another job of experiments.cli.JOBS
+  resume                "match" (default: a rerun resumes only the same config) or
+                        "extend" (add this config's rows to another config's workdir)
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
   # failing implementation (the run then still reports the failure in summary.md).
   config.gate = True
   config.plots = True
+  # Rerunning a workdir resumes it when the config is the same ("match"); "extend" adds
+  # this config's rows to a workdir that holds another config's rows.
+  config.resume = "match"
   return config
 
 

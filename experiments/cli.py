@@ -100,6 +100,10 @@ def main(config, workdir: Optional[str]) -> int:
   except ExperimentError as err:
     print(f"\nerror: {err}", file=sys.stderr)
     return 1
+  except OSError as err:   # e.g. the disk filled up while writing a row
+    print(f"\nerror: {type(err).__name__}: {err}. Finished rows are saved; rerun with "
+          "the same --workdir to resume.", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print("\ninterrupted: finished rows are saved; rerun with the same --workdir to "
           "resume.", file=sys.stderr)

@@ -165,8 +165,14 @@ def check_config(config) -> None:
   _int_tuple(config.attention.window, "attention.window", 0)
   _int_tuple(config.attention.anchor, "attention.anchor", 0)
   _check_block_axes(config)
-  for variant in selection_variants(config):  # every spec of the grid is valid
-    point_spec(GridPoint(0, 0, **variant), config)
+  specs = [point_spec(GridPoint(0, 0, **variant), config)  # every spec of the grid
+           for variant in selection_variants(config)]
+  specs.append(point_spec(GridPoint(0, 0, 0, covering=True), config))
+  for spec in specs:   # the implementation serves every point (before any row runs)
+    try:
+      cj.attention.resolve_implementation(config.attention.implementation, spec)
+    except ValueError as err:
+      raise ConfigError(f"config.attention.implementation: {err}") from None
   if tuple(config.attention.dense_layers):
     _int_tuple(config.attention.dense_layers, "attention.dense_layers", 0)
   _int_tuple(config.prompts.lengths, "prompts.lengths", 1)

@@ -10,7 +10,10 @@ import pathlib
 import platform
 import subprocess
 import sys
+import tempfile
 from typing import Any
+
+from experiments.errors import ConfigError, ExperimentError
 
 PACKAGES = ("condensate-jax", "jax", "jaxlib", "flax", "numpy", "ml_collections",
             "tokenizers", "gguf", "safetensors")
@@ -45,13 +48,72 @@ def git_info() -> dict[str, Any]:
     return {"commit": None, "dirty": None}
 
 
+# Config keys that do not change any row (how a run reports, not what it measures).
+NON_RESULT_KEYS = ("resume", "plots", "gate", "name")
+RESUME_MODES = ("match", "extend")
+
+
+def prepare_workdir(workdir) -> pathlib.Path:
+  """Creates workdir (and parents) and checks that it takes files; ExperimentError with
+  the reason otherwise (a path under a file, no permission, a read-only file system)."""
+  workdir = pathlib.Path(workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-"):
+      pass
+  except OSError as err:
+    raise ExperimentError(f"workdir {str(workdir)!r} is not a writable directory "
+                          f"({type(err).__name__}: {err.strerror or err}). Pass another "
+                          "--workdir.") from None
+  return workdir
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _json(value: Any) -> Any:
+  return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def check_resume(workdir: pathlib.Path, config_dict: dict[str, Any], has_rows: bool):
+  """Refuses to add rows of a config to a workdir whose rows came from another one
+  (ConfigError listing the keys that differ), unless config.resume == "extend"."""
+  mode = config_dict.get("resume", "match")
+  if mode not in RESUME_MODES:
+    raise ConfigError(f"config.resume={mode!r}: expected one of {RESUME_MODES}.")
+  path = workdir / "manifest.json"
+  if not has_rows or not path.exists() or mode == "extend":
+    return
+  try:
+    old = json.loads(path.read_text()).get("config", {})
+  except (json.JSONDecodeError, AttributeError, OSError):
+    old = {}
+  new = _flat(_json(config_dict))
+  old = _flat(_json(old))
+  diff = sorted(k for k in set(new) | set(old) if k.split(".")[0] not in NON_RESULT_KEYS
+                and new.get(k, "<absent>") != old.get(k, "<absent>"))
+  if diff:
+    shown = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+                      for k in diff[:6]) + ("; ..." if len(diff) > 6 else "")
+    raise ConfigError(
+        f"workdir {str(workdir)!r} holds rows of another config ({shown}). Use a fresh "
+        "--workdir, or pass --config.resume=extend to add this config's rows to it (the "
+        "summary and plots then cover this config's grid only).")
+
+
 def write_manifest(workdir: pathlib.Path, config_dict: dict[str, Any],
                    extra: dict[str, Any]) -> dict[str, Any]:
   """Writes workdir/manifest.json (atomically) and returns it. A resumed run keeps the
   first start time and appends itself to "runs"."""
   path = workdir / "manifest.json"
   now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-  run = {"started": now, "argv": sys.argv, **extra}
+  run = {"started": now, "argv": sys.argv, "config": config_dict, **extra}
   runs = []
   if path.exists():
     try:

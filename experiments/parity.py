@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import pathlib
 import time
 from typing import Any, Callable, Optional
 
@@ -189,13 +188,13 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   grid.check_config(config)
   lm = load_language_model(config, load_model)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = manifest_lib.prepare_workdir(workdir)
+  store = ResultsStore(workdir / "results.jsonl")
+  manifest_lib.check_resume(workdir, config.to_dict(), has_rows=bool(store.rows))
   model_id = config.model.path or config.model.name
   prompts = make_prompts(config, lm)
   new_tokens = config.generate.new_tokens
   points = grid.grid(config, max(p.length for p in prompts) + new_tokens)
-  store = ResultsStore(workdir / "results.jsonl")
   manifest_lib.write_manifest(workdir, config.to_dict(), {
       "model": model_id, "num_layers": int(lm.num_layers), "max_length": int(lm.max_length),
       "rows_already_done": len(store.rows)})

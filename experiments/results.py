@@ -2,8 +2,10 @@
 
 Each row is written with a single write of a complete line, then flushed and fsynced,
 so a crash or Ctrl-C leaves at worst a truncated last line. Opening the store drops
-such a tail (and only a tail: a malformed line elsewhere is an error), so rerunning the
-same workdir skips the finished rows and redoes the interrupted one.
+such a torn tail (and only a tail that is not a complete row: a complete last row
+without its newline, e.g. from an editor, is kept and the newline added; a malformed
+line elsewhere is a `CorruptResults` error), so rerunning the same workdir skips the
+finished rows and redoes the interrupted one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,21 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+
+from experiments.errors import ExperimentError
+
+
+class CorruptResults(ExperimentError, ValueError):
+  """results.jsonl holds a line that is neither a row nor a torn last line."""
+
+
+def _row_or_none(line: bytes) -> Optional[dict[str, Any]]:
+  try:
+    row = json.loads(line.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    return None
+  return row if isinstance(row, dict) and "key" in row else None
 
 
 def _clean(value: Any) -> Any:
@@ -38,25 +54,39 @@ class ResultsStore:
 
   def _load(self) -> None:
     data = self.path.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
+    end = data.rfind(b"\n") + 1  # after the last newline: a complete row or a torn one
     if end < len(data):
-      self.dropped_tail = data[end:]
-      with open(self.path, "r+b") as f:
-        f.truncate(end)
-        f.flush()
-        os.fsync(f.fileno())
-    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+      tail = data[end:]
+      if _row_or_none(tail) is not None:   # a complete last row without its newline
+        with open(self.path, "ab") as f:
+          f.write(b"\n")
+          f.flush()
+          os.fsync(f.fileno())
+        data, end = data + b"\n", len(data) + 1
+      else:                                   # torn by a crash: the only repair made
+        self.dropped_tail = tail
+        with open(self.path, "r+b") as f:
+          f.truncate(end)
+          f.flush()
+          os.fsync(f.fileno())
+    try:
+      text = data[:end].decode("utf-8")
+    except UnicodeDecodeError as err:
+      raise CorruptResults(f"{self.path} is not UTF-8 text ({err}); it is not a results "
+                           "file of this runner. Use a fresh --workdir.") from None
+    for number, line in enumerate(text.splitlines(), 1):
       if not line.strip():
         continue
       try:
         row = json.loads(line)
       except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{self.path} line {number} is not valid JSON ({err}); only a truncated "
-            "last line is repaired automatically.") from None
+        raise CorruptResults(
+            f"{self.path} line {number} is not valid JSON ({err}); only a torn last line "
+            "is repaired automatically. Fix or remove that line, or use a fresh "
+            "--workdir.") from None
       if not isinstance(row, dict) or "key" not in row:
-        raise ValueError(f"{self.path} line {number}: expected a JSON object with a "
-                         "'key' field (a results row).")
+        raise CorruptResults(f"{self.path} line {number}: expected a JSON object with a "
+                             "'key' field (a results row).")
       self.rows[row["key"]] = row
 
   def __contains__(self, key: str) -> bool:

@@ -15,11 +15,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from condensate_jax import geometry, softmax
+import numpy as np
+
+from condensate_jax import finite, geometry, softmax, validation
 from condensate_jax.impl import pallas_blocks
 from condensate_jax.selection import bounds as bounds_lib
 from condensate_jax.selection import order as order_lib
 from condensate_jax.softmax import NEG_INF
+from condensate_jax.spec import INT32_MAX
 from pallas_kernels import util
 from pallas_kernels.block_bounds import api as bounds_api
 from pallas_kernels.block_rank import api as rank_api
@@ -85,6 +88,9 @@ def _rank_select(q, kv_lengths, kmin, kmax, spec, scale, rank, m):
       anchor=spec.anchor, window=spec.window, superblock=x, implementation="triton",
       interpret=interpret)
   u, score, sbmax = res if rank == "centre" else (res[0], res[0], res[1])
+  # a non-finite summary gives a NaN / +inf score; ranked as a block without middle keys
+  # (the step reports the head NaN), so the rank kernels see no NaN and write valid ids
+  score, sbmax = _rankable(score), _rankable(sbmax)
   n_sb = nb // x
   sbids, best = rank_api.superblock_select(sbmax, top=min(m, n_sb), heads=g,
                                            implementation="triton", interpret=interpret)
@@ -92,6 +98,11 @@ def _rank_select(q, kv_lengths, kmin, kmax, spec, scale, rank, m):
   ids = rank_api.rank_select(sbids, score, best, top=m, superblock=x, heads=g,
                              width=width, implementation="triton", interpret=interpret)
   return ids, u
+
+
+def _rankable(score):
+  """-inf (no middle key) where a ranking score is NaN or +inf (non-finite summaries)."""
+  return jnp.where(jnp.isnan(score) | jnp.isposinf(score), NEG_INF, score)
 
 
 def _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds):
@@ -119,7 +130,7 @@ def _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds):
     u, c = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds, with_centre=True)
     u, r = jnp.where(has, u, NEG_INF), jnp.where(has, c, NEG_INF)
   top_r, ids = order_lib.top_m(
-      order_lib.group_score(r, head_axis=2, block_axis=3), m, method,
+      order_lib.group_score(_rankable(r), head_axis=2, block_axis=3), m, method,
       order_lib.superblock_size(nb, m) if method == "superblock" else 256)
   return jnp.where(jnp.isneginf(top_r), -1, ids), u
 
@@ -204,8 +215,80 @@ def decode_attend(q, k, v, ids, u, kv_lengths, *, spec, scale, num_splits=None,
   return out, lse.reshape(b, hq), eps.reshape(b, hq)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "method",
-                                             "rank", "bounds", "return_blocks", "kernel"))
+def check_decode_inputs(q, k, v, kmin, kmax, kv_lengths, spec, scale, *, method="rank",
+                        rank=None, bounds=None, kernel="fused", num_splits=None):
+  """Validates `decode_step`'s inputs (ValueError naming the argument); returns
+  (kv_lengths int32 [B], scale). Values are checked where concrete (outside jit)."""
+  validation.check_block_spec(spec)
+  if spec.selection != "blocks":
+    raise ValueError(f"spec.selection={spec.selection!r}: decode_step implements "
+                     "selection='blocks' (the other block modes run through "
+                     "condensate_attention).")
+  validation.check_qkv(q, k, v)
+  b, t, _, d = q.shape
+  if t != 1:
+    raise ValueError(f"q.shape={tuple(q.shape)}: decode_step takes one query per row "
+                     "(q [B, 1, Hq, D]).")
+  s_len, hkv = k.shape[1], k.shape[2]
+  for name, x in (("kmin", kmin), ("kmax", kmax)):
+    validation.check_keys(x, name)
+    if x.shape[0] != b or x.shape[2:] != (hkv, d):
+      raise ValueError(f"{name}.shape={tuple(x.shape)}: expected [B, nb, Hkv, D] = "
+                       f"[{b}, nb, {hkv}, {d}] (the summaries of k).")
+    if x.dtype != k.dtype:
+      raise ValueError(f"{name}.dtype={x.dtype.name}: expected k's dtype {k.dtype.name}.")
+  if kmin.shape != kmax.shape:
+    raise ValueError(f"kmin.shape={tuple(kmin.shape)}, kmax.shape={tuple(kmax.shape)}: "
+                     "expected equal shapes.")
+  if s_len != kmin.shape[1] * spec.block_size:
+    raise ValueError(f"k.shape[1]={s_len}: decode_step needs S = nb * block_size "
+                     f"= {kmin.shape[1] * spec.block_size} (a whole-block cache).")
+  kv_lengths = validation.check_int_array("kv_lengths", kv_lengths, (b,), 1, s_len)
+  scale = validation.check_scale(scale, d, optional=False)
+  if method not in SELECT_METHODS:
+    raise ValueError(f"method={method!r}: expected one of {list(SELECT_METHODS)}.")
+  if rank not in (None, "bound", "centre"):
+    raise ValueError(f"rank={rank!r}: expected None, 'bound' or 'centre'.")
+  if bounds not in (None, "triton", "xla"):
+    raise ValueError(f"bounds={bounds!r}: expected None, 'triton' or 'xla'.")
+  if kernel not in ATTEND_KERNELS:
+    raise ValueError(f"kernel={kernel!r}: expected one of {list(ATTEND_KERNELS)}.")
+  if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(
+      num_splits, (int, np.integer)) or not 1 <= num_splits <= INT32_MAX):
+    raise ValueError(f"num_splits={num_splits!r}: expected None or an int >= 1.")
+  if validation.is_concrete(kmin) and validation.is_concrete(kmax) and validation.is_concrete(
+      kv_lengths):
+    swapped = int(_swapped_entries(kmin, kmax, kv_lengths, spec.block_size))
+    if swapped:
+      raise ValueError(f"kmin, kmax: {swapped} entries of blocks holding keys have kmin > "
+                       "kmax: not the summaries of a cache (swapped?).")
+  return kv_lengths, scale
+
+
+@functools.partial(jax.jit, static_argnames=("p",))
+def _swapped_entries(kmin, kmax, kv_lengths, p):
+  used = (jnp.arange(kmin.shape[1]) * p < kv_lengths[:, None])[:, :, None, None]
+  return jnp.sum(used & (kmin > kmax))
+
+
+def _static_blocks_bad(kmin, kmax, kv_lengths, spec):
+  """[B, Hkv] bool: a non-finite summary entry in a block holding anchor or window keys
+  of the decode query (a few blocks, gathered)."""
+  b, nb = kmin.shape[:2]
+  p = spec.block_size
+  last = (kv_lengths - 1) // p                                                 # [B]
+  a_idx = jnp.broadcast_to(jnp.arange(min(-(-spec.anchor // p), nb)), (b, min(
+      -(-spec.anchor // p), nb)))
+  w_idx = (jnp.maximum(kv_lengths - spec.window, 0) // p)[:, None] + jnp.arange(
+      min(-(-spec.window // p) + 1, nb))
+  idx = jnp.concatenate([a_idx, w_idx], axis=1)                                # [B, n]
+  ok = idx <= last[:, None]
+  take = lambda x: jnp.take_along_axis(x, jnp.clip(idx, 0, nb - 1)[:, :, None, None],
+                                       axis=1)
+  bad = jnp.any(finite.bad_summary_entries(take(kmin), take(kmax)), axis=-1)   # [B, n, K]
+  return jnp.any(bad & ok[:, :, None], axis=1)
+
+
 def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None,
                 method="rank", rank=None, bounds=None, return_blocks=False,
                 kernel="fused"):
@@ -222,13 +305,41 @@ def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None
   (e.g. fewer than 16 blocks) the step falls back to "superblock" / "split".
   Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq] (from the
   unselected blocks' U_b); with return_blocks also the block ids [B, Hkv, M].
+  Inputs are validated first (`check_decode_inputs`). Non-finite values: a head whose q
+  row is not finite (zeroed before selection), whose bound over a block is NaN or +inf
+  (a non-finite summary entry of a block with middle keys: ranked as a block without
+  any), whose anchor or window blocks' summaries are not finite, or whose output, lse or
+  eps is not finite (a non-finite v row it attends), gets NaN out, lse and eps. The step
+  reads k and v only in the blocks it attends and trusts the summaries to be those of
+  k: a non-finite v elsewhere goes unseen (condensate_attention checks every key).
   """
-  if k.shape[1] != kmin.shape[1] * spec.block_size:
-    raise ValueError(f"k.shape[1]={k.shape[1]}: decode_step needs S = nb * block_size "
-                     f"= {kmin.shape[1] * spec.block_size} (a whole-block cache).")
+  kv_lengths, scale = check_decode_inputs(q, k, v, kmin, kmax, kv_lengths, spec, scale,
+                                          method=method, rank=rank, bounds=bounds,
+                                          kernel=kernel, num_splits=num_splits)
+  return _decode_step(q, k, v, kmin, kmax, kv_lengths, spec=spec, scale=scale,
+                      num_splits=num_splits, method=method, rank=rank, bounds=bounds,
+                      return_blocks=bool(return_blocks), kernel=kernel)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "num_splits", "method",
+                                             "rank", "bounds", "return_blocks", "kernel"))
+def _decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits, method,
+                 rank, bounds, return_blocks, kernel):
+  bad = ~jnp.all(jnp.isfinite(q[:, 0]), axis=-1)                             # [B, Hq]
+  q = finite.sanitize(q)
   ids, u = _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds)
   out, lse, eps = decode_attend(q, k, v, ids, u, kv_lengths, spec=spec, scale=scale,
                                 num_splits=num_splits, kernel=kernel)
+  b, hq = q.shape[0], q.shape[2]
+  g = hq // kmin.shape[2]
+  # a non-finite summary entry makes its block's bound NaN or +inf (q is finite and
+  # 0 * NaN = NaN); blocks without middle keys (u = -inf) hold anchor or window keys,
+  # whose summaries are checked directly: every key of the row is visible to the query
+  u_bad = jnp.any(jnp.isnan(u[:, :, :g]) | jnp.isposinf(u[:, :, :g]), axis=-1)
+  static_bad = jnp.repeat(_static_blocks_bad(kmin, kmax, kv_lengths, spec), g, axis=1)
+  bad = (bad | u_bad.reshape(b, hq) | static_bad | ~jnp.isfinite(lse) | ~jnp.isfinite(eps)
+         | ~jnp.all(jnp.isfinite(out[:, 0]), axis=-1))
+  out = finite.poison(out, bad[:, None])
+  lse, eps = (jnp.where(bad, jnp.nan, x) for x in (lse, eps))
   ids = ids[..., :min(spec.top_blocks, kmin.shape[1])]
   return (out, lse, eps, ids) if return_blocks else (out, lse, eps)
-

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from condensate_jax import geometry
-from condensate_jax.softmax import NEG_INF, AttentionStats, masked_lse
+from condensate_jax.softmax import NEG_INF, AttentionStats, mass_split, masked_lse
 from condensate_jax.spec import CondensateSpec
 
 
@@ -94,13 +94,7 @@ def certificate(scores: jax.Array, selection: Selection) -> AttentionStats:
   """True captured/dropped mass and the certified bound; shapes [B, K, G, T]."""
   masks, topk, in_set = selection
   visible = jnp.broadcast_to(masks.visible, scores.shape)
-  dropped_set = visible & ~in_set
-  m, z_all = masked_lse(scores, visible)
-  z_set = jnp.sum(jnp.where(in_set, jnp.exp(scores - m[..., None]), 0.0), axis=-1)
-  z_drop = jnp.sum(jnp.where(dropped_set, jnp.exp(scores - m[..., None]), 0.0), axis=-1)
-  safe_z = jnp.where(z_all > 0, z_all, 1.0)
-  captured = jnp.where(z_all > 0, z_set / safe_z, 1.0)
-  dropped = jnp.where(z_all > 0, z_drop / safe_z, 0.0)
+  captured, dropped = mass_split(scores, in_set, visible)
   # Certificate from the set's own max m_c and normaliser z_c (what a sparse kernel
   # knows): delta <= n_dropped * exp(tau - m_c), eps <= delta / (z_c + delta).
   m_c, z_c = masked_lse(scores, in_set)

@@ -63,7 +63,16 @@ def build(k, kv_lengths, p):
   inf = jnp.array(jnp.inf, k.dtype)
   kmin = jnp.where(valid, kp, inf).reshape(b, nb, p, hkv, d).min(axis=2)
   kmax = jnp.where(valid, kp, -inf).reshape(b, nb, p, hkv, d).max(axis=2)
-  return BlockSummaries(kmin, kmax, p)
+  nan = jnp.any((valid & jnp.isnan(kp)).reshape(b, nb, p, hkv, d), axis=2)
+  return _with_nan(BlockSummaries(kmin, kmax, p), nan)
+
+
+def _with_nan(summ, nan):
+  """NaN where a block holds a NaN key entry: XLA's vectorised min / max reductions on
+  CPU skip NaN (seen with jax 0.10.2), and a summary must not hide a NaN key."""
+  nan_v = jnp.array(jnp.nan, summ.kmin.dtype)
+  return BlockSummaries(jnp.where(nan, nan_v, summ.kmin), jnp.where(nan, nan_v, summ.kmax),
+                        summ.block_size)
 
 
 def empty_summaries(batch: int, capacity: int, num_kv_heads: int, head_dim: int,
@@ -102,7 +111,9 @@ def _append(summ, k_new, positions):
   k_new = k_new.astype(summ.kmin.dtype)
   kmin = summ.kmin.at[rows, blk].min(k_new, mode="drop")
   kmax = summ.kmax.at[rows, blk].max(k_new, mode="drop")
-  return BlockSummaries(kmin, kmax, summ.block_size)
+  nan = jnp.zeros(kmin.shape, bool).at[rows, blk].max(jnp.isnan(k_new), mode="drop")
+  return _with_nan(BlockSummaries(kmin, kmax, summ.block_size),
+                   nan | jnp.isnan(summ.kmin) | jnp.isnan(summ.kmax))
 
 
 def check_summaries(summ, k, spec):

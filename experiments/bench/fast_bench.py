@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 import time
 
 import jax
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 
 import condensate_jax as cj
 from condensate_jax import fast
+from experiments import manifest as manifest_lib
 from experiments.bench import fast_parity, synthetic, tables, timing
 
 
@@ -180,8 +180,7 @@ def run_prefill(case, spec, cfg, ceilings):
 
 
 def run(config, workdir):
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = manifest_lib.prepare_workdir(workdir)
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
   print(f"fast_bench on {device}", flush=True)
   ceilings = (timing.measure_ceilings() if jax.default_backend() == "gpu" and config.timing

