@@ -124,7 +124,8 @@ def merge_partial(o_acc, lse_acc, o_j, lse_j, take):
 def combine_splits(o, lse):
   """Split-K merge of normalised partials o [..., NS, D], lse [..., NS] -> (o, lse)."""
   lse_tot = jax.nn.logsumexp(lse, axis=-1)
-  lse_tot = jnp.where(jnp.isnan(lse_tot), NEG_INF, lse_tot)
+  # only all-empty splits give -inf; a NaN partial keeps the total NaN
+  lse_tot = jnp.where(jnp.all(jnp.isneginf(lse), axis=-1), NEG_INF, lse_tot)
   w = jnp.where(jnp.isneginf(lse), 0.0,
                 jnp.exp(lse - jnp.where(jnp.isneginf(lse_tot), 0.0, lse_tot)[..., None]))
   return jnp.sum(w[..., None] * o, axis=-2), lse_tot

@@ -88,9 +88,10 @@ def _rank_select(q, kv_lengths, kmin, kmax, spec, scale, rank, m):
       anchor=spec.anchor, window=spec.window, superblock=x, implementation="triton",
       interpret=interpret)
   u, score, sbmax = res if rank == "centre" else (res[0], res[0], res[1])
-  # a non-finite summary gives a NaN / +inf score; ranked as a block without middle keys
-  # (the step reports the head NaN), so the rank kernels see no NaN and write valid ids
-  score, sbmax = _rankable(score), _rankable(sbmax)
+  # a non-finite q or summary entry gives a NaN / +inf score: ranked as a block without
+  # middle keys, so the rank kernels see no NaN and write valid ids, while its bound
+  # (NaN) keeps eps NaN
+  u, score, sbmax = _nan_if_posinf(u), _rankable(score), _rankable(sbmax)
   n_sb = nb // x
   sbids, best = rank_api.superblock_select(sbmax, top=min(m, n_sb), heads=g,
                                            implementation="triton", interpret=interpret)
@@ -103,6 +104,12 @@ def _rank_select(q, kv_lengths, kmin, kmax, spec, scale, rank, m):
 def _rankable(score):
   """-inf (no middle key) where a ranking score is NaN or +inf (non-finite summaries)."""
   return jnp.where(jnp.isnan(score) | jnp.isposinf(score), NEG_INF, score)
+
+
+def _nan_if_posinf(u):
+  """NaN where a bound is +inf: eps = sigmoid(log delta - lse) would read 1, a clean
+  number, where the block holds a key of infinite score."""
+  return jnp.where(jnp.isposinf(u), jnp.nan, u)
 
 
 def _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds):
@@ -129,6 +136,7 @@ def _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds):
   else:
     u, c = fast_bounds(q[:, 0], kmin, kmax, scale, bounds=bounds, with_centre=True)
     u, r = jnp.where(has, u, NEG_INF), jnp.where(has, c, NEG_INF)
+  u = _nan_if_posinf(u)
   top_r, ids = order_lib.top_m(
       order_lib.group_score(_rankable(r), head_axis=2, block_axis=3), m, method,
       order_lib.superblock_size(nb, m) if method == "superblock" else 256)
@@ -271,24 +279,6 @@ def _swapped_entries(kmin, kmax, kv_lengths, p):
   return jnp.sum(used & (kmin > kmax))
 
 
-def _static_blocks_bad(kmin, kmax, kv_lengths, spec):
-  """[B, Hkv] bool: a non-finite summary entry in a block holding anchor or window keys
-  of the decode query (a few blocks, gathered)."""
-  b, nb = kmin.shape[:2]
-  p = spec.block_size
-  last = (kv_lengths - 1) // p                                                 # [B]
-  a_idx = jnp.broadcast_to(jnp.arange(min(-(-spec.anchor // p), nb)), (b, min(
-      -(-spec.anchor // p), nb)))
-  w_idx = (jnp.maximum(kv_lengths - spec.window, 0) // p)[:, None] + jnp.arange(
-      min(-(-spec.window // p) + 1, nb))
-  idx = jnp.concatenate([a_idx, w_idx], axis=1)                                # [B, n]
-  ok = idx <= last[:, None]
-  take = lambda x: jnp.take_along_axis(x, jnp.clip(idx, 0, nb - 1)[:, :, None, None],
-                                       axis=1)
-  bad = jnp.any(finite.bad_summary_entries(take(kmin), take(kmax)), axis=-1)   # [B, n, K]
-  return jnp.any(bad & ok[:, :, None], axis=1)
-
-
 def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None,
                 method="rank", rank=None, bounds=None, return_blocks=False,
                 kernel="fused"):
@@ -306,12 +296,12 @@ def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None
   Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq] (from the
   unselected blocks' U_b); with return_blocks also the block ids [B, Hkv, M].
   Inputs are validated first (`check_decode_inputs`). Non-finite values: a head whose q
-  row is not finite (zeroed before selection), whose bound over a block is NaN or +inf
-  (a non-finite summary entry of a block with middle keys: ranked as a block without
-  any), whose anchor or window blocks' summaries are not finite, or whose output, lse or
-  eps is not finite (a non-finite v row it attends), gets NaN out, lse and eps. The step
-  reads k and v only in the blocks it attends and trusts the summaries to be those of
-  k: a non-finite v elsewhere goes unseen (condensate_attention checks every key).
+  row is not finite, whose bound over a block is NaN or +inf (a non-finite summary entry
+  of a block with middle keys: ranked as a block without any, its bound kept in eps), or
+  that attends a non-finite k or v row (anchor, window, chosen blocks: the kernels keep
+  a NaN sum NaN) gets NaN out, lse and eps. The step reads k and v only in the blocks it
+  attends and trusts the summaries to be those of k: a non-finite v elsewhere goes
+  unseen (condensate_attention checks every key).
   """
   kv_lengths, scale = check_decode_inputs(q, k, v, kmin, kmax, kv_lengths, spec, scale,
                                           method=method, rank=rank, bounds=bounds,
@@ -325,20 +315,14 @@ def decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits=None
                                              "rank", "bounds", "return_blocks", "kernel"))
 def _decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits, method,
                  rank, bounds, return_blocks, kernel):
-  bad = ~jnp.all(jnp.isfinite(q[:, 0]), axis=-1)                             # [B, Hq]
-  q = finite.sanitize(q)
   ids, u = _select(q, kmin, kmax, kv_lengths, spec, scale, method, rank, bounds)
   out, lse, eps = decode_attend(q, k, v, ids, u, kv_lengths, spec=spec, scale=scale,
                                 num_splits=num_splits, kernel=kernel)
-  b, hq = q.shape[0], q.shape[2]
-  g = hq // kmin.shape[2]
-  # a non-finite summary entry makes its block's bound NaN or +inf (q is finite and
-  # 0 * NaN = NaN); blocks without middle keys (u = -inf) hold anchor or window keys,
-  # whose summaries are checked directly: every key of the row is visible to the query
-  u_bad = jnp.any(jnp.isnan(u[:, :, :g]) | jnp.isposinf(u[:, :, :g]), axis=-1)
-  static_bad = jnp.repeat(_static_blocks_bad(kmin, kmax, kv_lengths, spec), g, axis=1)
-  bad = (bad | u_bad.reshape(b, hq) | static_bad | ~jnp.isfinite(lse) | ~jnp.isfinite(eps)
-         | ~jnp.all(jnp.isfinite(out[:, 0]), axis=-1))
+  # Non-finite values travel on their own (module docstring): a NaN / +inf bound (a
+  # non-finite q or summary entry) is never selected and keeps eps NaN; a non-finite k
+  # or v row the kernels attend keeps out and lse NaN. One check makes the three agree.
+  bad = (~jnp.all(jnp.isfinite(q[:, 0]), axis=-1) | ~jnp.isfinite(lse)
+         | ~jnp.isfinite(eps) | ~jnp.all(jnp.isfinite(out[:, 0]), axis=-1))      # [B, Hq]
   out = finite.poison(out, bad[:, None])
   lse, eps = (jnp.where(bad, jnp.nan, x) for x in (lse, eps))
   ids = ids[..., :min(spec.top_blocks, kmin.shape[1])]

@@ -48,8 +48,9 @@ def _softmax_parts(s, mask, v, hq):
   l = jnp.sum(p, -1)
   vv = jnp.repeat(v, hq // v.shape[2], axis=2).astype(jnp.float32)     # [B, S, Hq, D]
   o = jnp.einsum("bht...s,bshd->bht...d", p, vv, precision=_HIGHEST)
-  o = jnp.where((l > 0)[..., None], o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-  lse = jnp.where(l > 0, m[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)), NEG_INF)
+  ok = l != 0            # a NaN l stays NaN (the kernels' convention)
+  o = jnp.where(ok[..., None], o / jnp.where(ok, l, 1.0)[..., None], 0.0)
+  lse = jnp.where(ok, m[..., 0] + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
   return o, lse
 
 

@@ -137,9 +137,10 @@ def _init(m_sc, l_sc, acc_sc):
 
 
 def _finish(m_sc, l_sc, acc_sc, o_ref, lse_ref):
-  """o = acc / l (0 for an empty set), lse = m + log l (-inf for an empty set)."""
+  """o = acc / l (0 for an empty set), lse = m + log l (-inf for an empty set); a NaN
+  l stays NaN."""
   m, l = m_sc[...], l_sc[...]
-  ok = l > 0
+  ok = l != 0
   l_safe = jnp.where(ok, l, 1.0)
   o_ref[...] = jnp.where(ok[:, :1], acc_sc[...] / l_safe[:, :1], 0.0).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, jnp.where(m == NEG_INF, 0.0, m) + jnp.log(l_safe), NEG_INF)

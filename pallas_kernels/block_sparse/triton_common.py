@@ -36,7 +36,8 @@ def softmax_step(carry, s, v, precision):
 
 
 def softmax_finish(m, l, acc):
-  ok = l > 0
+  # l != 0, not l > 0: a NaN sum (a non-finite score or value) stays NaN, never 0
+  ok = l != 0
   l_safe = jnp.where(ok, l, 1.0)
   o = jnp.where(ok[:, None], acc / l_safe[:, None], 0.0)
   lse = jnp.where(ok, jnp.where(m == NEG_INF, 0.0, m) + jnp.log(l_safe), NEG_INF)

@@ -98,8 +98,9 @@ def _step_kernel(len_ref, ids_ref, q_ref, k_ref, v_ref, u_ref, o_ref, lse_ref, d
   m, l = jax.lax.cond(
       e >= 0, lambda ml: jax.lax.fori_loop(0, -(-n_chunks // n_eps), eps_part, ml),
       lambda ml: ml, init) if n_chunks else init
-  dl_ref[...] = jnp.where(l > 0, jnp.where(m == NEG_INF, 0.0, m) + jnp.log(
-      jnp.where(l > 0, l, 1.0)), NEG_INF)
+  # != 0, not > 0, here and in the merge: a NaN bound keeps eps NaN, never 0
+  dl_ref[...] = jnp.where(l != 0, jnp.where(m == NEG_INF, 0.0, m) + jnp.log(
+      jnp.where(l != 0, l, 1.0)), NEG_INF)
 
 
 def _merge_row(o_parts, lse_p, dl_p):
@@ -111,10 +112,10 @@ def _merge_row(o_parts, lse_p, dl_p):
     m_use = jnp.where(m == NEG_INF, 0.0, m)
     w = jnp.where(x == NEG_INF, 0.0, jnp.exp(x - m_use))
     z = jnp.sum(w)
-    return w, z, jnp.where(z > 0, m_use + jnp.log(jnp.where(z > 0, z, 1.0)), NEG_INF)
+    return w, z, jnp.where(z != 0, m_use + jnp.log(jnp.where(z != 0, z, 1.0)), NEG_INF)
 
   w, z, lse = lse_of(lse_p)
-  o = jnp.sum(w[:, None] * o_parts, axis=0) / jnp.where(z > 0, z, 1.0)
+  o = jnp.sum(w[:, None] * o_parts, axis=0) / jnp.where(z != 0, z, 1.0)
   log_delta = lse_of(dl_p)[2]
   eps = jnp.where(lse == NEG_INF, 1.0,
                   1.0 / (1.0 + jnp.exp(jnp.where(lse == NEG_INF, 0.0, lse) - log_delta)))

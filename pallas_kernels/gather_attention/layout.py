@@ -81,8 +81,9 @@ def online_softmax_step(carry, s, v_weighted_sum):
 
 
 def finish(m, l, acc):
-  """-> o [Gp, D] float32 (0 for an empty set), lse [Gp] (-inf for an empty set)."""
-  nonempty = l > 0
+  """-> o [Gp, D] float32 (0 for an empty set), lse [Gp] (-inf for an empty set); a NaN
+  l stays NaN."""
+  nonempty = l != 0
   l_safe = jnp.where(nonempty, l, 1.0)
   o = jnp.where(nonempty[:, None], acc / l_safe[:, None], 0.0)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)

@@ -19,7 +19,7 @@ import condensate_jax as cj
 from condensate_jax import fast
 from tests.references.np_reference import condensate_reference
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 DTYPES = {"float32": (jnp.float32, 2e-4), "bfloat16": (jnp.bfloat16, 3e-2),
           "float16": (jnp.float16, 3e-3)}
@@ -27,13 +27,15 @@ DTYPES = {"float32": (jnp.float32, 2e-4), "bfloat16": (jnp.bfloat16, 3e-2),
 
 @st.composite
 def problems(draw):
-  """Valid inputs of condensate_attention / dense_attention as a dict."""
-  b = draw(st.integers(1, 2))
+  """Valid inputs of condensate_attention / dense_attention as a dict. Shapes and static
+  arguments come from small menus (each distinct one is a new XLA compile); the values,
+  lengths and positions vary freely."""
+  b = draw(st.sampled_from([1, 2]))
   hkv = draw(st.sampled_from([1, 2]))
   g = draw(st.sampled_from([1, 2]))
-  d = draw(st.sampled_from([4, 8]))
-  s = draw(st.integers(1, 24))
-  t = draw(st.integers(1, 6))
+  d = 8
+  s = draw(st.sampled_from([3, 16, 24]))
+  t = draw(st.sampled_from([1, 5]))
   dtype = draw(st.sampled_from(sorted(DTYPES)))
   seed = draw(st.integers(0, 2**16))
   rng = np.random.default_rng(seed)
@@ -48,16 +50,17 @@ def problems(draw):
     kw["q_positions"] = np.asarray(
         [[draw(st.integers(0, s - 1)) for _ in range(t)] for _ in range(b)], np.int32)
   kw["causal"] = draw(st.booleans())
-  if draw(st.booleans()):
-    kw["sliding_window"] = draw(st.integers(1, s + 2))
-  if draw(st.booleans()):
-    kw["scale"] = draw(st.floats(0.05, 2.0))
+  window = draw(st.sampled_from([None, None, 2, 9]))
+  if window is not None:
+    kw["sliding_window"] = window
+  scale = draw(st.sampled_from([None, None, 0.3]))
+  if scale is not None:
+    kw["scale"] = scale
   selection = draw(st.sampled_from(["exact", "exact", "bounded", "blocks", "certified"]))
-  spec = dict(anchor=draw(st.integers(0, 3)), window=draw(st.integers(0, 6)),
-              top_k=draw(st.integers(0, 8)))
+  spec = dict(anchor=draw(st.sampled_from([0, 1, 3])), window=draw(st.sampled_from([0, 4])),
+              top_k=draw(st.sampled_from([0, 2, 8])))
   if selection != "exact":
-    spec.update(selection=selection, block_size=draw(st.sampled_from([2, 4, 8])),
-                top_blocks=draw(st.integers(0, 3)))
+    spec.update(selection=selection, block_size=4, top_blocks=draw(st.sampled_from([1, 3])))
   implementation = draw(st.sampled_from(
       ["xla", "xla_gathered", "pallas"] if selection == "exact" else ["xla", "pallas"]))
   return dict(q=q, k=k, v=v, dtype=dtype, kw=kw, spec=spec, implementation=implementation)
@@ -159,8 +162,11 @@ def _check_result(p, out, stats):
     np.testing.assert_allclose(o[ok], ref.out[ok], rtol=tol, atol=tol)
 
 
+HALF_VALID = [None] * len(MALFORMATIONS) + sorted(MALFORMATIONS)
+
+
 @FUZZ
-@given(problems(), st.sampled_from([None] + sorted(MALFORMATIONS)))
+@given(problems(), st.sampled_from(HALF_VALID))
 def test_condensate_attention_gives_a_clear_error_or_the_right_answer(p, malformation):
   if malformation is None:
     out, stats = _call(p)
@@ -173,7 +179,7 @@ def test_condensate_attention_gives_a_clear_error_or_the_right_answer(p, malform
 
 
 @FUZZ
-@given(problems(), st.sampled_from([None] + sorted(
+@given(problems(), st.sampled_from([None] * 20 + sorted(
     m for m in MALFORMATIONS if not m.startswith(("spec", "implementation", "return")))))
 def test_dense_attention_gives_a_clear_error_or_the_right_answer(p, malformation):
   if malformation is None:
@@ -189,7 +195,7 @@ def test_dense_attention_gives_a_clear_error_or_the_right_answer(p, malformation
     _call(p, "dense")
 
 
-@FUZZ
+@settings(FUZZ, max_examples=25)
 @given(problems(), st.sampled_from(["q", "k", "v"]), st.data())
 def test_a_poisoned_entry_reaches_exactly_its_readers(p, which, data):
   if p["spec"].get("selection", "exact") == "exact":

@@ -153,7 +153,8 @@ def _decode_inputs():
   return q, k, v, jnp.array([500])
 
 
-@pytest.mark.parametrize("method,kernel", [("rank", "fused"), ("superblock", "split")])
+@pytest.mark.parametrize("method,kernel", [("rank", "fused"), ("rank", "split"),
+                                           ("superblock", "split")])
 @pytest.mark.parametrize("where,heads", [
     (("q", 0, 0, np.nan), [0]), (("k", 200, 0, np.nan), [0, 1]),     # a middle block
     (("k", 480, 1, np.nan), [2, 3]), (("k", 3, 1, np.nan), [2, 3]),  # window, anchor
