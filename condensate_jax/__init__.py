@@ -3,7 +3,8 @@
 Public API (DESIGN.md §3):
   CondensateSpec, dense_attention, condensate_attention (one entry point for every
   selection mode; `summaries=` takes precomputed BlockSummaries), AttentionStats,
-  load_model / LanguageModel, KVCache, block summaries (build/append/empty).
+  load_model / LanguageModel, KVCache, block summaries (build/append/empty), the key
+  index of selection="indexed" (KeyIndex, build_index, append_index; `index=`).
 The timed fast paths live in `condensate_jax.fast` (imported on demand: it loads the
 Pallas kernels).
 """
@@ -13,6 +14,7 @@ from condensate_jax.attention import (BITWISE_DENSE, IMPLEMENTATIONS, attend,
                                       dense_attention, register_implementation)
 from condensate_jax.lm import LanguageModel
 from condensate_jax.models.kv_cache import KVCache
+from condensate_jax.selection.index import KeyIndex, append_index, build_index
 from condensate_jax.selection.summaries import (BlockSummaries, append_summaries,
                                                 build_summaries, empty_summaries)
 from condensate_jax.softmax import AttentionStats
@@ -29,9 +31,12 @@ __all__ = [
     "HubUnavailableError",
     "IMPLEMENTATIONS",
     "KVCache",
+    "KeyIndex",
     "LanguageModel",
+    "append_index",
     "append_summaries",
     "attend",
+    "build_index",
     "build_summaries",
     "condensate_attention",
     "condensate_mask",

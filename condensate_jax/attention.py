@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from condensate_jax import finite, validation
 from condensate_jax.impl import xla_masked
+from condensate_jax.selection import index as index_lib
 from condensate_jax.selection import summaries as summaries_lib
 from condensate_jax.spec import CondensateSpec, check_spec
 
@@ -41,6 +42,7 @@ IMPLEMENTATIONS = types.MappingProxyType({
     "pallas": "condensate_jax.impl.pallas_exact:condensate_pallas",
     "xla_blocks": "condensate_jax.impl.xla_blocks:condensate_xla_blocks",
     "pallas_blocks": "condensate_jax.impl.pallas_blocks:condensate_pallas_blocks",
+    "xla_indexed": "condensate_jax.impl.xla_indexed:condensate_xla_indexed",
 })
 # "xla" picks the masked form: the gathered form materialises per-query K/V rows,
 # T * budget * D per head, which exceeds K itself whenever T * budget > S, and both
@@ -50,6 +52,9 @@ ALIASES = types.MappingProxyType({"xla": "xla_masked"})
 BLOCK_IMPLEMENTATIONS = types.MappingProxyType({
     "xla": "xla_blocks", "xla_blocks": "xla_blocks",
     "pallas": "pallas_blocks", "pallas_blocks": "pallas_blocks"})
+# spec.selection == "indexed": implementation -> indexed implementation.
+INDEXED_IMPLEMENTATIONS = types.MappingProxyType({"xla": "xla_indexed",
+                                                  "xla_indexed": "xla_indexed"})
 # Implementations whose output is bitwise dense when the set covers every visible key
 # (the experiments' exactness gate is bitwise for these, a float tolerance for others).
 BITWISE_DENSE = frozenset({"xla", "xla_masked"})
@@ -82,7 +87,14 @@ def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
     raise ValueError(f"implementation={implementation!r}: expected a str, one of "
                      f"{implementation_names()}.")
   name = ALIASES.get(implementation, implementation)
-  if spec.selection != "exact":
+  if spec.selection == "indexed":
+    if implementation not in INDEXED_IMPLEMENTATIONS:
+      raise ValueError(
+          f"implementation={implementation!r} with spec.selection='indexed': expected one "
+          f"of {sorted(INDEXED_IMPLEMENTATIONS)} (the indexed Pallas kernels are not "
+          "written yet).")
+    name = INDEXED_IMPLEMENTATIONS[implementation]
+  elif spec.selection != "exact":
     # Block-summary selection modes (DESIGN.md §4).
     if implementation not in BLOCK_IMPLEMENTATIONS:
       raise ValueError(
@@ -92,6 +104,9 @@ def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
     name = BLOCK_IMPLEMENTATIONS[implementation]
   elif name in ("xla_blocks", "pallas_blocks"):
     validation.check_block_spec(spec)      # raises: these need a block-selection spec
+  elif name == "xla_indexed":
+    raise ValueError(f"implementation={implementation!r}: needs spec.selection='indexed', "
+                     f"got {spec.selection!r}.")
   if name in REGISTERED:
     return REGISTERED[name]
   if name not in IMPLEMENTATIONS:
@@ -136,7 +151,7 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
                          q_positions=None, kv_lengths=None,
                          sliding_window: Optional[int] = None,
                          scale: Optional[float] = None, implementation: str = "xla",
-                         return_stats: bool = False, summaries=None):
+                         return_stats: bool = False, summaries=None, index=None):
   """Attention restricted to each query's condensate set (DESIGN.md §1).
 
   Same arguments as `dense_attention`, plus:
@@ -148,6 +163,8 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
     return_stats: also return an `AttentionStats` of [B, Hq, T] arrays.
     summaries: block modes only: precomputed `BlockSummaries` of k at spec.block_size
       (what a KV cache keeps); None builds them from k inside the call.
+    index: selection="indexed" only: a precomputed `KeyIndex` of k at spec.index_bits
+      (what a KV cache keeps); None builds it from k inside the call.
   """
   check_spec(spec)
   fn = resolve_implementation(implementation, spec)
@@ -165,9 +182,17 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
     summary_arrays = (summaries.kmin, summaries.kmax, summaries.block_size)
     kwargs["summaries"] = summaries_lib.BlockSummaries(
         *finite.sanitize_summaries(summaries.kmin, summaries.kmax), summaries.block_size)
+  extra_bad = None
+  if index is not None:
+    if spec.selection != "indexed":
+      raise ValueError(f"index: given with spec.selection={spec.selection!r}; a key index "
+                       "serves selection='indexed'.")
+    index_lib.check_index(index, k, spec)
+    extra_bad, kwargs["index"] = finite.sanitize_index(index)
   window = validation.static_window(sliding_window)
   bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
-                               sliding_window=window, summaries=summary_arrays)
+                               sliding_window=window, summaries=summary_arrays,
+                               bad_keys=extra_bad)
   result = fn(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v), q_positions,
               kv_lengths, spec=spec, causal=bool(causal), sliding_window=window,
               scale=scale, return_stats=return_stats, **kwargs)

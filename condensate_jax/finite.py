@@ -17,6 +17,8 @@ says. Every function is traceable.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -43,7 +45,7 @@ def sanitize_summaries(kmin: jax.Array, kmax: jax.Array):
   return jnp.where(bad, zero, kmin), jnp.where(bad, zero, kmax)
 
 
-def bad_keys(*xs: jax.Array) -> jax.Array:
+def nonfinite_rows(*xs: jax.Array) -> jax.Array:
   """[B, S, Hkv] bool: rows (last axis) of any of xs [B, S, Hkv, D] with a non-finite
   entry."""
   bad = jnp.zeros(xs[0].shape[:3], bool)
@@ -63,20 +65,38 @@ def _count_in_range(bad: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
   return jnp.where((hi >= lo)[:, None, :], n, 0)
 
 
+def sanitize_index(index):
+  """(bad [B, S, Hkv] keys whose index entry is not finite, the index with those
+  entries zeroed). A non-finite mu or sigma of a (row, KV head) marks all its keys."""
+  bad_key = ~jnp.isfinite(index.step) | ~jnp.isfinite(index.err)
+  bad_head = (~jnp.all(jnp.isfinite(index.mu), -1) | ~jnp.all(jnp.isfinite(index.sigma), -1)
+              | ~jnp.all(index.sigma > 0, -1))                              # [B, Hkv]
+  bad = bad_key | bad_head[:, None, :]
+  fix = lambda x, good, fill: jnp.where(good, x, jnp.asarray(fill, x.dtype))
+  ok_head = ~bad_head[..., None]
+  clean = dataclasses.replace(
+      index, step=fix(index.step, ~bad, 0.0), err=fix(index.err, ~bad, 0.0),
+      mu=fix(index.mu, ok_head, 0.0), sigma=fix(index.sigma, ok_head, 1.0))
+  return bad, clean
+
+
 def reads_nonfinite(q, k, v, q_positions, kv_lengths, *, causal, sliding_window,
-                    summaries=None) -> jax.Array:
+                    summaries=None, bad_keys=None) -> jax.Array:
   """[B, T, Hq] bool: the queries whose attention reads a non-finite value (module doc).
-  summaries: optional (kmin, kmax, P): block summaries [B, nb, Hkv, D] of P keys each."""
+  summaries: optional (kmin, kmax, P): block summaries [B, nb, Hkv, D] of P keys each.
+  bad_keys: optional [B, S, Hkv] bool: keys whose index entry is broken."""
   b, t, hq, _ = q.shape
   s, hkv = k.shape[1], k.shape[2]
   lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
                                   sliding_window=sliding_window)
-  bad = bad_keys(k, v)
+  bad = nonfinite_rows(k, v)
   if summaries is not None:
     kmin, kmax, p = summaries
     blocks = jnp.any(bad_summary_entries(kmin, kmax), axis=-1)           # [B, nb, K]
     per_key = jnp.repeat(blocks, p, axis=1)[:, :s]
     bad = bad | jnp.pad(per_key, ((0, 0), (0, s - per_key.shape[1]), (0, 0)))
+  if bad_keys is not None:
+    bad = bad | bad_keys
   n = _count_in_range(bad, lo, hi)                                       # [B, K, T]
   per_head = jnp.repeat(n > 0, hq // hkv, axis=1).transpose(0, 2, 1)     # [B, T, Hq]
   return per_head | ~jnp.all(jnp.isfinite(q), axis=-1)

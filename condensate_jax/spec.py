@@ -11,8 +11,10 @@ import dataclasses
 import math
 from typing import Optional
 
-SELECTIONS = ("exact", "bounded", "blocks", "certified")
+SELECTIONS = ("exact", "bounded", "blocks", "certified", "indexed")
+BLOCK_SELECTIONS = ("bounded", "blocks", "certified")   # from block summaries
 BLOCK_RANKS = ("bound", "centre")
+INDEX_BITS = (2, 4, 8)
 
 
 INT32_MAX = 2**31 - 1   # positions, counts and sizes are int32 inside the kernels
@@ -36,6 +38,9 @@ class CondensateSpec:
       toward the lower position.
     selection: how the top-k part is found. "exact" scores every visible key (the paper's
       set). "bounded", "blocks" and "certified" use block summaries (DESIGN.md §4).
+      "indexed" ranks the middle keys by a per-key low-bit index (`selection.index`),
+      scores the best `candidates` of them exactly and keeps the top_k of those; its
+      certificate bounds every key it did not score from the index's error term.
     block_size: keys per block for the block-summary selection modes.
     top_blocks: blocks attended (besides anchor and window) in "blocks" mode.
     epsilon: certified dropped-mass target in "certified" mode.
@@ -51,6 +56,9 @@ class CondensateSpec:
       with the sets the prefill kernel computes. Single-query (decode) calls are
       unchanged. Each query's certificate still comes from its own bounds.
     dense_layers: layer indices a model keeps dense (the paper's "pillar" layers).
+    index_bits: "indexed" mode: bits per key entry of the index (2, 4 or 8).
+    candidates: "indexed" mode: middle keys scored exactly per query head (those with the
+      highest index estimate); 0 (default) = 4 * top_k, at least 64.
   """
 
   anchor: int = 1
@@ -63,6 +71,8 @@ class CondensateSpec:
   dense_layers: tuple[int, ...] = ()
   block_rank: str = "bound"
   query_blocks: bool = False
+  index_bits: int = 4
+  candidates: int = 0
 
   def __post_init__(self):
     _check_int("anchor", self.anchor, minimum=0)
@@ -92,6 +102,10 @@ class CondensateSpec:
       raise ValueError(
           f"CondensateSpec.query_blocks=True with selection={self.selection!r}: only "
           "selection='blocks' has per-query-block lists.")
+    if isinstance(self.index_bits, bool) or self.index_bits not in INDEX_BITS:
+      raise ValueError(
+          f"CondensateSpec.index_bits={self.index_bits!r}: expected one of {INDEX_BITS}.")
+    _check_int("candidates", self.candidates, minimum=0)
     try:
       layers = tuple(self.dense_layers)
     except TypeError:
@@ -110,6 +124,12 @@ class CondensateSpec:
   def budget(self) -> int:
     """Upper bound on |C_i| in "exact" mode: anchor + window + top_k."""
     return self.anchor + self.window + self.top_k
+
+  @property
+  def num_candidates(self) -> int:
+    """Middle keys "indexed" mode scores exactly per query head (`candidates`, or its
+    default 4 * top_k, at least 64); never fewer than top_k."""
+    return max(self.candidates or max(4 * self.top_k, 64), self.top_k)
 
   def covers(self, n_visible: int) -> bool:
     """True when a query with `n_visible` visible keys attends all of them."""

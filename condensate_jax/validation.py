@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensate_jax.spec import INT32_MAX, SELECTIONS, check_spec
+from condensate_jax.spec import BLOCK_SELECTIONS, INT32_MAX, check_spec
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-BLOCK_SELECTIONS = tuple(s for s in SELECTIONS if s != "exact")
 
 
 def is_concrete(x) -> bool:

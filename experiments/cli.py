@@ -73,6 +73,7 @@ JOBS = {
     "parity": "experiments.parity",
     "fast_bench": "experiments.bench.fast_bench",
     "kernel_bench": "experiments.bench.kernel_bench",
+    "retrieval": "experiments.bench.retrieval",
 }
 
 

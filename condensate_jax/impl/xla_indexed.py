@@ -1,0 +1,88 @@
+"""`selection="indexed"` in XLA: the specification of the indexed fast path.
+
+Per query head: anchor + window as always; the middle keys are ranked by the key index's
+estimate (`selection.index`), the best `spec.num_candidates` are scored exactly, and the
+top_k of those (ties to the lower position, as in "exact") join the set. When the
+candidates hold the exact top-k, the set is exact top-k's.
+
+Certificate: every unselected middle key j is bounded by its exact score if it was a
+candidate, else by the index's upper bound U_j = estimate + slack, so
+    delta = sum_j exp(bound_j - m)  >=  the true dropped mass (unnormalised), and
+    dropped_mass_bound = delta / (Z_set + delta)
+bounds the dropped mass of the set actually chosen (not of exact top-k's).
+`keys_scored` counts the visible anchor/window keys plus the candidates.
+
+The specification computes every score (for the output and the stats); the selection
+reads only the index and the candidates' scores.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from condensate_jax import geometry, softmax
+from condensate_jax.selection import exact
+from condensate_jax.selection import index as index_lib
+from condensate_jax.softmax import NEG_INF
+
+
+class Indexed(NamedTuple):
+  """What the indexed selection of a call produced."""
+  in_set: jax.Array            # [B, K, G, T, S] bool: the set
+  candidates: jax.Array        # [B, K, G, T, S] bool: middle keys scored exactly
+  bound_unselected: jax.Array  # [B, K, G, T, S]: bound of each unselected middle key
+  n_static: jax.Array          # [B, 1, 1, T] int32: visible anchor + window keys
+
+
+def select(scores, q, index, lo, hi, spec, scale) -> Indexed:
+  """The indexed set of every (query head, query) and its certificate terms."""
+  num_keys = scores.shape[-1]
+  masks = geometry.static_masks(lo, hi, num_keys, spec)
+  middle = jnp.broadcast_to(masks.middle, scores.shape)
+  est, slack = index_lib.index_bounds(q, index, scale)
+  c = min(spec.num_candidates, num_keys)
+  _, top = jax.lax.top_k(jnp.where(middle, est, NEG_INF), c)                # by estimate
+  picked = jnp.put_along_axis(jnp.zeros(scores.shape, bool), top, True, axis=-1,
+                              inplace=False)
+  candidates = picked & middle
+  topk = exact.exact_top_k(scores, candidates, spec.top_k)
+  chosen = exact.topk_mask(topk, num_keys) & candidates
+  in_set = masks.anchor | masks.window | chosen
+  bound = jnp.where(candidates, scores, est + slack)
+  bound_unselected = jnp.where(middle & ~in_set, bound, NEG_INF)
+  n_static = jnp.sum((masks.anchor | masks.window), axis=-1, dtype=jnp.int32)
+  return Indexed(in_set, candidates, bound_unselected, n_static)
+
+
+def certificate(scores, sel: Indexed):
+  """eps [B, K, G, T] = delta / (Z_set + delta) from the set's exact scores and the
+  unselected keys' bounds (module docstring)."""
+  m_c, z_c = softmax.masked_lse(scores, sel.in_set)
+  lse = jnp.where(z_c > 0, m_c + jnp.log(jnp.where(z_c > 0, z_c, 1.0)), NEG_INF)
+  log_delta = jax.nn.logsumexp(sel.bound_unselected, axis=-1)
+  log_delta = jnp.where(jnp.all(jnp.isneginf(sel.bound_unselected), axis=-1), NEG_INF,
+                        log_delta)
+  return softmax.log_delta_to_eps(log_delta, lse)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "causal", "sliding_window", "scale",
+                                             "return_stats"))
+def condensate_xla_indexed(q, k, v, q_positions, kv_lengths, *, spec, causal,
+                           sliding_window, scale, return_stats, index=None):
+  if index is None:
+    index = index_lib.build(k, kv_lengths, spec.index_bits)
+  lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
+                                  sliding_window=sliding_window)
+  scores = softmax.scores(q, k, scale)
+  sel = select(scores, q, index, lo, hi, spec, scale)
+  out = softmax.masked_softmax(scores, sel.in_set, v, q.dtype)
+  if not return_stats:
+    return out
+  visible = geometry.static_masks(lo, hi, k.shape[1], spec).visible
+  scored = sel.n_static + jnp.sum(sel.candidates, axis=-1, dtype=jnp.int32)
+  return out, softmax.mass_stats(scores, sel.in_set, visible, certificate(scores, sel),
+                                 scored)

@@ -1,0 +1,183 @@
+"""The key index of selection="indexed": per-key low-bit codes with a stored error term.
+
+Per batch row and KV head, keys are normalised per channel, x = (k - mu) / sigma (mu,
+sigma: the channel mean and standard deviation of the keys the index was built from, so
+a shared offset and outlier channels cost nothing), and each key is stored as
+
+    codes c_j in [-L, L]^D (L = 2^(bits-1) - 1),  step s_j = max_i |x_ji| / L,
+    err_j >= || (k_j - khat_j) / sigma ||_2    with khat_j = mu + sigma * s_j * c_j,
+
+so for every query q (scale folded in, Cauchy-Schwarz)
+    |q.k_j - q.khat_j| <= err_j * || q * sigma ||_2.
+That gives a lower and an upper bound on every key's score from the index alone
+(`index_bounds`), plus a float32 rounding slack (`bounds.bound_slack`) that covers the
+computed exact score and the computed estimate; the property tests check
+lower <= computed score <= upper on adversarial keys.
+
+Bytes per key and KV head, as a kernel stores it: bits * D / 8 for the codes plus 2 + 2
+(step and error in float16, rounded up): 36 / 68 / 132 bytes at D = 128 for 2 / 4 / 8 bits,
+against 256 bytes of a bf16 key (K and V: 512). This XLA specification holds the codes as
+int8 and the two scalars as float32. Cost grows linearly with S: scanning it reads that
+many bytes per key; the candidates then read their keys exactly.
+
+Built once (`build_index`, at prefill: mu and sigma come from the keys given) and
+appended per decoded token with the same mu, sigma (`append_index`): any mu, sigma > 0
+keep the bounds valid, only their tightness depends on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from condensate_jax import validation
+from condensate_jax.selection.bounds import bound_slack
+from condensate_jax.softmax import HIGHEST
+from condensate_jax.spec import INDEX_BITS
+
+# err is rounded up by this relative margin: it covers the float32 rounding of khat and
+# of the division by sigma in its own computation
+_ERR_MARGIN = 2.0**-16
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["codes", "step", "err", "mu", "sigma"],
+                   meta_fields=["bits"])
+@dataclasses.dataclass(frozen=True)
+class KeyIndex:
+  """codes int8 [B, S, Hkv, D]; step, err float32 [B, S, Hkv]; mu, sigma float32
+  [B, Hkv, D] (sigma > 0); bits static. Positions never written hold codes 0, step 0
+  and err 0 (they are never visible)."""
+  codes: jax.Array
+  step: jax.Array
+  err: jax.Array
+  mu: jax.Array
+  sigma: jax.Array
+  bits: int
+
+  @property
+  def num_keys(self) -> int:
+    return self.codes.shape[1]
+
+  @property
+  def bytes_per_key(self) -> int:
+    """Bytes per key and KV head in a kernel's packed layout (module docstring)."""
+    return self.bits * self.codes.shape[-1] // 8 + 4
+
+
+def levels(bits: int) -> int:
+  return 2 ** (bits - 1) - 1
+
+
+def _check_bits(bits):
+  if isinstance(bits, bool) or bits not in INDEX_BITS:
+    raise ValueError(f"bits={bits!r}: expected one of {INDEX_BITS}.")
+  return int(bits)
+
+
+def build_index(k, bits: int = 4, kv_lengths=None) -> KeyIndex:
+  """The index of k [B, S, Hkv, D]; keys at positions >= kv_lengths[b] are left out
+  (of mu and sigma too) and get empty entries."""
+  validation.check_keys(k)
+  bits = _check_bits(bits)
+  b, s = k.shape[:2]
+  if kv_lengths is None:
+    kv_lengths = jnp.full((b,), s, jnp.int32)
+  else:
+    kv_lengths = validation.check_int_array("kv_lengths", kv_lengths, (b,), 0, s)
+  return build(k, kv_lengths, bits)
+
+
+@functools.partial(jax.jit, static_argnames=("bits",))
+def build(k, kv_lengths, bits):
+  """`build_index` on validated inputs (traceable)."""
+  s = k.shape[1]
+  kf = k.astype(jnp.float32)
+  valid = (jnp.arange(s) < kv_lengths[:, None])[:, :, None, None]          # [B, S, 1, 1]
+  n = jnp.maximum(jnp.sum(valid, axis=1), 1).astype(jnp.float32)            # [B, 1, 1]
+  mu = jnp.sum(jnp.where(valid, kf, 0.0), axis=1) / n                       # [B, K, D]
+  var = jnp.sum(jnp.where(valid, (kf - mu[:, None]) ** 2, 0.0), axis=1) / n
+  sd = jnp.sqrt(var)
+  sigma = jnp.where(sd > 0, sd, 1.0)
+  codes, step, err = _encode(kf, mu, sigma, bits)
+  return KeyIndex(jnp.where(valid, codes, jnp.int8(0)), jnp.where(valid[..., 0], step, 0.0),
+                  jnp.where(valid[..., 0], err, 0.0), mu, sigma, bits)
+
+
+def _encode(kf, mu, sigma, bits):
+  """(codes, step, err) of float32 keys [B, S, K, D] under mu, sigma [B, K, D]."""
+  lv = levels(bits)
+  x = (kf - mu[:, None]) / sigma[:, None]
+  top = jnp.max(jnp.abs(x), axis=-1)                                          # [B, S, K]
+  step = jnp.where(top > 0, top / lv, 0.0)
+  safe = jnp.where(step > 0, step, 1.0)[..., None]
+  codes = jnp.clip(jnp.round(x / safe), -lv, lv)
+  khat = mu[:, None] + sigma[:, None] * (step[..., None] * codes)
+  err = jnp.sqrt(jnp.sum(((kf - khat) / sigma[:, None]) ** 2, axis=-1))
+  err = err * (1.0 + _ERR_MARGIN) + jnp.float32(_ERR_MARGIN) * top
+  return codes.astype(jnp.int8), step, err
+
+
+def append_index(index: KeyIndex, k_new, positions) -> KeyIndex:
+  """Writes k_new [B, T, Hkv, D] at positions [B, T] (-1: skip) with the index's own
+  mu and sigma."""
+  if not isinstance(index, KeyIndex):
+    raise ValueError(f"index: expected a KeyIndex, got {type(index).__name__}.")
+  validation.check_keys(k_new, "k_new")
+  b, t = k_new.shape[:2]
+  if k_new.shape[0] != index.codes.shape[0] or k_new.shape[2:] != index.codes.shape[2:]:
+    raise ValueError(f"k_new.shape={tuple(k_new.shape)}: expected [B, T, Hkv, D] with "
+                     f"B, Hkv, D = {index.codes.shape[0]}, {index.codes.shape[2:]}.")
+  positions = validation.check_int_array("positions", positions, (b, t), -1,
+                                         index.num_keys - 1)
+  return _append(index, k_new, positions)
+
+
+@jax.jit
+def _append(index, k_new, positions):
+  codes, step, err = _encode(k_new.astype(jnp.float32), index.mu, index.sigma, index.bits)
+  rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
+  at = jnp.where(positions >= 0, positions, index.num_keys)                 # out: dropped
+  put = lambda old, new: old.at[rows, at].set(new, mode="drop")
+  return KeyIndex(put(index.codes, codes), put(index.step, step), put(index.err, err),
+                  index.mu, index.sigma, index.bits)
+
+
+def index_bounds(q, index: KeyIndex, scale: float):
+  """(estimate, slack) [B, K, G, T, S] float32 for q [B, T, Hq, D]: every key's computed
+  score scale * q.k_j lies in [estimate - slack, estimate + slack]."""
+  b, t, hq, d = q.shape
+  hkv = index.codes.shape[2]
+  qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
+  sc = jnp.float32(scale)
+  qs = qg * index.sigma[:, None, :, None, :]                                 # q * sigma
+  q_mu = jnp.einsum("btkgd,bkd->bkgt", qg, index.mu, precision=HIGHEST)
+  q_code = jnp.einsum("btkgd,bskd->bkgts", qs, index.codes.astype(jnp.float32),
+                      precision=HIGHEST)
+  step = index.step.transpose(0, 2, 1)[:, :, None, None, :]                 # [B, K, 1, 1, S]
+  err = index.err.transpose(0, 2, 1)[:, :, None, None, :]
+  est = sc * (q_mu[..., None] + step * q_code)
+  norms = lambda x: x.transpose(0, 2, 3, 1)[..., None]                        # [B, K, G, T, 1]
+  l1 = norms(jnp.sum(jnp.abs(qs), axis=-1))
+  l2 = norms(jnp.sqrt(jnp.sum(qs * qs, axis=-1)))
+  q_abs_mu = jnp.einsum("btkgd,bkd->bkgt", jnp.abs(qg), jnp.abs(index.mu),
+                        precision=HIGHEST)[..., None]
+  # sum_i |q_i| |k_i| <= |q|.|mu| + s L ||q sigma||_1 + err ||q sigma||_2: what the
+  # float32 rounding of the exact score and of the estimate scale with
+  magnitude = q_abs_mu + step * levels(index.bits) * l1 + err * l2
+  slack = sc * err * l2 + jnp.float32(bound_slack(d)) * sc * magnitude
+  return est, slack
+
+
+def check_index(index, k, spec):
+  """`index` must be a KeyIndex of these keys' shape at spec.index_bits."""
+  if not isinstance(index, KeyIndex):
+    raise ValueError(f"index: expected a KeyIndex or None, got {type(index).__name__}.")
+  if index.bits != spec.index_bits:
+    raise ValueError(f"index.bits={index.bits}: expected spec.index_bits={spec.index_bits}.")
+  if tuple(index.codes.shape) != tuple(k.shape):
+    raise ValueError(f"index.codes.shape={tuple(index.codes.shape)}: expected k's shape "
+                     f"{tuple(k.shape)} (the index of these keys).")
