@@ -14,8 +14,9 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
   attention.query_blocks  True: "blocks" points select per block of prompt rows (the
                         timed prefill's lists); False (default): per query
   attention.selection   "exact" (default), "bounded", "blocks", "certified" (+ block_size,
-                        top_blocks, epsilon); any of these four may be a tuple, and they
-                        are then grid axes (experiments.grid.selection_variants)
+                        top_blocks, epsilon), "indexed" (+ index_bits, candidates); any of
+                        selection / block_size / top_blocks / epsilon may be a tuple, and
+                        they are then grid axes (experiments.grid.selection_variants)
   prompts.num           number of distinct prompts (built-in texts or texts from files)
   prompts.lengths       tuple of prompt lengths in tokens (each + new_tokens <= context)
   prompts.files         comma-separated .txt / .jsonl paths ("" = built-in texts)
@@ -96,6 +97,9 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
   # (CondensateSpec.block_rank / query_blocks)
   config.attention.block_rank = block_rank
   config.attention.query_blocks = query_blocks
+  # "indexed" points (CondensateSpec.index_bits / candidates; 0 = 4 * top_k)
+  config.attention.index_bits = 4
+  config.attention.candidates = 0
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.num = num_prompts

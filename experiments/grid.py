@@ -59,6 +59,8 @@ class GridPoint:
     block_size and epsilon for "certified")."""
     if self.exact:
       return self.budget_key
+    if self.selection == "indexed":   # its index settings are the grid's (scalars)
+      return f"{self.budget_key}-indexed"
     extra = {"bounded": "", "blocks": f"-M{self.top_blocks}",
              "certified": f"-e{self.epsilon:g}"}[self.selection]
     return f"{self.budget_key}-{self.selection}-P{self.block_size}{extra}"
@@ -127,6 +129,7 @@ def selection_variants(config) -> list[dict[str, Any]]:
   Block grid: each selection mode takes only the axes that change its set, so no two
   points compute the same thing:
     "exact":     top_k;
+    "indexed":   top_k (attention.index_bits and attention.candidates are scalars);
     "bounded":   top_k x block_size;
     "blocks":    block_size x top_blocks, with top_k = top_blocks * block_size (the
                  number of middle keys it reads, so its budget is comparable with the
@@ -153,6 +156,8 @@ def selection_variants(config) -> list[dict[str, Any]]:
     elif selection == "blocks":
       out += [dict(first, top_k=m * p, selection=selection, block_size=p, top_blocks=m)
               for p in sizes for m in blocks]
+    elif selection == "indexed":
+      out += [dict(first, top_k=k, selection=selection) for k in top_ks]
     else:
       out += [dict(first, top_k=0, selection=selection, block_size=p, epsilon=e)
               for p in sizes for e in epsilons]
@@ -211,6 +216,9 @@ def point_spec(point: GridPoint, config) -> cj.CondensateSpec:
     if spec.selection == "blocks":
       spec = spec.replace(block_rank=a.get("block_rank", "bound"),
                           query_blocks=a.get("query_blocks", False))
+    if spec.selection == "indexed":
+      spec = spec.replace(index_bits=a.get("index_bits", 4),
+                          candidates=a.get("candidates", 0))
     return spec
   except ValueError as err:
     raise ConfigError(f"config.attention: {err}") from None
@@ -234,7 +242,10 @@ def keys(config, model_id: str, prompt, point: Optional[GridPoint]) -> str:
     return f"{base}|dense"
   a = config.attention
   layers = ",".join(map(str, a.dense_layers))
-  if not point.exact:  # the same string as before block grids for scalar settings
+  if not point.exact and point.selection == "indexed":
+    spec = point_spec(point, config)
+    layers += f"|indexed-b{spec.index_bits}-c{spec.num_candidates}"
+  elif not point.exact:  # the same string as before block grids for scalar settings
     layers += (f"|{point.selection}-P{point.block_size}-M{point.top_blocks}"
                f"-e{point.epsilon!r}{_block_options(config, point)}")
   return f"{base}|{a.implementation}|dl[{layers}]|{point.budget_key}"

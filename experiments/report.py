@@ -119,7 +119,7 @@ def _selection_fields(point, rows) -> dict[str, Any]:
   """The point's selection settings (cells "-" where its mode does not use them) and
   the set-size summaries (rows written before they existed give "-")."""
   selection = "exact" if point.covering else getattr(point, "selection", "exact")
-  block = selection != "exact"
+  block = selection in ("bounded", "blocks", "certified")
   label = selection
   if selection == "blocks" and rows:   # options recorded in the rows (absent: defaults)
     label += "".join(f" {x}" for x in (
@@ -297,7 +297,7 @@ def plot_all(workdir: pathlib.Path, summary) -> list[pathlib.Path]:
   return paths
 
 
-_MARKERS = {"exact": "o", "bounded": "s", "blocks": "^", "certified": "D"}
+_MARKERS = {"exact": "o", "bounded": "s", "blocks": "^", "certified": "D", "indexed": "v"}
 
 
 def _short_label(entry) -> str:
@@ -306,7 +306,8 @@ def _short_label(entry) -> str:
   label = {"exact": f"k{entry['top_k']}",
            "blocks": f"P{entry.get('block_size_cell')}M{entry.get('top_blocks_cell')}",
            "certified": f"P{entry.get('block_size_cell')} e{entry.get('epsilon_cell')}",
-           "bounded": f"k{entry['top_k']} P{entry.get('block_size_cell')}"}[selection]
+           "bounded": f"k{entry['top_k']} P{entry.get('block_size_cell')}",
+           "indexed": f"k{entry['top_k']} idx"}[selection]
   return f"a{entry['anchor']}w{entry['window']} {label}"
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from condensate_jax import attention as attention_lib
 from condensate_jax import geometry
 from condensate_jax.models.layers import einsum
+from condensate_jax.selection import index as index_lib
 from condensate_jax.selection import summaries as summaries_lib
 from condensate_jax.softmax import AttentionStats
 
@@ -29,7 +30,9 @@ from condensate_jax.softmax import AttentionStats
 class KVCache(NamedTuple):
   """Static-shape cache: k[i], v[i] [B, S_max, K, H] per layer; lengths [B] int32.
 
-  summaries: None, or one entry per layer: None or a `selection.summaries.BlockSummaries` (min / max
+  summaries: None, or one entry per layer: None, a `selection.index.KeyIndex` (layers
+  running selection="indexed": built at prefill, appended per token like the summaries)
+  or a `selection.summaries.BlockSummaries` (min / max
   of every spec.block_size cached keys per KV head, [B, ceil(S_max / P), K, H] in the
   cache dtype). A layer that runs a block-selection spec (selection != "exact", not a
   pillar layer) builds its summaries from the cached keys on its first cached call
@@ -84,16 +87,21 @@ def dense_stats(q_positions, kv_lengths, num_heads, sliding_window) -> Attention
 
 
 def uses_block_summaries(spec) -> bool:
-  """True when a layer's spec (from `CondensateSpec.for_layer`) selects by block
-  summaries, i.e. the layer keeps summaries in the cache."""
+  """True when a layer's spec (from `CondensateSpec.for_layer`) selects by a structure
+  kept beside the cache: block summaries, or the key index of selection="indexed"."""
   return spec is not None and spec.selection != "exact"
 
 
 def _cache_summaries(ctx: Context, layer: int, spec, k_new, keys, kv_lengths):
-  """The layer's summaries after this call's write: the input cache's, updated with the
-  new keys (positions ctx.positions), or built from all cached keys when the input cache
-  has none of this block size (the first cached call: prefill)."""
+  """The layer's summaries (or key index) after this call's write: the input cache's,
+  updated with the new keys (positions ctx.positions), or built from all cached keys when
+  the input cache has none of these settings (the first cached call: prefill)."""
   old = None if ctx.cache.summaries is None else ctx.cache.summaries[layer]
+  if spec.selection == "indexed":
+    if (isinstance(old, index_lib.KeyIndex) and old.bits == spec.index_bits
+        and old.codes.shape == keys.shape):
+      return index_lib.append_index(old, k_new, ctx.positions)
+    return index_lib.build_index(keys, spec.index_bits, kv_lengths)
   if (isinstance(old, summaries_lib.BlockSummaries) and old.block_size == spec.block_size
       and old.num_blocks == summaries_lib.num_blocks(keys.shape[1], spec.block_size)
       and old.kmin.dtype == keys.dtype):
@@ -128,9 +136,11 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
     stats = (dense_stats(ctx.positions, kv_lengths, q.shape[2], sliding_window)
              if ctx.return_stats else None)
   else:
+    structure = ({"index": summaries} if spec.selection == "indexed"
+                 else {"summaries": summaries})
     res = attention_lib.condensate_attention(
         q, keys, values, spec, implementation=ctx.implementation,
-        return_stats=ctx.return_stats, summaries=summaries, **kwargs)
+        return_stats=ctx.return_stats, **structure, **kwargs)
     out, stats = res if ctx.return_stats else (res, None)
   return out, new, stats
 

@@ -205,3 +205,28 @@ def test_block_rank_and_query_blocks_reach_the_spec_keys_and_summary(tmp_path):
                                block_rank="centr")
   with pytest.raises(ConfigError, match="block_rank='centr'"):
     grid.check_config(exact)
+
+
+def test_indexed_points_in_a_grid_and_a_run(tmp_path):
+  config = common.parity_config(name="indexed_grid", model="tiny-random", top_k=(4, 8),
+                                window=(8,), anchor=(1,), lengths=(96,), num_prompts=1,
+                                new_tokens=4, selection=("exact", "indexed"))
+  config.attention.candidates = 16
+  grid.check_config(config)
+  points = grid.grid(config, 100)[1:]
+  indexed = [p for p in points if p.selection == "indexed"]
+  assert [p.key for p in indexed] == ["a1-w8-k4-indexed", "a1-w8-k8-indexed"]
+  spec = grid.point_spec(indexed[0], config)
+  assert (spec.selection, spec.index_bits, spec.candidates) == ("indexed", 4, 16)
+  prompt = type("P", (), {"id": "p0", "sha": "abc"})()
+  assert grid.keys(config, "tiny-random", prompt, indexed[0]).endswith(
+      "|dl[|indexed-b4-c16]|a1-w8-k4")
+  config.attention.index_bits = 3
+  with pytest.raises(ConfigError, match=r"index_bits=3"):
+    grid.check_config(config)
+  config.attention.index_bits = 4
+  result = parity.run(config, tmp_path, load_model=fake_lm.loader(), progress=False)
+  rows = {e["key"]: e for e in result["summary"]}
+  # 16 candidates of at most 95 visible keys: what exact top-k finds at k = 4 and 8
+  assert rows["a1-w8-k4-indexed"]["mean_kl"] == rows["a1-w8-k4"]["mean_kl"]
+  assert rows["a1-w8-k4-indexed"]["keys_scored_frac"] < 1.0
