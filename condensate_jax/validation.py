@@ -160,3 +160,12 @@ def check_block_spec(spec):
   if spec.selection not in BLOCK_SELECTIONS:
     raise ValueError(f"spec.selection={spec.selection!r}: expected one of "
                      f"{BLOCK_SELECTIONS} for block-summary selection.")
+
+
+def check_fast_spec(spec, step: str):
+  """A spec the timed fast steps implement: selection="blocks" (`step` names the step)."""
+  check_block_spec(spec)
+  if spec.selection != "blocks":
+    raise ValueError(f"spec.selection={spec.selection!r}: {step} implements "
+                     "selection='blocks' (the other block modes run through "
+                     "condensate_attention).")

@@ -227,11 +227,7 @@ def check_decode_inputs(q, k, v, kmin, kmax, kv_lengths, spec, scale, *, method=
                         rank=None, bounds=None, kernel="fused", num_splits=None):
   """Validates `decode_step`'s inputs (ValueError naming the argument); returns
   (kv_lengths int32 [B], scale). Values are checked where concrete (outside jit)."""
-  validation.check_block_spec(spec)
-  if spec.selection != "blocks":
-    raise ValueError(f"spec.selection={spec.selection!r}: decode_step implements "
-                     "selection='blocks' (the other block modes run through "
-                     "condensate_attention).")
+  validation.check_fast_spec(spec, "decode_step")
   validation.check_qkv(q, k, v)
   b, t, _, d = q.shape
   if t != 1:

@@ -33,11 +33,7 @@ def prefill_step(q, k, v, *, spec, scale, method="superblock", kernel_kw=()):
   validated first. Non-finite values (`finite.py`): q, k and v are zeroed there before
   the lists and the kernel, and a query that reads one (its q row, or the k or v row of
   a key at or before its position) gets NaN o and lse; the others are unaffected."""
-  validation.check_block_spec(spec)
-  if spec.selection != "blocks":
-    raise ValueError(f"spec.selection={spec.selection!r}: prefill_step implements "
-                     "selection='blocks' (the other block modes run through "
-                     "condensate_attention).")
+  validation.check_fast_spec(spec, "prefill_step")
   validation.check_qkv(q, k, v)
   t, s_len = q.shape[1], k.shape[1]
   if not 1 <= t <= s_len:

@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from condensate_jax import validation
 
@@ -78,6 +79,13 @@ def _with_nan(summ, nan):
 def empty_summaries(batch: int, capacity: int, num_kv_heads: int, head_dim: int,
                     block_size: int, dtype=jnp.float32) -> BlockSummaries:
   """Summaries of an empty cache of `capacity` positions (every block empty)."""
+  for name, value in (("batch", batch), ("capacity", capacity),
+                      ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (
+        1 <= value <= validation.INT32_MAX):
+      raise ValueError(f"{name}={value!r}: expected an int in [1, {validation.INT32_MAX}].")
+  if jnp.dtype(dtype) not in [jnp.dtype(x) for x in validation.DTYPES]:
+    raise ValueError(f"dtype={dtype!r}: expected one of {validation.DTYPE_NAMES}.")
   p = validation.check_block_size(block_size, capacity)
   shape = (batch, num_blocks(capacity, p), num_kv_heads, head_dim)
   return BlockSummaries(jnp.full(shape, jnp.inf, dtype), jnp.full(shape, -jnp.inf, dtype), p)

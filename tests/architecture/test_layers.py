@@ -219,4 +219,4 @@ def test_implementation_table_is_complete_at_import():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=REPO, check=True).stdout
   assert out.splitlines()[0] == str(sorted(["pallas", "pallas_blocks", "xla_blocks",
-                                            "xla_gathered", "xla_masked"]))
+                                            "xla_gathered", "xla_indexed", "xla_masked"]))

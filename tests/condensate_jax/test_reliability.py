@@ -102,3 +102,10 @@ def test_ragged_tokens_and_mismatched_caches_are_refused(lm):
   _, cache = lm.step(ones(1, 8), lm.init_cache(1, 8))       # exactly full is fine
   with pytest.raises(ValueError, match=r"holds 8 of 8 positions, no room for 1 more"):
     lm.step(ones(1, 1), cache)
+
+
+def test_empty_summaries_check_their_sizes_and_dtype():
+  for args, message in (((-1, 8, 1, 4, 4), r"batch=-1"), ((1, 8, 1, 0, 4), r"head_dim=0"),
+                        ((1, 8, 1, 4, 4, "int32"), r"dtype='int32'")):
+    with pytest.raises(ValueError, match=message):
+      cj.empty_summaries(*args)
