@@ -138,7 +138,7 @@ def dense_attention(q, k, v, *, causal: bool = True, q_positions=None, kv_length
   kv_lengths, q_positions, scale = validation.prepare(
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
-  window = validation.static_window(sliding_window)
+  window = validation.static_window(sliding_window, k.shape[1])
   bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
                                sliding_window=window)
   out = xla_masked.dense(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v),
@@ -174,9 +174,9 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
       sliding_window=sliding_window, scale=scale)
   kwargs, summary_arrays = {}, None
   if summaries is not None:
-    if spec.selection == "exact":
-      raise ValueError("summaries: given with spec.selection='exact', which scores every "
-                       "key; block summaries serve the block-selection modes "
+    if spec.selection not in validation.BLOCK_SELECTIONS:
+      raise ValueError(f"summaries: given with spec.selection={spec.selection!r}; block "
+                       "summaries serve the block-selection modes "
                        f"{validation.BLOCK_SELECTIONS}.")
     summaries_lib.check_summaries(summaries, k, spec)
     summary_arrays = (summaries.kmin, summaries.kmax, summaries.block_size)
@@ -189,7 +189,7 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
                        "serves selection='indexed'.")
     index_lib.check_index(index, k, spec)
     extra_bad, kwargs["index"] = finite.sanitize_index(index)
-  window = validation.static_window(sliding_window)
+  window = validation.static_window(sliding_window, k.shape[1])
   bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
                                sliding_window=window, summaries=summary_arrays,
                                bad_keys=extra_bad)
@@ -218,7 +218,8 @@ def condensate_mask(q, k, spec: CondensateSpec, *, causal: bool = True, q_positi
       q, k, k, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
   return xla_masked.mask(q, k, q_positions, kv_lengths, spec=spec, causal=bool(causal),
-                         sliding_window=validation.static_window(sliding_window),
+                         sliding_window=validation.static_window(sliding_window,
+                                                                 k.shape[1]),
                          scale=scale)
 
 

@@ -125,8 +125,12 @@ def check_scale(scale, head_dim: int, *, optional: bool = True) -> float:
   return float(scale)
 
 
-def static_window(sliding_window):
-  return None if sliding_window is None else int(sliding_window)
+def static_window(sliding_window, num_keys=None):
+  """The static window; clamped to num_keys (a window of S or more restricts nothing,
+  and pos + window - 1 must stay inside int32)."""
+  if sliding_window is None:
+    return None
+  return int(sliding_window) if num_keys is None else min(int(sliding_window), num_keys)
 
 
 def check_bool(name, value):

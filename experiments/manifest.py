@@ -82,8 +82,9 @@ def _json(value: Any) -> Any:
 
 
 def check_resume(workdir: pathlib.Path, config_dict: dict[str, Any], has_rows: bool):
-  """Refuses to add rows of a config to a workdir whose rows came from another one
-  (ConfigError listing the keys that differ), unless config.resume == "extend"."""
+  """Refuses to add rows of a config to a workdir whose rows came from other ones
+  (ConfigError listing the keys that differ from the latest), unless config.resume ==
+  "extend"; a config of any earlier run of the workdir resumes."""
   mode = config_dict.get("resume", "match")
   if mode not in RESUME_MODES:
     raise ConfigError(f"config.resume={mode!r}: expected one of {RESUME_MODES}.")
@@ -91,14 +92,21 @@ def check_resume(workdir: pathlib.Path, config_dict: dict[str, Any], has_rows: b
   if not has_rows or not path.exists() or mode == "extend":
     return
   try:
-    old = json.loads(path.read_text()).get("config", {})
+    manifest = json.loads(path.read_text())
+    earlier = [manifest.get("config", {})] + [r["config"] for r in manifest.get("runs", [])
+                                              if isinstance(r, dict) and "config" in r]
   except (json.JSONDecodeError, AttributeError, OSError):
-    old = {}
+    earlier = [{}]
   new = _flat(_json(config_dict))
-  old = _flat(_json(old))
-  diff = sorted(k for k in set(new) | set(old) if k.split(".")[0] not in NON_RESULT_KEYS
-                and new.get(k, "<absent>") != old.get(k, "<absent>"))
-  if diff:
+
+  def differences(old):
+    old = _flat(_json(old))
+    return sorted(k for k in set(new) | set(old) if k.split(".")[0] not in NON_RESULT_KEYS
+                  and new.get(k, "<absent>") != old.get(k, "<absent>"))
+
+  diffs = [differences(old) for old in earlier]
+  if all(diffs):      # matches none of the configs whose rows the workdir holds
+    diff, old = diffs[0], _flat(_json(earlier[0]))
     shown = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
                       for k in diff[:6]) + ("; ..." if len(diff) > 6 else "")
     raise ConfigError(

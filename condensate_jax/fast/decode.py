@@ -108,7 +108,9 @@ def _rankable(score):
 
 def _nan_if_posinf(u):
   """NaN where a bound is +inf: eps = sigmoid(log delta - lse) would read 1, a clean
-  number, where the block holds a key of infinite score."""
+  number, where the block holds a key of infinite score. (A bound that overflows from
+  finite summaries, keys or queries near float32's limit, is reported NaN too: the step
+  cannot tell the two apart without scanning the summaries.)"""
   return jnp.where(jnp.isposinf(u), jnp.nan, u)
 
 
@@ -317,8 +319,9 @@ def _decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits, me
   # Non-finite values travel on their own (module docstring): a NaN / +inf bound (a
   # non-finite q or summary entry) is never selected and keeps eps NaN; a non-finite k
   # or v row the kernels attend keeps out and lse NaN. One check makes the three agree.
-  bad = (~jnp.all(jnp.isfinite(q[:, 0]), axis=-1) | ~jnp.isfinite(lse)
-         | ~jnp.isfinite(eps) | ~jnp.all(jnp.isfinite(out[:, 0]), axis=-1))      # [B, Hq]
+  # (lse = -inf is an empty set, not a NaN; eps is in [0, 1] or NaN)
+  bad = (~jnp.all(jnp.isfinite(q[:, 0]), axis=-1) | jnp.isnan(lse) | jnp.isposinf(lse)
+         | jnp.isnan(eps) | ~jnp.all(jnp.isfinite(out[:, 0]), axis=-1))          # [B, Hq]
   out = finite.poison(out, bad[:, None])
   lse, eps = (jnp.where(bad, jnp.nan, x) for x in (lse, eps))
   ids = ids[..., :min(spec.top_blocks, kmin.shape[1])]

@@ -68,6 +68,22 @@ class KeyIndex:
     return self.bits * self.codes.shape[-1] // 8 + 4
 
 
+# sigma is kept where x = (k - mu) / sigma and sigma * x stay finite and normal
+_SIGMA_MIN, _SIGMA_MAX = 1e-30, 1e30
+
+
+def _safe(x):
+  return jnp.where(x > 0, x, 1.0)
+
+
+def _norm(x):
+  """L2 norm over the last axis without overflow or underflow of the squares (scaled by
+  the largest entry; the entries lost to underflow are below 1e-38 of it, inside the
+  error margin)."""
+  top = jnp.max(jnp.abs(x), axis=-1)
+  return top * jnp.sqrt(jnp.sum((x / _safe(top)[..., None]) ** 2, axis=-1))
+
+
 def levels(bits: int) -> int:
   return 2 ** (bits - 1) - 1
 
@@ -97,11 +113,14 @@ def build(k, kv_lengths, bits):
   s = k.shape[1]
   kf = k.astype(jnp.float32)
   valid = (jnp.arange(s) < kv_lengths[:, None])[:, :, None, None]          # [B, S, 1, 1]
-  n = jnp.maximum(jnp.sum(valid, axis=1), 1).astype(jnp.float32)            # [B, 1, 1]
-  mu = jnp.sum(jnp.where(valid, kf, 0.0), axis=1) / n                       # [B, K, D]
-  var = jnp.sum(jnp.where(valid, (kf - mu[:, None]) ** 2, 0.0), axis=1) / n
-  sd = jnp.sqrt(var)
-  sigma = jnp.where(sd > 0, sd, 1.0)
+  # mu and sigma from the finite keys only: one NaN key must not break every key's entry
+  use = valid & jnp.all(jnp.isfinite(kf), axis=-1, keepdims=True)          # [B, S, K, 1]
+  n = jnp.maximum(jnp.sum(use, axis=1), 1).astype(jnp.float32)              # [B, K, 1]
+  mu = jnp.sum(jnp.where(use, kf, 0.0), axis=1) / n                         # [B, K, D]
+  dev = jnp.where(use, kf - mu[:, None], 0.0)
+  top = jnp.max(jnp.abs(dev), axis=1)                                       # no overflow:
+  sd = top * jnp.sqrt(jnp.sum((dev / _safe(top)[:, None]) ** 2, axis=1) / n)  # scaled
+  sigma = jnp.clip(jnp.where(sd > 0, sd, 1.0), _SIGMA_MIN, _SIGMA_MAX)
   codes, step, err = _encode(kf, mu, sigma, bits)
   return KeyIndex(jnp.where(valid, codes, jnp.int8(0)), jnp.where(valid[..., 0], step, 0.0),
                   jnp.where(valid[..., 0], err, 0.0), mu, sigma, bits)
@@ -116,7 +135,7 @@ def _encode(kf, mu, sigma, bits):
   safe = jnp.where(step > 0, step, 1.0)[..., None]
   codes = jnp.clip(jnp.round(x / safe), -lv, lv)
   khat = mu[:, None] + sigma[:, None] * (step[..., None] * codes)
-  err = jnp.sqrt(jnp.sum(((kf - khat) / sigma[:, None]) ** 2, axis=-1))
+  err = _norm((kf - khat) / sigma[:, None])
   err = err * (1.0 + _ERR_MARGIN) + jnp.float32(_ERR_MARGIN) * top
   return codes.astype(jnp.int8), step, err
 
@@ -162,7 +181,7 @@ def index_bounds(q, index: KeyIndex, scale: float):
   est = sc * (q_mu[..., None] + step * q_code)
   norms = lambda x: x.transpose(0, 2, 3, 1)[..., None]                        # [B, K, G, T, 1]
   l1 = norms(jnp.sum(jnp.abs(qs), axis=-1))
-  l2 = norms(jnp.sqrt(jnp.sum(qs * qs, axis=-1)))
+  l2 = norms(_norm(qs))
   q_abs_mu = jnp.einsum("btkgd,bkd->bkgt", jnp.abs(qg), jnp.abs(index.mu),
                         precision=HIGHEST)[..., None]
   # sum_i |q_i| |k_i| <= |q|.|mu| + s L ||q sigma||_1 + err ||q sigma||_2: what the

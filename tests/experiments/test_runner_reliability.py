@@ -78,6 +78,11 @@ def test_rerun_with_another_config_is_refused_unless_extended(tmp_path):
   assert any(k.endswith("-k16") for k in keys) and any(k.endswith("-k8") for k in keys)
   runs = json.loads((tmp_path / "manifest.json").read_text())["runs"]
   assert [r["config"]["attention"]["top_k"] for r in runs] == [[4, 16], [4, 16], [4, 8]]
+  with pytest.raises(ConfigError, match=r"attention.top_k: \[4, 8\] -> \[4, 32\]"):
+    parity.run(_smoke(**{"attention.top_k": (4, 32)}), tmp_path, load_model=loader,
+               progress=False)
+  assert parity.run(_smoke(), tmp_path, load_model=loader,        # an earlier run's
+                    progress=False)["computed"] == 0                 # config resumes
   with pytest.raises(ConfigError, match=r"config.resume='sometimes'"):
     parity.run(_smoke(resume="sometimes"), tmp_path, load_model=loader, progress=False)
 

@@ -197,3 +197,47 @@ def test_a_given_index_gives_the_same_answer_and_a_broken_one_poisons_its_reader
   bad = ~np.isfinite(out_b[0]).all(-1)                                    # [T, Hq]
   np.testing.assert_array_equal(bad, np.repeat((np.asarray(pos[0]) >= 12)[:, None], 2, 1))
   np.testing.assert_array_equal(out_b[0][~bad], np.asarray(out)[0][~bad])
+
+
+def test_extreme_magnitudes_keep_bounds_finite_and_valid():
+  """Keys whose squares overflow float32 (2e19) or underflow (1e-25): sigma, the error
+  term and ||q sigma|| are computed scaled, so the bounds stay finite and hold."""
+  rng = np.random.default_rng(5)
+  for magnitude, q_scale in ((2e19, 1.0), (1e-25, 1.0), (1e10, 1e10)):
+    k = jnp.asarray(rng.normal(size=(1, 32, 1, 4)) * magnitude, jnp.float32)
+    q = jnp.asarray(np.sign(rng.normal(size=(1, 2, 1, 4))) * q_scale, jnp.float32)
+    for bits in (2, 8):
+      est, slack = index_lib.index_bounds(q, cj.build_index(k, bits), 1.0)
+      s = softmax.scores(q, k, 1.0)
+      assert np.isfinite(np.asarray(est)).all() and np.isfinite(np.asarray(slack)).all()
+      assert (np.asarray(jnp.abs(s - est) - slack) <= 0).all(), (magnitude, bits)
+
+
+def test_one_nan_key_breaks_only_its_own_entry():
+  rng = np.random.default_rng(6)
+  k = jnp.asarray(rng.normal(size=(1, 16, 1, 4)), jnp.float32).at[0, 5, 0, 1].set(jnp.nan)
+  index = cj.build_index(k)
+  assert np.isfinite(np.asarray(index.mu)).all() and np.isfinite(np.asarray(index.sigma)).all()
+  finite_err = np.isfinite(np.asarray(index.err)[0, :, 0])
+  assert not finite_err[5] and finite_err[np.arange(16) != 5].all()
+  q = jnp.asarray(rng.normal(size=(1, 16, 1, 4)), jnp.float32)
+  out = cj.condensate_attention(q, k, k, cj.CondensateSpec(
+      anchor=1, window=2, top_k=2, selection="indexed"))
+  bad = ~np.isfinite(np.asarray(out)[0]).all(-1)[:, 0]
+  np.testing.assert_array_equal(bad, np.arange(16) >= 5)      # causal: readers of key 5
+
+
+def test_certificate_holds_exactly_where_every_unselected_key_was_scored():
+  rng = np.random.default_rng(7)
+  q = jnp.asarray(rng.normal(size=(64, 16, 1, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(64, 16, 1, 8)), jnp.float32)
+  spec = cj.CondensateSpec(anchor=0, window=0, top_k=3, selection="indexed", candidates=16)
+  _, stats = cj.condensate_attention(q, k, k, spec, return_stats=True)
+  assert (np.asarray(stats.dropped_mass) <= np.asarray(stats.dropped_mass_bound)).all()
+
+
+def test_summaries_are_refused_for_the_indexed_mode():
+  k = jnp.ones((1, 8, 1, 4), jnp.float32)
+  spec = cj.CondensateSpec(anchor=1, window=1, top_k=1, selection="indexed")
+  with pytest.raises(ValueError, match=r"summaries: given with spec.selection='indexed'"):
+    cj.condensate_attention(k, k, k, spec, summaries=cj.build_summaries(k, 4))

@@ -129,3 +129,10 @@ def test_corrupt_cached_file_that_cannot_be_removed(tmp_path, monkeypatch, pinne
     with pytest.raises(FetchError, match=r"cannot be removed \(PermissionError.*by hand") as info:
       fetch_smollm2(cache_dir=tmp_path)
   assert info.value.kind == "cache" and target.exists()
+
+
+def test_a_directory_at_the_target_is_a_fetch_error(tmp_path):
+  (tmp_path / smollm2.GGUF_NAME).mkdir()
+  with pytest.raises(FetchError, match=r"exists and is not a file") as info:
+    fetch_smollm2(cache_dir=tmp_path)
+  assert info.value.kind == "cache"
