@@ -19,7 +19,7 @@ import condensate_jax as cj
 from condensate_jax import fast
 from tests.references.np_reference import condensate_reference
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 DTYPES = {"float32": (jnp.float32, 2e-4), "bfloat16": (jnp.bfloat16, 3e-2),
           "float16": (jnp.float16, 3e-3)}
@@ -195,7 +195,7 @@ def test_dense_attention_gives_a_clear_error_or_the_right_answer(p, malformation
     _call(p, "dense")
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=16)
 @given(problems(), st.sampled_from(["q", "k", "v"]), st.data())
 def test_a_poisoned_entry_reaches_exactly_its_readers(p, which, data):
   if p["spec"].get("selection", "exact") == "exact":

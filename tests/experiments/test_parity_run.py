@@ -175,6 +175,7 @@ def test_block_selection_points_run_and_are_keyed_apart(tmp_path):
   config.attention.selection = "blocks"
   config.attention.block_size = 16
   config.attention.top_blocks = 1
+  config.resume = "extend"       # another config's rows into the same workdir
   blocks = parity.run(config, tmp_path, progress=False)
   assert exact["computed"] == 3 and blocks["computed"] == 1  # gate point reused
   rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]

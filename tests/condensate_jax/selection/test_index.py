@@ -41,7 +41,7 @@ KINDS = ["normal", "offset_outliers", "huge", "tiny", "constant_channels", "dupl
          "spike"]
 
 
-@settings(max_examples=30, deadline=None, derandomize=True,
+@settings(max_examples=20, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(KINDS), st.sampled_from([2, 4, 8]),
        st.sampled_from(["float32", "bfloat16"]), st.integers(0, 2**16),
@@ -110,7 +110,7 @@ def test_indexed_is_exact_top_k_when_the_candidates_hold_it(kind, causal, window
     assert (np.asarray(stats.keys_scored) <= np.asarray(stats.visible)).all()
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=15, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(KINDS), st.sampled_from([2, 4, 8]), st.integers(0, 2**16),
        st.sampled_from([1, 4, 12]), st.sampled_from([0.1, 1.0, 4.0]))
