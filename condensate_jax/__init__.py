@@ -4,7 +4,8 @@ Public API (DESIGN.md §3):
   CondensateSpec, dense_attention, condensate_attention (one entry point for every
   selection mode; `summaries=` takes precomputed BlockSummaries), AttentionStats,
   load_model / LanguageModel, KVCache, block summaries (build/append/empty), the key
-  index of selection="indexed" (KeyIndex, build_index, append_index; `index=`).
+  index of selection="indexed" (KeyIndex, build_index, append_index; `index=`;
+  PackedIndex / pack_index: the layout the timed step `fast.indexed_decode_step` reads).
 The timed fast paths live in `condensate_jax.fast` (imported on demand: it loads the
 Pallas kernels).
 """
@@ -14,7 +15,8 @@ from condensate_jax.attention import (BITWISE_DENSE, IMPLEMENTATIONS, attend,
                                       dense_attention, register_implementation)
 from condensate_jax.lm import LanguageModel
 from condensate_jax.models.kv_cache import KVCache
-from condensate_jax.selection.index import KeyIndex, append_index, build_index
+from condensate_jax.selection.index import (KeyIndex, PackedIndex, append_index,
+                                            build_index, pack_index)
 from condensate_jax.selection.summaries import (BlockSummaries, append_summaries,
                                                 build_summaries, empty_summaries)
 from condensate_jax.softmax import AttentionStats
@@ -33,6 +35,7 @@ __all__ = [
     "KVCache",
     "KeyIndex",
     "LanguageModel",
+    "PackedIndex",
     "append_index",
     "append_summaries",
     "attend",
@@ -43,5 +46,6 @@ __all__ = [
     "dense_attention",
     "empty_summaries",
     "load_model",
+    "pack_index",
     "register_implementation",
 ]

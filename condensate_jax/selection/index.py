@@ -37,6 +37,7 @@ from condensate_jax import validation
 from condensate_jax.selection.bounds import bound_slack
 from condensate_jax.softmax import HIGHEST
 from condensate_jax.spec import INDEX_BITS
+from pallas_kernels.index_scan.reference import levels, unpack as unpack_codes
 
 # err is rounded up by this relative margin: it covers the float32 rounding of khat and
 # of the division by sigma in its own computation
@@ -82,10 +83,6 @@ def _norm(x):
   error margin)."""
   top = jnp.max(jnp.abs(x), axis=-1)
   return top * jnp.sqrt(jnp.sum((x / _safe(top)[..., None]) ** 2, axis=-1))
-
-
-def levels(bits: int) -> int:
-  return 2 ** (bits - 1) - 1
 
 
 def _check_bits(bits):
@@ -171,24 +168,79 @@ def index_bounds(q, index: KeyIndex, scale: float):
   b, t, hq, d = q.shape
   hkv = index.codes.shape[2]
   qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
-  sc = jnp.float32(scale)
   qs = qg * index.sigma[:, None, :, None, :]                                 # q * sigma
   q_mu = jnp.einsum("btkgd,bkd->bkgt", qg, index.mu, precision=HIGHEST)
   q_code = jnp.einsum("btkgd,bskd->bkgts", qs, index.codes.astype(jnp.float32),
                       precision=HIGHEST)
   step = index.step.transpose(0, 2, 1)[:, :, None, None, :]                 # [B, K, 1, 1, S]
   err = index.err.transpose(0, 2, 1)[:, :, None, None, :]
-  est = sc * (q_mu[..., None] + step * q_code)
-  norms = lambda x: x.transpose(0, 2, 3, 1)[..., None]                        # [B, K, G, T, 1]
-  l1 = norms(jnp.sum(jnp.abs(qs), axis=-1))
-  l2 = norms(_norm(qs))
-  q_abs_mu = jnp.einsum("btkgd,bkd->bkgt", jnp.abs(qg), jnp.abs(index.mu),
-                        precision=HIGHEST)[..., None]
-  # sum_i |q_i| |k_i| <= |q|.|mu| + s L ||q sigma||_1 + err ||q sigma||_2: what the
-  # float32 rounding of the exact score and of the estimate scale with
-  magnitude = q_abs_mu + step * levels(index.bits) * l1 + err * l2
-  slack = sc * err * l2 + jnp.float32(bound_slack(d)) * sc * magnitude
-  return est, slack
+  est = jnp.float32(scale) * (q_mu[..., None] + step * q_code)
+  a_err, a_step, a_one = (x.transpose(0, 2, 3, 1)[..., None] for x in
+                          slack_coefficients(qg, index.mu, index.sigma, index.bits, scale))
+  return est, a_err * err + a_step * step + a_one
+
+
+def slack_coefficients(qg, mu, sigma, bits: int, scale: float):
+  """(a_err, a_step, a_one), each [B, T, K, G], for grouped queries qg [B, T, K, G, D]:
+  key j's slack is a_err * err_j + a_step * step_j + a_one. It is err_j * ||q sigma||_2
+  (the code's error) plus the float32 rounding of the exact score and of the estimate,
+  relative to sum_i |q_i| |k_i| <= |q|.|mu| + s_j L ||q sigma||_1 + err_j ||q sigma||_2
+  (`bounds.bound_slack`), all times scale."""
+  qg = qg.astype(jnp.float32)
+  qs = qg * sigma[:, None, :, None, :]
+  sc, rel = jnp.float32(scale), jnp.float32(bound_slack(qg.shape[-1]))
+  l1, l2 = jnp.sum(jnp.abs(qs), axis=-1), _norm(qs)
+  q_abs_mu = jnp.einsum("btkgd,bkd->btkg", jnp.abs(qg), jnp.abs(mu), precision=HIGHEST)
+  return sc * l2 * (1 + rel), sc * rel * levels(bits) * l1, sc * rel * q_abs_mu
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["packed", "step", "err", "mu", "sigma"],
+                   meta_fields=["bits"])
+@dataclasses.dataclass(frozen=True)
+class PackedIndex:
+  """The key index in the layout the decode kernels read: per (batch row, K/V head) the
+  keys' codes packed 8 / bits to a byte, `packed` uint8 [B, Hkv, S, D * bits / 8]; step,
+  err float32 [B, Hkv, S]; mu, sigma float32 [B, Hkv, D]. Byte i of a key holds the
+  codes of channels i + n * D' (D' = D * bits / 8) at bits n * bits .. (n + 1) * bits - 1,
+  each stored as c + L (unsigned). Bytes per key and K/V head: bits * D / 8 + 8."""
+  packed: jax.Array
+  step: jax.Array
+  err: jax.Array
+  mu: jax.Array
+  sigma: jax.Array
+  bits: int
+
+  @property
+  def num_keys(self) -> int:
+    return self.packed.shape[2]
+
+  @property
+  def bytes_per_key(self) -> int:
+    return self.packed.shape[-1] + 8
+
+
+def pack_index(index: KeyIndex) -> PackedIndex:
+  """The PackedIndex of `index` (same codes, step, err, mu, sigma)."""
+  if not isinstance(index, KeyIndex):
+    raise ValueError(f"index: expected a KeyIndex, got {type(index).__name__}.")
+  d = index.codes.shape[-1]
+  per = 8 // index.bits
+  if d % per:
+    raise ValueError(f"head dim {d}: packing {index.bits}-bit codes needs D divisible "
+                     f"by {per}.")
+  return _pack(index)
+
+
+@jax.jit
+def _pack(index):
+  bits, per = index.bits, 8 // index.bits
+  u = (index.codes.astype(jnp.int32) + levels(bits)).transpose(0, 2, 1, 3)   # [B, K, S, D]
+  dp = u.shape[-1] // per
+  packed = sum(u[..., n * dp:(n + 1) * dp] << (n * bits) for n in range(per))
+  t = lambda x: x.transpose(0, 2, 1)
+  return PackedIndex(packed.astype(jnp.uint8), t(index.step), t(index.err), index.mu,
+                     index.sigma, bits)
 
 
 def check_index(index, k, spec):

@@ -1,0 +1,164 @@
+"""The timed decode step of selection="indexed" (issue #13): the key index scanned once,
+the best candidates scored exactly, the top_k of those attended with the anchor and the
+window, and a certified eps.
+
+Per decode query head (the sets of the XLA specification, `impl/xla_indexed.py`):
+  1. scan      `pallas_kernels.index_scan` reads the packed index (`PackedIndex`,
+               bits * D / 8 + 8 bytes per key and K/V head) once: est_j for every middle key;
+  2. candidates the spec.num_candidates keys of highest est (`lax.top_k`);
+  3. exact     their K rows gathered and scored exactly; the top_k of those (ties to the
+               lower position, as in "exact") join the set;
+  4. attend    `pallas_kernels.gather_attention` over anchor + window (read once per
+               K/V group) and each head's top_k rows;
+  5. eps       delta = sum over non-candidates (est_j <= tau, tau the C-th largest est)
+               of exp(est_j + slack_j) + sum over unselected candidates of
+               exp(s_j + rounding slack); eps = delta / (Z_set + delta) bounds the dropped
+               mass of the set actually chosen (keys tied with tau are counted twice: an
+               over-count, never an under-count).
+The step reads the index, the candidates' K rows and the set's K/V rows; it trusts the
+index to be that of k (a key whose entry is broken is not seen: condensate_attention
+checks every key). Non-finite values: a head whose q row is not finite, or whose output,
+lse or eps comes out NaN (a NaN estimate is ranked first by top_k, so such a key is
+scored and, if chosen, attended), gets NaN out, lse and eps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from condensate_jax import finite, geometry, softmax, validation
+from condensate_jax.selection import index as index_lib
+from condensate_jax.selection.bounds import bound_slack
+from condensate_jax.softmax import HIGHEST, NEG_INF
+from pallas_kernels import util
+from pallas_kernels.gather_attention import api as gather_api
+from pallas_kernels.index_scan import api as scan_api
+
+# delta inflated by 0.01% (as in the XLA specification) against the float rounding of
+# the two sums, the true dropped mass's and this one's
+_LOG_MARGIN = 1e-4
+SCANS = (None, "triton", "reference")
+
+
+def check_indexed_inputs(q, k, v, index, kv_lengths, spec, scale, scan):
+  """Validates `indexed_decode_step`'s inputs (ValueError naming the argument); returns
+  (kv_lengths int32 [B], scale)."""
+  validation.check_spec(spec)
+  if spec.selection != "indexed":
+    raise ValueError(f"spec.selection={spec.selection!r}: indexed_decode_step implements "
+                     "selection='indexed'.")
+  validation.check_qkv(q, k, v)
+  b, t, _, d = q.shape
+  if t != 1:
+    raise ValueError(f"q.shape={tuple(q.shape)}: indexed_decode_step takes one query per "
+                     "row (q [B, 1, Hq, D]).")
+  s_len, hkv = k.shape[1], k.shape[2]
+  if not isinstance(index, index_lib.PackedIndex):
+    raise ValueError(f"index: expected a PackedIndex (selection.index.pack_index), got "
+                     f"{type(index).__name__}.")
+  if index.bits != spec.index_bits:
+    raise ValueError(f"index.bits={index.bits}: expected spec.index_bits={spec.index_bits}.")
+  want = {"packed": (b, hkv, s_len, d * index.bits // 8), "step": (b, hkv, s_len),
+          "err": (b, hkv, s_len), "mu": (b, hkv, d), "sigma": (b, hkv, d)}
+  for name, shape in want.items():
+    got = tuple(getattr(index, name).shape)
+    if got != shape:
+      raise ValueError(f"index.{name}.shape={got}: expected {shape} (the packed index of "
+                       f"k [B, S, Hkv, D] = {tuple(k.shape)}).")
+  if index.packed.dtype != jnp.uint8:
+    raise ValueError(f"index.packed.dtype={index.packed.dtype}: expected uint8.")
+  kv_lengths = validation.check_int_array("kv_lengths", kv_lengths, (b,), 1, s_len)
+  scale = validation.check_scale(scale, d, optional=False)
+  if scan not in SCANS:
+    raise ValueError(f"scan={scan!r}: expected one of {list(SCANS)}.")
+  return kv_lengths, scale
+
+
+def indexed_decode_step(q, k, v, index, kv_lengths, *, spec, scale, scan=None,
+                        return_ids=False):
+  """One decode step of selection="indexed" (module docstring).
+
+  q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; index: the `PackedIndex` of k (kept beside the
+  cache); kv_lengths [B] (the query sits at position len - 1, causal). scan: the index
+  scan's implementation (None: the Triton kernel, interpreted on a CPU; "reference":
+  plain jnp). Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq]; with
+  return_ids also the chosen middle keys ids [B, Hq, k'] (-1: none) and the number of
+  keys scored exactly per head [B, Hq] (anchor + window + candidates)."""
+  kv_lengths, scale = check_indexed_inputs(q, k, v, index, kv_lengths, spec, scale, scan)
+  return _step(q, k, v, index, kv_lengths, spec=spec, scale=scale, scan=scan,
+               return_ids=bool(return_ids))
+
+
+def _gather_keys(k, ids):
+  """k [B, S, K, D], ids [B, K, G, C] -> rows [B, K, G, C, D]."""
+  b, hkv = k.shape[0], k.shape[2]
+  return k[jnp.arange(b)[:, None, None, None], ids, jnp.arange(hkv)[None, :, None, None]]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "scan", "return_ids"))
+def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, return_ids):
+  b, _, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  gp = util.next_pow2(g)
+  qg = q[:, 0].astype(jnp.float32).reshape(b, hkv, g, d)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, gp - g)] + [(0, 0)] * (x.ndim - 3))
+  qs = qg * index.sigma[:, :, None, :]
+  qmu = jnp.einsum("bkgd,bkd->bkg", qg, index.mu, precision=HIGHEST)
+  est = scan_api.index_scan(pad(qs), pad(qmu), index.packed, index.step, kv_lengths,
+                            scale=scale, bits=index.bits, group=g, anchor=spec.anchor,
+                            window=spec.window, implementation=scan)[:, :, :g]  # [B,K,G,S]
+  # 2. candidates by estimate, then in position order (ties of the exact top-k go to the
+  # lower position, as in "exact")
+  c = min(spec.num_candidates, s_len)
+  top_est, cand = jax.lax.top_k(est, c)                                      # [B, K, G, C]
+  tau = top_est[..., -1:]
+  cand_ok = top_est > NEG_INF
+  cand = jnp.sort(jnp.where(cand_ok, cand, s_len), axis=-1)
+  cand_ok = cand < s_len
+  cand = jnp.where(cand_ok, cand, 0)
+  # 3. exact scores of the candidates
+  rows = _gather_keys(k, cand).astype(jnp.float32)                           # [B,K,G,C,D]
+  s_c = jnp.float32(scale) * jnp.einsum("bkgd,bkgcd->bkgc", qg, rows, precision=HIGHEST)
+  s_c = jnp.where(cand_ok, s_c, NEG_INF)
+  kk = min(spec.top_k, c)
+  vals, pick = jax.lax.top_k(s_c, kk)                                        # [B, K, G, k']
+  chosen_ok = jnp.take_along_axis(cand_ok, pick, axis=-1)
+  ids = jnp.where(chosen_ok, jnp.take_along_axis(cand, pick, axis=-1), -1)
+  # 4. attend anchor + window (shared by the group) and each head's chosen keys
+  lo, hi = geometry.visible_range(kv_lengths[:, None] - 1, kv_lengths, causal=True,
+                                  sliding_window=None)
+  s_idx, s_ok = geometry.static_positions(lo, hi, spec, s_len)               # [B, 1, N]
+  shared = lambda x: jnp.broadcast_to(x[:, None], (b, hkv) + x.shape[1:])
+  out, lse = gather_api.gather_attention(
+      q, k, v, jnp.maximum(ids, 0).reshape(b, hq, 1, kk), chosen_ok.reshape(b, hq, 1, kk),
+      scale=scale, shared_indices=shared(s_idx), shared_valid=shared(s_ok))
+  lse = lse.reshape(b, hkv, g)
+  # 5. eps: non-candidates by the index's bound, unselected candidates by their score
+  a_err, a_step, a_one = (x[:, 0, ..., None] for x in index_lib.slack_coefficients(
+      qg[:, None], index.mu, index.sigma, index.bits, scale))                # [B, K, G, 1]
+  upper = est + a_err * index.err[:, :, None] + a_step * index.step[:, :, None] + a_one
+  rest = (est <= tau) & (est > NEG_INF)
+  delta_rest = jax.nn.logsumexp(jnp.where(rest, upper, NEG_INF), axis=-1)
+  chosen = jnp.zeros(s_c.shape, bool).at[
+      tuple(jnp.indices(pick.shape)[:-1]) + (pick,)].set(chosen_ok)
+  magnitude = jnp.einsum("bkgd,bkgcd->bkgc", jnp.abs(qg), jnp.abs(rows), precision=HIGHEST)
+  cand_upper = s_c + jnp.float32(bound_slack(d) * scale) * magnitude
+  delta_cand = jax.nn.logsumexp(jnp.where(cand_ok & ~chosen, cand_upper, NEG_INF), axis=-1)
+  log_delta = jnp.logaddexp(delta_rest, delta_cand)
+  log_delta = jnp.where(jnp.isneginf(log_delta), NEG_INF, log_delta + _LOG_MARGIN)
+  eps = softmax.log_delta_to_eps(log_delta, lse)
+  # one check makes out, lse and eps agree on non-finite values (module docstring)
+  lse, eps = lse.reshape(b, hq), eps.reshape(b, hq)
+  bad = (~jnp.all(jnp.isfinite(q[:, 0]), axis=-1) | jnp.isnan(lse) | jnp.isposinf(lse)
+         | jnp.isnan(eps) | ~jnp.all(jnp.isfinite(out[:, 0]), axis=-1))
+  out = finite.poison(out, bad[:, None])
+  lse, eps = (jnp.where(bad, jnp.nan, x) for x in (lse, eps))
+  if not return_ids:
+    return out, lse, eps
+  n_static = jnp.sum(s_ok, axis=-1, dtype=jnp.int32)                        # [B, 1]
+  scored = n_static + jnp.sum(cand_ok, axis=-1, dtype=jnp.int32).reshape(b, hq)
+  return out, lse, eps, ids.reshape(b, hq, kk), scored

@@ -1,0 +1,77 @@
+"""Index scan, GPU backend: `pallas_call` lowered through Triton.
+
+One program per (batch b, K/V head k, tile i of P consecutive keys): the [P, D'] packed
+codes of the tile are read once (bits / 8 of a byte per channel) and unpacked in
+registers, 8 / bits channel slices of D' each; the G query rows of the group score them
+as float32 elementwise products and sums (exact IEEE float32, no TF32: the estimate keeps
+the float32 rounding that the index's slack covers). The semantics are reference.py's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
+
+from pallas_kernels.block_sparse.triton_common import NEG_INF, check_backend
+from pallas_kernels.index_scan.reference import levels
+
+
+def _scan_kernel(qs_ref, qmu_ref, packed_ref, step_ref, len_ref, est_ref, *, scale, bits,
+                 group, anchor, window):
+  # qs_ref     [Gp, D]   float32 q * sigma of the group (rows >= G: padding)
+  # qmu_ref    [Gp]      float32 q . mu
+  # packed_ref [P, D']   uint8 codes of P consecutive keys
+  # step_ref   [P]       float32
+  # len_ref    []        int32 kv length of the row
+  # est_ref    [Gp, P]   float32 output (-inf: not a middle key, or a padding row)
+  gp, p = est_ref.shape
+  dp = packed_ref.shape[1]
+  x = packed_ref[...].astype(jnp.int32)
+  mask, lv = (1 << bits) - 1, levels(bits)
+  acc = jnp.zeros((gp, p), jnp.float32)
+  for n in range(8 // bits):
+    c = (((x >> (n * bits)) & mask) - lv).astype(jnp.float32)               # [P, D']
+    qn = qs_ref[:, pl.ds(n * dp, dp)]                                       # [Gp, D']
+    acc += jnp.sum(qn[:, None, :] * c[None, :, :], axis=2)
+  est = scale * (qmu_ref[...][:, None] + step_ref[...][None, :] * acc)
+  pos = pl.program_id(2) * p + jnp.arange(p, dtype=jnp.int32)
+  middle = (pos >= anchor) & (pos <= len_ref[...] - 1 - window)
+  rows = jnp.arange(gp, dtype=jnp.int32) < group
+  est_ref[...] = jnp.where(rows[:, None] & middle[None, :], est, NEG_INF)
+
+
+def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor, window,
+               block_keys=64, interpret=False, num_warps=4, num_stages=2):
+  """Triton index scan; semantics of reference.index_scan. Needs Gp and D' powers of two
+  and S divisible by 16 (the tile P: the largest power of two dividing S, at most
+  block_keys); NotImplementedError otherwise (api.py then falls back)."""
+  check_backend(interpret)
+  b, hkv, gp, d = qs.shape
+  s, dp = packed.shape[2], packed.shape[3]
+  p = min(int(block_keys), s & -s)
+  if p < 16 or gp & (gp - 1) or dp & (dp - 1) or dp < 1:
+    raise NotImplementedError(
+        f"S={s}, Gp={gp}, packed width {dp}: the index scan needs S divisible by 16 and "
+        "power-of-two Gp and packed width.")
+  kernel = functools.partial(_scan_kernel, scale=float(scale), bits=int(bits),
+                             group=int(group), anchor=int(anchor), window=int(window))
+  return pl.pallas_call(
+      kernel, grid=(b, hkv, s // p),
+      in_specs=[pl.BlockSpec((None, None, gp, d), lambda b_, h, i: (b_, h, 0, 0)),
+                pl.BlockSpec((None, None, gp), lambda b_, h, i: (b_, h, 0)),
+                pl.BlockSpec((None, None, p, dp), lambda b_, h, i: (b_, h, i, 0)),
+                pl.BlockSpec((None, None, p), lambda b_, h, i: (b_, h, i)),
+                pl.BlockSpec((None,), lambda b_, h, i: (b_,))],
+      out_specs=pl.BlockSpec((None, None, gp, p), lambda b_, h, i: (b_, h, 0, i)),
+      out_shape=jax.ShapeDtypeStruct((b, hkv, gp, s), jnp.float32),
+      interpret=interpret,
+      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
+                                                  num_stages=num_stages),
+      name="condensate_index_scan")(qs.astype(jnp.float32), qmu.astype(jnp.float32),
+                                    packed, step.astype(jnp.float32),
+                                    jnp.asarray(kv_lengths, jnp.int32).reshape(b))
+

@@ -1,0 +1,93 @@
+"""Index-scan kernel (pallas_kernels/index_scan) against its jnp reference, and the packed
+layout it reads (selection.index.pack_index) against the unpacked codes.
+
+Parameterised over tests.conftest.kernels("triton") (interpreted on CPU, compiled on a
+GPU). Pallas' generic interpret mode starts every output as NaN, so an element the kernel
+never writes fails the comparison.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from condensate_jax.selection import index as index_lib
+from pallas_kernels.index_scan import api, reference
+from tests.conftest import kernels
+
+TRITON = kernels("triton")
+
+
+def _inputs(seed, b, s, hkv, g, d, bits, lengths):
+  rng = np.random.default_rng(seed)
+  k = jnp.asarray(rng.standard_normal((b, s, hkv, d)) * (1 + 5 * (rng.random(d) < 0.1))
+                  + 3 * rng.standard_normal(d), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((b, hkv, g, d)), jnp.float32)
+  idx = index_lib.build_index(k, bits, jnp.asarray(lengths, jnp.int32))
+  packed = index_lib.pack_index(idx)
+  gp = 1 << (g - 1).bit_length()
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, gp - g)] + [(0, 0)] * (x.ndim - 3))
+  qs = pad(q * idx.sigma[:, :, None])
+  qmu = pad(jnp.einsum("bkgd,bkd->bkg", q, idx.mu))
+  return idx, packed, qs, qmu
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_round_trip(bits):
+  idx, packed, _, _ = _inputs(0, 2, 64, 2, 1, 32, bits, [64, 40])
+  assert packed.packed.dtype == jnp.uint8
+  assert packed.packed.shape == (2, 2, 64, 32 * bits // 8)
+  assert packed.bytes_per_key == 32 * bits // 8 + 8
+  codes = index_lib.unpack_codes(packed.packed, bits).transpose(0, 2, 1, 3)
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(idx.codes))
+  np.testing.assert_array_equal(np.asarray(packed.step), np.asarray(idx.step).transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("impl,interpret", TRITON)
+@pytest.mark.parametrize("bits,g,block_keys", [(2, 4, 32), (4, 3, 64), (8, 1, 16)])
+def test_matches_reference(impl, interpret, bits, g, block_keys):
+  b, s, hkv, d = 2, 128, 2, 32
+  lengths = [128, 57]
+  idx, packed, qs, qmu = _inputs(1, b, s, hkv, g, d, bits, lengths)
+  kw = dict(scale=0.3, bits=bits, group=g, anchor=3, window=5)
+  want = api.index_scan(qs, qmu, packed.packed, packed.step, jnp.asarray(lengths),
+                        implementation="reference", **kw)
+  got = api.index_scan(qs, qmu, packed.packed, packed.step, jnp.asarray(lengths),
+                       implementation=impl, interpret=interpret, block_keys=block_keys, **kw)
+  want, got = np.asarray(want), np.asarray(got)
+  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+  fin = np.isfinite(want)
+  np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+  # middle keys of each row, real rows only: anchor .. len - 1 - window
+  for row, n in enumerate(lengths):
+    assert fin[row, :, :g, 3:n - 5].all() and not fin[row, :, :g, n - 5:].any()
+    assert not fin[row, :, :g, :3].any() and not fin[row, :, g:].any()
+  # the estimate is the XLA specification's (index_bounds), and brackets the exact score
+  q = (qs[:, :, :g] / idx.sigma[:, :, None]).reshape(b, 1, hkv * g, d)
+  est, slack = index_lib.index_bounds(q, idx, 0.3)
+  est, slack = np.asarray(est)[:, :, :, 0], np.asarray(slack)[:, :, :, 0]
+  np.testing.assert_allclose(got[:, :, :g][fin[:, :, :g]], est[fin[:, :, :g]], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_shapes_the_kernel_does_not_take_fall_back():
+  _, packed, qs, qmu = _inputs(2, 1, 24, 1, 2, 32, 4, [24])
+  kw = dict(scale=1.0, bits=4, group=2)
+  with pytest.raises(NotImplementedError, match="divisible by 16"):
+    api.index_scan(qs, qmu, packed.packed, packed.step, jnp.array([24]),
+                   implementation="triton", interpret=True, **kw)
+  got = api.index_scan(qs, qmu, packed.packed, packed.step, jnp.array([24]), **kw)
+  want = reference.index_scan(qs, qmu, packed.packed, packed.step, jnp.array([24]), **kw,
+                              anchor=0, window=0)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match="implementation='nope'"):
+    api.index_scan(qs, qmu, packed.packed, packed.step, jnp.array([24]),
+                   implementation="nope", **kw)
+
+
+def test_pack_refuses_bad_input():
+  with pytest.raises(ValueError, match="expected a KeyIndex"):
+    index_lib.pack_index(jnp.zeros((1, 8, 1, 16)))
+  idx = index_lib.build_index(jax.random.normal(jax.random.PRNGKey(0), (1, 16, 1, 6)), 2)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    index_lib.pack_index(idx)
