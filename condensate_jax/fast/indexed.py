@@ -98,23 +98,39 @@ def _gather_keys(k, ids):
   return k[jnp.arange(b)[:, None, None, None], ids, jnp.arange(hkv)[None, :, None, None]]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "scan", "return_ids"))
-def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, return_ids):
+def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None):
+  """Phase 1 alone (traceable, inputs as `indexed_decode_step`'s): est [B, K, G, S]
+  float32, -inf where a key is not a middle key of the row's decode query."""
   b, _, hq, d = q.shape
-  s_len, hkv = k.shape[1], k.shape[2]
+  hkv = index.packed.shape[1]
   g = hq // hkv
   gp = util.next_pow2(g)
   qg = q[:, 0].astype(jnp.float32).reshape(b, hkv, g, d)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, gp - g)] + [(0, 0)] * (x.ndim - 3))
   qs = qg * index.sigma[:, :, None, :]
   qmu = jnp.einsum("bkgd,bkd->bkg", qg, index.mu, precision=HIGHEST)
-  est = scan_api.index_scan(pad(qs), pad(qmu), index.packed, index.step, kv_lengths,
-                            scale=scale, bits=index.bits, group=g, anchor=spec.anchor,
-                            window=spec.window, implementation=scan)[:, :, :g]  # [B,K,G,S]
+  return scan_api.index_scan(pad(qs), pad(qmu), index.packed, index.step, kv_lengths,
+                             scale=scale, bits=index.bits, group=g, anchor=spec.anchor,
+                             window=spec.window, implementation=scan)[:, :, :g]
+
+
+def candidates(est, num_candidates):
+  """Phase 2 alone: (top_est, ids) [B, K, G, C] of the C = min(num_candidates, S) highest
+  estimates (top_est descending, ids their positions)."""
+  return jax.lax.top_k(est, min(num_candidates, est.shape[-1]))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "scan", "return_ids"))
+def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, return_ids):
+  b, _, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  qg = q[:, 0].astype(jnp.float32).reshape(b, hkv, g, d)
+  est = scan_estimates(q, index, kv_lengths, spec=spec, scale=scale, scan=scan)
   # 2. candidates by estimate, then in position order (ties of the exact top-k go to the
   # lower position, as in "exact")
-  c = min(spec.num_candidates, s_len)
-  top_est, cand = jax.lax.top_k(est, c)                                      # [B, K, G, C]
+  top_est, cand = candidates(est, spec.num_candidates)                       # [B, K, G, C]
+  c = cand.shape[-1]
   tau = top_est[..., -1:]
   cand_ok = top_est > NEG_INF
   cand = jnp.sort(jnp.where(cand_ok, cand, s_len), axis=-1)

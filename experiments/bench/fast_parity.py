@@ -101,6 +101,34 @@ def decode_parity(q, k, v, ids, eps, spec, u=None, out=None):
               set_keys=int(in_set[0, 0].sum()))
 
 
+def indexed_parity(q, k, v, ids, eps, spec, out=None):
+  """decode_parity for the indexed step: the set is anchor + window + each head's chosen
+  middle keys ids [B, Hq, k'] (-1 = none); eps [B, Hq] the step's certificate."""
+  b, _, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  s = jnp.einsum("bkgd,bskd->bkgs", q[:, 0].reshape(b, hkv, g, d), k,
+                 preferred_element_type=jnp.float32) * (d**-0.5)
+  lengths = jnp.full((b,), s_len, jnp.int32)
+  lo, hi = geometry.visible_range(lengths[:, None] - 1, lengths, causal=True,
+                                  sliding_window=None)
+  masks = geometry.static_masks(lo, hi, s_len, spec)
+  static = (masks.anchor | masks.window)[:, :, :, 0]                    # [B, 1, 1, S]
+  ids = ids.reshape(b, hkv, g, -1)
+  chosen = jnp.zeros((b, hkv, g, s_len + 1), bool).at[
+      tuple(jnp.indices(ids.shape)[:-1]) + (jnp.where(ids >= 0, ids, s_len),)].set(True)
+  in_set = static | chosen[..., :-1]
+  vt = v.transpose(0, 2, 1, 3).astype(jnp.float32)[:, :, None]          # [B, K, 1, S, D]
+  o_k = None if out is None else out[:, 0].reshape(b, hkv, g, d)
+  cap, err, _, _, k_err = set_parity(s, in_set, vt, o_k)
+  eps = jnp.asarray(eps, jnp.float32)
+  return dict(kernel_err=k_err, captured_mean=float(cap.mean()),
+              captured_min=float(cap.min()), dropped_max=float(1 - cap.min()),
+              eps_bound_max=float(eps.max()), eps_bound_median=float(jnp.median(eps)),
+              eps_covers_dropped=bool(jnp.all(eps.reshape(cap.shape) >= 1 - cap - 1e-6)),
+              max_abs_err=float(err.max()))
+
+
 def listed_blocks(lists, flags, nb):
   """lists, flags [B, H, L] (a query block's key-block list, -1 = none) -> (listed,
   flagged) [B, H, nb] bool: the block is listed; it is listed with its middle keys
