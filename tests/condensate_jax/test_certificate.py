@@ -33,7 +33,7 @@ def check_certificate(q, k, v, spec, **kw):
   return stats
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), t=st.integers(1, 24), extra=st.integers(0, 24),
        group=st.sampled_from([1, 2, 4]), anchor=st.integers(0, 3),

@@ -29,16 +29,15 @@ TEXTS = [
     "\u00a0non-breaking\u200bzero-width\r\nwindows line",
     "",
 ]
+# one prompt per kind (prose, code, question, chat): each costs ~30 s of CI (a PyTorch
+# greedy reference of 32 tokens and teacher-forced logits)
 PLAIN_PROMPTS = [
-    "The capital of France is",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "Once upon a time, in a village at the edge of a vast forest,",
     "Q: What is 17 + 25?\nA:",
 ]
 CHAT_PROMPTS = [
-    "What is the boiling point of water at sea level?",
     "Write a haiku about condensed matter physics.",
-    "List three uses of a paperclip.",
 ]
 NEW_TOKENS = 32
 LOGIT_ATOL = 2e-3  # float32, 30 layers, XLA vs PyTorch CPU kernels

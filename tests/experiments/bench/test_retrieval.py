@@ -38,3 +38,23 @@ def test_retrieval_job_runs_and_indexed_keeps_what_exact_keeps(tmp_path):
   again = retrieval.run(config, tmp_path, progress=False)       # resumes: nothing new
   assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
   assert again["rows"] == result["rows"]
+
+
+def test_timed_steps_report_their_own_quality_beside_the_time(tmp_path):
+  # CPU: the kernels are interpreted, so the times mean nothing; the columns are checked
+  config = cli.load_config("retrieval.py:size=smoke,timing=true")
+  config.lengths, config.modes, config.plots = (1024,), ("indexed",), False
+  result = retrieval.run(config, tmp_path, progress=False)
+  row = result["rows"][0]
+  for name in ("step_s", "scan_s", "scan_topc_s", "cudnn_s", "setup_s"):
+    assert row[name] > 0, name
+  assert row["step_recall"] == row["recall"] == 1.0      # the step finds what the spec finds
+  assert row["eps_covers_dropped"] and row["eps_bound_max"] <= 1.0
+  assert row["kernel_err"] < 1e-5
+  # bytes the step must read: the packed index (4 bits: 16 + 8 B per key and KV head at
+  # d = 32) + candidates' keys + the set's K/V; dense reads K and V
+  s, hkv, hq, d = 1024, config.kv_heads, config.q_heads, config.head_dim
+  c, k = 4 * config.attention.top_k, config.attention.top_k
+  static = config.attention.anchor + config.attention.window
+  assert row["read_bytes"] == s * hkv * 24 + hq * c * d * 4 + 2 * (hq * k + hkv * static) * d * 4
+  assert "Timed decode steps" in result["table"]
