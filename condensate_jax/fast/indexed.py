@@ -114,10 +114,36 @@ def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None):
                              window=spec.window, implementation=scan)[:, :, :g]
 
 
+# up to this many keys a single top_k; beyond, two levels (XLA's GPU top_k sorts each row:
+# measured on an H200 for 32 rows, any k: ~0.08 ms up to 16K keys, 0.32 ms at 64K,
+# 0.98 ms at 128K, 7.6 ms at 1M)
+_FLAT_TOP_K = 16384
+
+
 def candidates(est, num_candidates):
   """Phase 2 alone: (top_est, ids) [B, K, G, C] of the C = min(num_candidates, S) highest
-  estimates (top_est descending, ids their positions)."""
-  return jax.lax.top_k(est, min(num_candidates, est.shape[-1]))
+  estimates (top_est descending, ids their positions; ties to the lower position, as
+  `lax.top_k`).
+
+  Beyond _FLAT_TOP_K keys in two levels, the same result: the keys fall in chunks of T;
+  the top C keys lie in the C chunks of highest maximum (a chunk holding a top key has a
+  maximum at least the C-th value; of chunks tied at that value the lower ones hold the
+  lower positions), so top_k over the S / T chunk maxima, then over those chunks' C * T
+  keys in position order. T ~ sqrt(S / C) keeps both top_k rows near sqrt(S C)."""
+  s_len = est.shape[-1]
+  c = min(num_candidates, s_len)
+  t = util.next_pow2(max(1, int((s_len / c) ** 0.5)))
+  if s_len <= _FLAT_TOP_K or t == 1:
+    return jax.lax.top_k(est, c)
+  nc = -(-s_len // t)
+  padded = jnp.pad(est, [(0, 0)] * (est.ndim - 1) + [(0, nc * t - s_len)],
+                   constant_values=NEG_INF)
+  maxima = jnp.max(padded.reshape(est.shape[:-1] + (nc, t)), axis=-1)
+  _, chunks = jax.lax.top_k(maxima, min(c, nc))
+  pos = (jnp.sort(chunks, axis=-1)[..., None] * t + jnp.arange(t)).reshape(
+      est.shape[:-1] + (-1,))
+  vals, pick = jax.lax.top_k(jnp.take_along_axis(padded, pos, axis=-1), c)
+  return vals, jnp.take_along_axis(pos, pick, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "scan", "return_ids"))

@@ -32,16 +32,21 @@ def _scan_kernel(qs_ref, qmu_ref, packed_ref, step_ref, len_ref, est_ref, *, sca
   dp = packed_ref.shape[1]
   x = packed_ref[...].astype(jnp.int32)
   mask, lv = (1 << bits) - 1, levels(bits)
-  acc = jnp.zeros((gp, p), jnp.float32)
-  for n in range(8 // bits):
-    c = (((x >> (n * bits)) & mask) - lv).astype(jnp.float32)               # [P, D']
-    qn = qs_ref[:, pl.ds(n * dp, dp)]                                       # [Gp, D']
-    acc += jnp.sum(qn[:, None, :] * c[None, :, :], axis=2)
-  est = scale * (qmu_ref[...][:, None] + step_ref[...][None, :] * acc)
+  codes = [(((x >> (n * bits)) & mask) - lv).astype(jnp.float32)           # [P, D'] each
+           for n in range(8 // bits)]
+  step = step_ref[...]
   pos = pl.program_id(2) * p + jnp.arange(p, dtype=jnp.int32)
   middle = (pos >= anchor) & (pos <= len_ref[...] - 1 - window)
-  rows = jnp.arange(gp, dtype=jnp.int32) < group
-  est_ref[...] = jnp.where(rows[:, None] & middle[None, :], est, NEG_INF)
+  # one query row at a time: a [P, D'] product and a row sum per slice (2-D tiles only)
+  for g in range(gp):
+    if g >= group:
+      est_ref[g, :] = jnp.full((p,), NEG_INF, jnp.float32)
+      continue
+    acc = jnp.zeros((p,), jnp.float32)
+    for n, c in enumerate(codes):
+      acc += jnp.sum(c * qs_ref[g, pl.ds(n * dp, dp)][None, :], axis=1)
+    est = scale * (qmu_ref[g] + step * acc)
+    est_ref[g, :] = jnp.where(middle, est, NEG_INF)
 
 
 def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor, window,

@@ -4,6 +4,7 @@ same output, a certificate that bounds the true dropped mass, exactness when the
 covers every key, NaN where a head reads one, and clear errors for bad input. The index
 scan runs the platform's kernel (Triton: interpreted on CPU, compiled on a GPU)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -142,3 +143,17 @@ def test_bad_inputs_are_refused():
     call(q=jnp.concatenate([q, q], 1))
   with pytest.raises(ValueError, match="scan='cuda'"):
     call(scan="cuda")
+
+
+@pytest.mark.parametrize("s,c", [(20000, 64), (40000, 512), (65536, 100), (17000, 5000)])
+def test_two_level_candidates_equal_a_flat_top_k(s, c):
+  # integer-valued estimates: many ties, which must still go to the lower position
+  rng = np.random.default_rng(s + c)
+  est = jnp.asarray(rng.integers(-50, 50, (2, 1, 3, s)), jnp.float32)
+  est = est.at[0, 0, 0, : s // 2].set(-jnp.inf)            # a row with half its keys absent
+  est = est.at[1, 0, 2].set(-jnp.inf).at[1, 0, 2, 7].set(3.0)   # a row with one key
+  vals, ids = fast.indexed.candidates(est, c)
+  want_vals, want_ids = jax.lax.top_k(est, c)
+  np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
+  finite = np.isfinite(np.asarray(want_vals))
+  np.testing.assert_array_equal(np.asarray(ids)[finite], np.asarray(want_ids)[finite])
