@@ -62,8 +62,15 @@ def load_language_model(config, load_model: Optional[Callable] = None):
 
 def make_prompts(config, lm) -> list[prompts_lib.Prompt]:
   files = [f.strip() for f in str(config.prompts.files).split(",") if f.strip()]
+  # prompts.builtin (optional): comma-separated names of built-in texts, the only sources
+  builtin = [n.strip() for n in str(config.prompts.get("builtin", "")).split(",") if n.strip()]
   try:
+    unknown = [n for n in builtin if n not in prompts_lib.BUILTIN_TEXTS]
+    if unknown or (builtin and files):
+      raise ValueError(f"prompts.builtin={config.prompts.builtin!r}: expected names from "
+                       f"{list(prompts_lib.BUILTIN_TEXTS)} and no prompts.files.")
     texts = (prompts_lib.read_texts(files, config.prompts.jsonl_field) if files
+             else {n: prompts_lib.BUILTIN_TEXTS[n] for n in builtin} if builtin
              else prompts_lib.BUILTIN_TEXTS)
     prompts = prompts_lib.build_prompts(texts, lm.encode, num=config.prompts.num,
                                         lengths=tuple(config.prompts.lengths))

@@ -48,3 +48,19 @@ def test_read_texts_errors(tmp_path):
     prompts.read_texts([str(tmp_path / "bad.jsonl")])
   with pytest.raises(ValueError, match="prompts.num"):
     prompts.build_prompts({"a": "x"}, _encode, num=2, lengths=(4,))
+
+
+def test_config_picks_builtin_texts_by_name():
+  import types
+
+  from experiments import cli, parity
+  from experiments.errors import ConfigError
+  lm = types.SimpleNamespace(encode=_encode, max_length=4096)
+  config = cli.load_config("smollm2_indexed.py:size=cpu,text=code")
+  (prompt,) = parity.make_prompts(config, lm)
+  code = _encode(prompts.BUILTIN_TEXTS["code"])
+  assert prompt.source == "code" and prompt.length == 2048
+  assert list(prompt.tokens) == ((code + _encode("\n\n")) * 8)[:2048]   # code, repeated
+  config.prompts.builtin = "code,nope"
+  with pytest.raises(ConfigError, match="prompts.builtin='code,nope'"):
+    parity.make_prompts(config, lm)
