@@ -14,10 +14,10 @@ That gives a lower and an upper bound on every key's score from the index alone
 computed exact score and the computed estimate; the property tests check
 lower <= computed score <= upper on adversarial keys.
 
-Bytes per key and KV head, as a kernel stores it: bits * D / 8 for the codes plus 2 + 2
-(step and error in float16, rounded up): 36 / 68 / 132 bytes at D = 128 for 2 / 4 / 8 bits,
-against 256 bytes of a bf16 key (K and V: 512). This XLA specification holds the codes as
-int8 and the two scalars as float32. Cost grows linearly with S: scanning it reads that
+Bytes per key and KV head, as the decode kernel reads it (`PackedIndex`, `pack_index`):
+bits * D / 8 for the codes plus 4 + 4 (step and error in float32): 40 / 72 / 136 bytes at
+D = 128 for 2 / 4 / 8 bits, against 256 bytes of a bf16 key (K and V: 512). This XLA
+specification holds the codes unpacked, as int8. Cost grows linearly with S: scanning it reads that
 many bytes per key; the candidates then read their keys exactly.
 
 Built once (`build_index`, at prefill: mu and sigma come from the keys given) and
@@ -65,8 +65,8 @@ class KeyIndex:
 
   @property
   def bytes_per_key(self) -> int:
-    """Bytes per key and KV head in a kernel's packed layout (module docstring)."""
-    return self.bits * self.codes.shape[-1] // 8 + 4
+    """Bytes per key and KV head in the packed layout (module docstring)."""
+    return self.bits * self.codes.shape[-1] // 8 + 8
 
 
 # sigma is kept where x = (k - mu) / sigma and sigma * x stay finite and normal
