@@ -108,6 +108,10 @@ def log_delta_to_eps(log_delta, lse):
   """eps = delta / (Z_C + delta) from log delta and lse = log Z_C (same reference)."""
   eps = jax.nn.sigmoid(log_delta - jnp.where(jnp.isneginf(lse), 0.0, lse))
   eps = jnp.where(jnp.isneginf(lse), 1.0, eps)
+  # a finite delta never reads 0: float32's sigmoid flushes below ~1e-38, and eps = 0 must
+  # mean that nothing was dropped (the smallest normal float32 bounds the truth instead)
+  eps = jnp.where(jnp.isfinite(log_delta), jnp.maximum(eps, jnp.finfo(jnp.float32).tiny),
+                  eps)
   return jnp.where(jnp.isneginf(log_delta), 0.0, eps)
 
 

@@ -159,6 +159,14 @@ def check_keys(k, name="k"):
     raise ValueError(f"{name}.dtype={jnp.dtype(k.dtype).name}: expected a float dtype.")
 
 
+def check_decode_qkv(q, k, v, step: str):
+  """q [B, 1, Hq, D], k, v [B, S, Hkv, D] of a decode step (`step` names it)."""
+  check_qkv(q, k, v)
+  if q.shape[1] != 1:
+    raise ValueError(f"q.shape={tuple(q.shape)}: {step} takes one query per row "
+                     "(q [B, 1, Hq, D]).")
+
+
 def check_block_spec(spec):
   check_spec(spec)
   if spec.selection not in BLOCK_SELECTIONS:

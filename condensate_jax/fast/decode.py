@@ -230,11 +230,8 @@ def check_decode_inputs(q, k, v, kmin, kmax, kv_lengths, spec, scale, *, method=
   """Validates `decode_step`'s inputs (ValueError naming the argument); returns
   (kv_lengths int32 [B], scale). Values are checked where concrete (outside jit)."""
   validation.check_fast_spec(spec, "decode_step")
-  validation.check_qkv(q, k, v)
-  b, t, _, d = q.shape
-  if t != 1:
-    raise ValueError(f"q.shape={tuple(q.shape)}: decode_step takes one query per row "
-                     "(q [B, 1, Hq, D]).")
+  validation.check_decode_qkv(q, k, v, "decode_step")
+  b, _, _, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   for name, x in (("kmin", kmin), ("kmax", kmax)):
     validation.check_keys(x, name)

@@ -17,9 +17,9 @@ Per decode query head (the sets of the XLA specification, `impl/xla_indexed.py`)
                over-count, never an under-count).
 The step reads the index, the candidates' K rows and the set's K/V rows; it trusts the
 index to be that of k (a key whose entry is broken is not seen: condensate_attention
-checks every key). Non-finite values: a head whose q row is not finite, or whose output,
-lse or eps comes out NaN (a NaN estimate is ranked first by top_k, so such a key is
-scored and, if chosen, attended), gets NaN out, lse and eps.
+checks every key). Non-finite values: a head whose q row is not finite, or that sees a
+key whose estimate is NaN (a broken index entry: counted in eps with a NaN bound, whether
+or not it was attended), or whose output or lse comes out NaN, gets NaN out, lse and eps.
 """
 
 from __future__ import annotations
@@ -50,11 +50,8 @@ def check_indexed_inputs(q, k, v, index, kv_lengths, spec, scale, scan):
   if spec.selection != "indexed":
     raise ValueError(f"spec.selection={spec.selection!r}: indexed_decode_step implements "
                      "selection='indexed'.")
-  validation.check_qkv(q, k, v)
-  b, t, _, d = q.shape
-  if t != 1:
-    raise ValueError(f"q.shape={tuple(q.shape)}: indexed_decode_step takes one query per "
-                     "row (q [B, 1, Hq, D]).")
+  validation.check_decode_qkv(q, k, v, "indexed_decode_step")
+  b, _, _, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   if not isinstance(index, index_lib.PackedIndex):
     raise ValueError(f"index: expected a PackedIndex (selection.index.pack_index), got "
@@ -183,7 +180,9 @@ def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, return_ids):
   a_err, a_step, a_one = (x[:, 0, ..., None] for x in index_lib.slack_coefficients(
       qg[:, None], index.mu, index.sigma, index.bits, scale))                # [B, K, G, 1]
   upper = est + a_err * index.err[:, :, None] + a_step * index.step[:, :, None] + a_one
-  rest = (est <= tau) & (est > NEG_INF)
+  # every middle key not above tau; a NaN estimate (a broken index entry, wherever top_k
+  # ranked it) lands here with a NaN bound, so eps (and out) come out NaN, as in the spec
+  rest = ~(est > tau) & ~jnp.isneginf(est)
   delta_rest = jax.nn.logsumexp(jnp.where(rest, upper, NEG_INF), axis=-1)
   chosen = jnp.zeros(s_c.shape, bool).at[
       tuple(jnp.indices(pick.shape)[:-1]) + (pick,)].set(chosen_ok)

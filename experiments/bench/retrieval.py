@@ -138,7 +138,7 @@ def time_step(config, mode, spec, q, k, v, where, ceilings):
     res["scan_topc_s"], _ = timing.time_loop(top, q, (index, lengths), it, rep)
     out, _, eps, ids, _ = fast.indexed_decode_step(q, k, v, index, lengths, spec=spec,
                                                    scale=scale, return_ids=True)
-    res.update(fast_parity.indexed_parity(q, k, v, ids, eps, spec, out))
+    parity = fast_parity.indexed_parity(q, k, v, ids, eps, spec, out)
     c = min(spec.num_candidates, s_len)
     read = (b * hkv * s_len * index.bytes_per_key + b * hq * c * d * size
             + 2 * b * (hq * min(spec.top_k, c) + hkv * static) * d * size)
@@ -152,10 +152,12 @@ def time_step(config, mode, spec, q, k, v, where, ceilings):
                                         rep)
     out, _, eps, ids = fast.decode_step(q, k, v, summ.kmin, summ.kmax, lengths, spec=spec,
                                         scale=scale, return_blocks=True)
-    res.update(fast_parity.decode_parity(q, k, v, ids, eps, spec, out=out))
+    parity = fast_parity.decode_parity(q, k, v, ids, eps, spec, out=out)
     m = min(spec.top_blocks, summ.num_blocks)
     read = (2 * b * summ.num_blocks * hkv * d * size
             + 2 * b * hkv * (m * spec.block_size + static) * d * size)
+  # the step's own set, apart from the specification's columns of the same row
+  res.update({f"step_{name}": value for name, value in parity.items()})
   hits = _recall(out, where, g)
   res["step_recall"] = float(hits.mean())
   res["step_recall_min_head"] = float(hits.mean(1).min())
@@ -197,8 +199,8 @@ def table(rows) -> str:
     body.append([f"{r['keys'] // 1024}K", r["mode"], us(r["step_s"]), us(dense), speed,
                  us(r["floor_s"]), us(r["dense_floor_s"]), us(r.get("scan_s")),
                  us(r.get("scan_topc_s")), f"{r['step_recall']:.3f}",
-                 f"{r['captured_mean']:.4f}/{r['captured_min']:.4f}",
-                 f"{r['eps_bound_max']:.2e}", f"{r['setup_s']:.2f}"])
+                 f"{r['step_captured_mean']:.4f}/{r['step_captured_min']:.4f}",
+                 f"{r['step_eps_bound_max']:.2e}", f"{r['setup_s']:.2f}"])
   return text + "\n\nTimed decode steps (same inputs, same run; quality of the step's own output):\n\n" + \
       tables.markdown(["keys", "mode", "step µs", "cuDNN µs", "vs cuDNN", "floor µs",
                        "dense floor µs", "scan µs", "scan+top-C µs", "recall",

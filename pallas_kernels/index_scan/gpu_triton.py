@@ -57,7 +57,7 @@ def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor,
   check_backend(interpret)
   b, hkv, gp, d = qs.shape
   s, dp = packed.shape[2], packed.shape[3]
-  p = min(int(block_keys), s & -s)
+  p = min(1 << (max(int(block_keys), 1).bit_length() - 1), s & -s)  # powers of two
   if p < 16 or gp & (gp - 1) or dp & (dp - 1) or dp < 1:
     raise NotImplementedError(
         f"S={s}, Gp={gp}, packed width {dp}: the index scan needs S divisible by 16 and "

@@ -157,3 +157,29 @@ def test_two_level_candidates_equal_a_flat_top_k(s, c):
   np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
   finite = np.isfinite(np.asarray(want_vals))
   np.testing.assert_array_equal(np.asarray(ids)[finite], np.asarray(want_ids)[finite])
+
+
+def test_a_broken_index_entry_makes_its_readers_nan_not_a_low_eps():
+  # a channel with ~zero spread at build time and a large appended value: step = inf and
+  # the estimate NaN; the key holds all the mass, so no finite eps may claim otherwise
+  rng = np.random.default_rng(3)
+  k = rng.standard_normal((1, 64, 1, 16))
+  k[..., 0] = 1e-30 * rng.standard_normal((1, 64, 1))
+  k = jnp.asarray(k, jnp.float32)
+  idx = index_lib.build_index(k, 4, jnp.asarray([40], jnp.int32))
+  k = k.at[0, 45, 0, 0].set(1e9)
+  idx = index_lib.append_index(idx, k[:, 45:46], jnp.asarray([[45]], jnp.int32))
+  q = jnp.zeros((1, 1, 1, 16), jnp.float32).at[0, 0, 0, 0].set(1.0)
+  v = jnp.ones((1, 64, 1, 16), jnp.float32)
+  spec = cj.CondensateSpec(anchor=2, window=4, top_k=4, selection="indexed", index_bits=4,
+                           candidates=8)
+  out, lse, eps = fast.indexed_decode_step(q, k, v, index_lib.pack_index(idx),
+                                           jnp.asarray([64], jnp.int32), spec=spec,
+                                           scale=0.25, scan="reference")
+  assert np.isnan(np.asarray(eps)).all() and np.isnan(np.asarray(out)).all()
+
+
+def test_a_tiny_dropped_mass_is_not_reported_as_zero():
+  from condensate_jax import softmax
+  eps = softmax.log_delta_to_eps(jnp.asarray([-200.0, -jnp.inf]), jnp.asarray([0.0, 0.0]))
+  assert float(eps[0]) > 0 and float(eps[1]) == 0.0
