@@ -104,7 +104,7 @@ def test_blocks_covering_everything_is_dense():
   assert np.all(np.asarray(stats.dropped_mass_bound) == 0.0)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), mode=st.sampled_from(validation.BLOCK_SELECTIONS),
        s=st.integers(5, 48), p=st.sampled_from([1, 4, 8]), top=st.integers(0, 4),
        anchor=st.integers(0, 3), window=st.integers(0, 6), gain=st.sampled_from([1.0, 4.0]),

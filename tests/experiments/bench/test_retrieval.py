@@ -51,7 +51,8 @@ def test_timed_steps_report_their_own_quality_beside_the_time(tmp_path):
   assert row["step_recall"] == row["recall"] == 1.0      # the step finds what the spec finds
   assert row["step_eps_covers_dropped"] and row["step_eps_bound_max"] <= 1.0
   assert row["step_kernel_err"] < 1e-5
-  assert row["step_captured_mean"] == row["captured_mean"]   # the spec's set, measured apart
+  # the same set as the spec, its captured mass computed apart (float32 rounding)
+  assert abs(row["step_captured_mean"] - row["captured_mean"]) < 1e-6
   # bytes the step must read: the packed index (4 bits: 16 + 8 B per key and KV head at
   # d = 32) + candidates' keys + the set's K/V; dense reads K and V
   s, hkv, hq, d = 1024, config.kv_heads, config.q_heads, config.head_dim
