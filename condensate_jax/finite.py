@@ -107,6 +107,16 @@ def poison(out: jax.Array, bad: jax.Array) -> jax.Array:
   return jnp.where(bad[..., None], jnp.array(jnp.nan, out.dtype), out)
 
 
+def poison_decode(q, out, lse, eps):
+  """A decode step's (out [B, 1, Hq, D], lse, eps [B, Hq]) made NaN together where any of
+  them reads a non-finite value: a non-finite q row, a NaN or +inf lse, a NaN eps, a
+  non-finite output (lse = -inf is an empty set, not a NaN)."""
+  bad = (~jnp.all(jnp.isfinite(q[:, 0]), axis=-1) | jnp.isnan(lse) | jnp.isposinf(lse)
+         | jnp.isnan(eps) | ~jnp.all(jnp.isfinite(out[:, 0]), axis=-1))          # [B, Hq]
+  return (poison(out, bad[:, None]), jnp.where(bad, jnp.nan, lse),
+          jnp.where(bad, jnp.nan, eps))
+
+
 def poison_stats(stats, bad: jax.Array):
   """AttentionStats with NaN mass fields where bad [B, Hq, T]."""
   nan = lambda x: jnp.where(bad, jnp.nan, x)

@@ -316,10 +316,6 @@ def _decode_step(q, k, v, kmin, kmax, kv_lengths, *, spec, scale, num_splits, me
   # Non-finite values travel on their own (module docstring): a NaN / +inf bound (a
   # non-finite q or summary entry) is never selected and keeps eps NaN; a non-finite k
   # or v row the kernels attend keeps out and lse NaN. One check makes the three agree.
-  # (lse = -inf is an empty set, not a NaN; eps is in [0, 1] or NaN)
-  bad = (~jnp.all(jnp.isfinite(q[:, 0]), axis=-1) | jnp.isnan(lse) | jnp.isposinf(lse)
-         | jnp.isnan(eps) | ~jnp.all(jnp.isfinite(out[:, 0]), axis=-1))          # [B, Hq]
-  out = finite.poison(out, bad[:, None])
-  lse, eps = (jnp.where(bad, jnp.nan, x) for x in (lse, eps))
+  out, lse, eps = finite.poison_decode(q, out, lse, eps)
   ids = ids[..., :min(spec.top_blocks, kmin.shape[1])]
   return (out, lse, eps, ids) if return_blocks else (out, lse, eps)

@@ -5,7 +5,8 @@ window, and a certified eps.
 Per decode query head (the sets of the XLA specification, `impl/xla_indexed.py`):
   1. scan      `pallas_kernels.index_scan` reads the packed index (`PackedIndex`,
                bits * D / 8 + 8 bytes per key and K/V head) once: est_j for every middle key;
-  2. candidates the spec.num_candidates keys of highest est (`lax.top_k`);
+  2. candidates the spec.num_candidates keys of highest est (`candidates`: exact, in two
+               levels beyond 16K keys);
   3. exact     their K rows gathered and scored exactly; the top_k of those (ties to the
                lower position, as in "exact") join the set;
   4. attend    `pallas_kernels.gather_attention` over anchor + window (read once per
@@ -14,7 +15,8 @@ Per decode query head (the sets of the XLA specification, `impl/xla_indexed.py`)
                of exp(est_j + slack_j) + sum over unselected candidates of
                exp(s_j + rounding slack); eps = delta / (Z_set + delta) bounds the dropped
                mass of the set actually chosen (keys tied with tau are counted twice: an
-               over-count, never an under-count).
+               over-count, never an under-count; delta inflated by
+               `xla_indexed.LOG_MARGIN`, as in the specification).
 The step reads the index, the candidates' K rows and the set's K/V rows; it trusts the
 index to be that of k (a key whose entry is broken is not seen: condensate_attention
 checks every key). Non-finite values: a head whose q row is not finite, or that sees a
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from condensate_jax import finite, geometry, softmax, validation
+from condensate_jax.impl import xla_indexed
 from condensate_jax.selection import index as index_lib
 from condensate_jax.selection.bounds import bound_slack
 from condensate_jax.softmax import HIGHEST, NEG_INF
@@ -37,9 +40,6 @@ from pallas_kernels import util
 from pallas_kernels.gather_attention import api as gather_api
 from pallas_kernels.index_scan import api as scan_api
 
-# delta inflated by 0.01% (as in the XLA specification) against the float rounding of
-# the two sums, the true dropped mass's and this one's
-_LOG_MARGIN = 1e-4
 SCANS = (None, "triton", "reference")
 
 
@@ -184,20 +184,16 @@ def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, return_ids):
   # ranked it) lands here with a NaN bound, so eps (and out) come out NaN, as in the spec
   rest = ~(est > tau) & ~jnp.isneginf(est)
   delta_rest = jax.nn.logsumexp(jnp.where(rest, upper, NEG_INF), axis=-1)
-  chosen = jnp.zeros(s_c.shape, bool).at[
-      tuple(jnp.indices(pick.shape)[:-1]) + (pick,)].set(chosen_ok)
+  chosen = jnp.put_along_axis(jnp.zeros(s_c.shape, bool), pick, chosen_ok, axis=-1,
+                              inplace=False)
   magnitude = jnp.einsum("bkgd,bkgcd->bkgc", jnp.abs(qg), jnp.abs(rows), precision=HIGHEST)
   cand_upper = s_c + jnp.float32(bound_slack(d) * scale) * magnitude
   delta_cand = jax.nn.logsumexp(jnp.where(cand_ok & ~chosen, cand_upper, NEG_INF), axis=-1)
   log_delta = jnp.logaddexp(delta_rest, delta_cand)
-  log_delta = jnp.where(jnp.isneginf(log_delta), NEG_INF, log_delta + _LOG_MARGIN)
+  log_delta = jnp.where(jnp.isneginf(log_delta), NEG_INF, log_delta + xla_indexed.LOG_MARGIN)
   eps = softmax.log_delta_to_eps(log_delta, lse)
   # one check makes out, lse and eps agree on non-finite values (module docstring)
-  lse, eps = lse.reshape(b, hq), eps.reshape(b, hq)
-  bad = (~jnp.all(jnp.isfinite(q[:, 0]), axis=-1) | jnp.isnan(lse) | jnp.isposinf(lse)
-         | jnp.isnan(eps) | ~jnp.all(jnp.isfinite(out[:, 0]), axis=-1))
-  out = finite.poison(out, bad[:, None])
-  lse, eps = (jnp.where(bad, jnp.nan, x) for x in (lse, eps))
+  out, lse, eps = finite.poison_decode(q, out, lse.reshape(b, hq), eps.reshape(b, hq))
   if not return_ids:
     return out, lse, eps
   n_static = jnp.sum(s_ok, axis=-1, dtype=jnp.int32)                        # [B, 1]

@@ -29,7 +29,7 @@ from condensate_jax.selection import exact
 from condensate_jax.selection import index as index_lib
 from condensate_jax.softmax import NEG_INF
 
-_LOG_MARGIN = 1e-4
+LOG_MARGIN = 1e-4   # log delta += this: see `certificate`
 
 
 class Indexed(NamedTuple):
@@ -67,7 +67,7 @@ def certificate(scores, sel: Indexed):
   lse = jnp.where(z_c > 0, m_c + jnp.log(jnp.where(z_c > 0, z_c, 1.0)), NEG_INF)
   # + 1e-4: delta inflated by 0.01% so that float rounding of the two sums (this one
   # and the true dropped mass's) cannot put the bound below the truth (seen: 3e-6)
-  log_delta = jax.nn.logsumexp(sel.bound_unselected, axis=-1) + jnp.float32(_LOG_MARGIN)
+  log_delta = jax.nn.logsumexp(sel.bound_unselected, axis=-1) + jnp.float32(LOG_MARGIN)
   log_delta = jnp.where(jnp.all(jnp.isneginf(sel.bound_unselected), axis=-1), NEG_INF,
                         log_delta)
   return softmax.log_delta_to_eps(log_delta, lse)

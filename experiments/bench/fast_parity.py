@@ -115,8 +115,8 @@ def indexed_parity(q, k, v, ids, eps, spec, out=None):
   masks = geometry.static_masks(lo, hi, s_len, spec)
   static = (masks.anchor | masks.window)[:, :, :, 0]                    # [B, 1, 1, S]
   ids = ids.reshape(b, hkv, g, -1)
-  chosen = jnp.zeros((b, hkv, g, s_len + 1), bool).at[
-      tuple(jnp.indices(ids.shape)[:-1]) + (jnp.where(ids >= 0, ids, s_len),)].set(True)
+  chosen = jnp.put_along_axis(jnp.zeros((b, hkv, g, s_len + 1), bool),
+                              jnp.where(ids >= 0, ids, s_len), True, axis=-1, inplace=False)
   in_set = static | chosen[..., :-1]
   vt = v.transpose(0, 2, 1, 3).astype(jnp.float32)[:, :, None]          # [B, K, 1, S, D]
   o_k = None if out is None else out[:, 0].reshape(b, hkv, g, d)
