@@ -87,12 +87,13 @@ def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
     raise ValueError(f"implementation={implementation!r}: expected a str, one of "
                      f"{implementation_names()}.")
   name = ALIASES.get(implementation, implementation)
-  if spec.selection == "indexed":
+  if spec.uses_index:
     if implementation not in INDEXED_IMPLEMENTATIONS:
       raise ValueError(
-          f"implementation={implementation!r} with spec.selection='indexed': expected one "
-          f"of {sorted(INDEXED_IMPLEMENTATIONS)} (the indexed Pallas kernels are not "
-          "written yet).")
+          f"implementation={implementation!r} with spec.selection={spec.selection!r} "
+          f"(bounds={spec.bounds!r}): expected one of {sorted(INDEXED_IMPLEMENTATIONS)} "
+          "(the model-level Pallas kernels of the index are not written yet; the timed "
+          "decode step is condensate_jax.fast.indexed_decode_step).")
     name = INDEXED_IMPLEMENTATIONS[implementation]
   elif spec.selection != "exact":
     # Block-summary selection modes (DESIGN.md §4).
@@ -105,8 +106,9 @@ def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
   elif name in ("xla_blocks", "pallas_blocks"):
     validation.check_block_spec(spec)      # raises: these need a block-selection spec
   elif name == "xla_indexed":
-    raise ValueError(f"implementation={implementation!r}: needs spec.selection='indexed', "
-                     f"got {spec.selection!r}.")
+    raise ValueError(f"implementation={implementation!r}: needs a spec that reads the key "
+                     f"index (selection='indexed', or 'certified' with bounds='index'), "
+                     f"got selection={spec.selection!r}.")
   if name in REGISTERED:
     return REGISTERED[name]
   if name not in IMPLEMENTATIONS:
@@ -163,7 +165,8 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
     return_stats: also return an `AttentionStats` of [B, Hq, T] arrays.
     summaries: block modes only: precomputed `BlockSummaries` of k at spec.block_size
       (what a KV cache keeps); None builds them from k inside the call.
-    index: selection="indexed" only: a precomputed `KeyIndex` of k at spec.index_bits
+    index: specs with bounds="index" only ("indexed", "certified" by default): a
+      precomputed `KeyIndex` of k at spec.index_bits
       (what a KV cache keeps); None builds it from k inside the call.
   """
   check_spec(spec)
@@ -174,19 +177,20 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
       sliding_window=sliding_window, scale=scale)
   kwargs, summary_arrays = {}, None
   if summaries is not None:
-    if spec.selection not in validation.BLOCK_SELECTIONS:
-      raise ValueError(f"summaries: given with spec.selection={spec.selection!r}; block "
-                       "summaries serve the block-selection modes "
-                       f"{validation.BLOCK_SELECTIONS}.")
+    if not spec.uses_blocks:
+      raise ValueError(f"summaries: given with spec.selection={spec.selection!r} "
+                       f"(bounds={spec.bounds!r}); block summaries serve the modes that "
+                       "read them: 'bounded', 'blocks', 'certified' with bounds='blocks'.")
     summaries_lib.check_summaries(summaries, k, spec)
     summary_arrays = (summaries.kmin, summaries.kmax, summaries.block_size)
     kwargs["summaries"] = summaries_lib.BlockSummaries(
         *finite.sanitize_summaries(summaries.kmin, summaries.kmax), summaries.block_size)
   extra_bad = None
   if index is not None:
-    if spec.selection != "indexed":
-      raise ValueError(f"index: given with spec.selection={spec.selection!r}; a key index "
-                       "serves selection='indexed'.")
+    if not spec.uses_index:
+      raise ValueError(f"index: given with spec.selection={spec.selection!r} "
+                       f"(bounds={spec.bounds!r}); a key index serves selection='indexed' "
+                       "and 'certified' with bounds='index'.")
     index_lib.check_index(index, k, spec)
     extra_bad, kwargs["index"] = finite.sanitize_index(index)
   window = validation.static_window(sliding_window, k.shape[1])

@@ -12,7 +12,12 @@ import math
 from typing import Optional
 
 SELECTIONS = ("exact", "bounded", "blocks", "certified", "indexed")
-BLOCK_SELECTIONS = ("bounded", "blocks", "certified")   # from block summaries
+BLOCK_SELECTIONS = ("bounded", "blocks", "certified")   # can select from block summaries
+BOUNDS = ("index", "blocks")
+# the structure each selection mode ranks and bounds keys with (None: it scores every key);
+# "certified" takes either (spec.bounds), the key index by default
+_NATURAL_BOUNDS = {"exact": None, "bounded": "blocks", "blocks": "blocks",
+                   "certified": "index", "indexed": "index"}
 BLOCK_RANKS = ("bound", "centre")
 INDEX_BITS = (2, 4, 8)
 
@@ -44,6 +49,12 @@ class CondensateSpec:
     block_size: keys per block for the block-summary selection modes.
     top_blocks: blocks attended (besides anchor and window) in "blocks" mode.
     epsilon: certified dropped-mass target in "certified" mode.
+    bounds: what "certified" mode bounds the keys it does not score with: "index" (the
+      default: the per-key index of "indexed", `index_bits`; the set grows by single keys
+      in bound order, DESIGN.md / `impl.xla_indexed`) or "blocks" (block summaries of
+      `block_size` keys, grown by blocks). The other modes have one structure each
+      ("indexed": "index"; "bounded", "blocks": "blocks"; "exact": None) and the field is
+      set to it; giving another value raises.
     block_rank: how "blocks" mode ranks blocks: "bound" (the upper bound U_b, as
       specified) or "centre" (the score of the block's centre key (min + max) / 2, which
       a box straddling two clusters does not inflate); the certificate comes from the
@@ -73,6 +84,7 @@ class CondensateSpec:
   query_blocks: bool = False
   index_bits: int = 4
   candidates: int = 0
+  bounds: Optional[str] = None
 
   def __post_init__(self):
     _check_int("anchor", self.anchor, minimum=0)
@@ -106,6 +118,18 @@ class CondensateSpec:
       raise ValueError(
           f"CondensateSpec.index_bits={self.index_bits!r}: expected one of {INDEX_BITS}.")
     _check_int("candidates", self.candidates, minimum=0)
+    natural = _NATURAL_BOUNDS[self.selection]
+    if self.bounds is None:
+      object.__setattr__(self, "bounds", natural)
+    elif self.selection == "certified":
+      if self.bounds not in BOUNDS:
+        raise ValueError(f"CondensateSpec.bounds={self.bounds!r}: expected one of "
+                         f"{BOUNDS} (or None: 'index') with selection='certified'.")
+    elif self.bounds != natural:
+      raise ValueError(
+          f"CondensateSpec.bounds={self.bounds!r} with selection={self.selection!r}: "
+          "expected " + ("None" if natural is None else f"None or {natural!r}") +
+          " (only selection='certified' chooses its bounds).")
     try:
       layers = tuple(self.dense_layers)
     except TypeError:
@@ -126,6 +150,18 @@ class CondensateSpec:
     return self.anchor + self.window + self.top_k
 
   @property
+  def uses_index(self) -> bool:
+    """True when the selection reads the per-key index ("indexed"; "certified" with
+    bounds="index")."""
+    return self.bounds == "index"
+
+  @property
+  def uses_blocks(self) -> bool:
+    """True when the selection reads block summaries ("bounded", "blocks"; "certified"
+    with bounds="blocks")."""
+    return self.bounds == "blocks"
+
+  @property
   def num_candidates(self) -> int:
     """Middle keys "indexed" mode scores exactly per query head (`candidates`, or its
     default 4 * top_k, at least 64); never fewer than top_k."""
@@ -140,6 +176,9 @@ class CondensateSpec:
     return None if layer in self.dense_layers else self
 
   def replace(self, **changes) -> "CondensateSpec":
+    """A copy with `changes`; a new selection without `bounds` takes its own default."""
+    if "selection" in changes and "bounds" not in changes:
+      changes["bounds"] = None
     return dataclasses.replace(self, **changes)
 
 

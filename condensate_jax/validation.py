@@ -169,9 +169,10 @@ def check_decode_qkv(q, k, v, step: str):
 
 def check_block_spec(spec):
   check_spec(spec)
-  if spec.selection not in BLOCK_SELECTIONS:
-    raise ValueError(f"spec.selection={spec.selection!r}: expected one of "
-                     f"{BLOCK_SELECTIONS} for block-summary selection.")
+  if not spec.uses_blocks:
+    raise ValueError(f"spec.selection={spec.selection!r} (bounds={spec.bounds!r}): "
+                     f"expected one of {BLOCK_SELECTIONS} with bounds='blocks' for "
+                     "block-summary selection.")
 
 
 def check_fast_spec(spec, step: str):

@@ -13,8 +13,10 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
   attention.block_rank  "bound" (default) or "centre": how "blocks" points rank blocks
   attention.query_blocks  True: "blocks" points select per block of prompt rows (the
                         timed prefill's lists); False (default): per query
-  attention.selection   "exact" (default), "bounded", "blocks", "certified" (+ block_size,
-                        top_blocks, epsilon), "indexed" (+ index_bits, candidates); any of
+  attention.selection   "exact" (default), "bounded", "blocks", "certified" (+ epsilon,
+                        bounds: "index" (+ index_bits) or "blocks" (+ block_size)),
+                        "indexed" (+ index_bits, candidates), block modes (+ block_size,
+                        top_blocks); any of
                         selection / block_size / top_blocks / epsilon may be a tuple, and
                         they are then grid axes (experiments.grid.selection_variants)
   prompts.num           number of distinct prompts (built-in texts or texts from files)
@@ -100,6 +102,9 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
   # "indexed" points (CondensateSpec.index_bits / candidates; 0 = 4 * top_k)
   config.attention.index_bits = 4
   config.attention.candidates = 0
+  # "certified" points: bound the unscored keys with the key index ("index", default:
+  # index_bits) or with block summaries ("blocks": block_size); CondensateSpec.bounds
+  config.attention.bounds = "index"
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.num = num_prompts

@@ -34,6 +34,7 @@ class GridPoint:
   block_size: int = 64
   top_blocks: int = 8
   epsilon: float = 2.0**-24
+  bounds: Optional[str] = None   # "certified": "index" or "blocks" (None: the spec's default)
 
   @property
   def exact(self) -> bool:
@@ -61,6 +62,8 @@ class GridPoint:
       return self.budget_key
     if self.selection == "indexed":   # its index settings are the grid's (scalars)
       return f"{self.budget_key}-indexed"
+    if self.selection == "certified" and self.bounds != "blocks":
+      return f"{self.budget_key}-certified-index-e{self.epsilon:g}"
     extra = {"bounded": "", "blocks": f"-M{self.top_blocks}",
              "certified": f"-e{self.epsilon:g}"}[self.selection]
     return f"{self.budget_key}-{self.selection}-P{self.block_size}{extra}"
@@ -71,7 +74,8 @@ class GridPoint:
     if self.exact:
       return spec
     return spec.replace(selection=self.selection, block_size=self.block_size,
-                        top_blocks=self.top_blocks, epsilon=self.epsilon)
+                        top_blocks=self.top_blocks, epsilon=self.epsilon,
+                        bounds=self.bounds if self.selection == "certified" else None)
 
 
 BLOCK_AXES = ("selection", "block_size", "top_blocks", "epsilon")
@@ -115,6 +119,9 @@ def _check_block_axes(config) -> None:
   if a.get("block_rank", "bound") not in cj.spec.BLOCK_RANKS:
     raise ConfigError(f"config.attention.block_rank={a.get('block_rank')!r}: expected "
                       f"one of {cj.spec.BLOCK_RANKS}.")
+  if a.get("bounds", "index") not in cj.spec.BOUNDS:
+    raise ConfigError(f"config.attention.bounds={a.get('bounds')!r}: expected one of "
+                      f"{cj.spec.BOUNDS} (what selection='certified' bounds keys with).")
   if not isinstance(a.get("query_blocks", False), bool):
     raise ConfigError(f"config.attention.query_blocks={a.get('query_blocks')!r}: "
                       "expected True or False.")
@@ -134,15 +141,20 @@ def selection_variants(config) -> list[dict[str, Any]]:
     "blocks":    block_size x top_blocks, with top_k = top_blocks * block_size (the
                  number of middle keys it reads, so its budget is comparable with the
                  exact point of the same top_k);
-    "certified": block_size x epsilon, with top_k = 0 (its set size varies per query and
-                 is reported as set_size) and top_blocks = the first value (in the
-                 Pallas kernel it only sets the read round, not the set).
+    "certified": with attention.bounds = "index" (default): epsilon, with top_k = 0 (its
+                 set size varies per query and is reported as set_size); with
+                 bounds = "blocks": block_size x epsilon, top_k = 0 and top_blocks = the
+                 first value (in the Pallas kernel it only sets the read round, not the
+                 set).
   """
   a = config.attention
   top_ks = _tuple(a.top_k)
+  bounds = a.get("bounds", "index")
   if not is_block_grid(config):
     base = dict(selection=a.get("selection", "exact"), block_size=a.block_size,
                 top_blocks=a.top_blocks, epsilon=a.epsilon)
+    if base["selection"] == "certified":
+      base["bounds"] = bounds
     return [dict(top_k=k, **base) for k in top_ks]
   sizes, blocks, epsilons = _tuple(a.block_size), _tuple(a.top_blocks), _tuple(a.epsilon)
   first = dict(block_size=sizes[0], top_blocks=blocks[0], epsilon=epsilons[0])
@@ -158,9 +170,12 @@ def selection_variants(config) -> list[dict[str, Any]]:
               for p in sizes for m in blocks]
     elif selection == "indexed":
       out += [dict(first, top_k=k, selection=selection) for k in top_ks]
+    elif bounds == "index":
+      out += [dict(first, top_k=0, selection=selection, epsilon=e, bounds=bounds)
+              for e in epsilons]
     else:
-      out += [dict(first, top_k=0, selection=selection, block_size=p, epsilon=e)
-              for p in sizes for e in epsilons]
+      out += [dict(first, top_k=0, selection=selection, block_size=p, epsilon=e,
+                   bounds=bounds) for p in sizes for e in epsilons]
   return out
 
 
@@ -216,7 +231,7 @@ def point_spec(point: GridPoint, config) -> cj.CondensateSpec:
     if spec.selection == "blocks":
       spec = spec.replace(block_rank=a.get("block_rank", "bound"),
                           query_blocks=a.get("query_blocks", False))
-    if spec.selection == "indexed":
+    if spec.uses_index:
       spec = spec.replace(index_bits=a.get("index_bits", 4),
                           candidates=a.get("candidates", 0))
     return spec
@@ -245,6 +260,9 @@ def keys(config, model_id: str, prompt, point: Optional[GridPoint]) -> str:
   if not point.exact and point.selection == "indexed":
     spec = point_spec(point, config)
     layers += f"|indexed-b{spec.index_bits}-c{spec.num_candidates}"
+  elif not point.exact and point_spec(point, config).uses_index:   # "certified"
+    spec = point_spec(point, config)
+    layers += f"|certified-index-b{spec.index_bits}-e{point.epsilon!r}"
   elif not point.exact:  # the same string as before block grids for scalar settings
     layers += (f"|{point.selection}-P{point.block_size}-M{point.top_blocks}"
                f"-e{point.epsilon!r}{_block_options(config, point)}")

@@ -149,6 +149,9 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config) -> di
   row["greedy_divergence_margin"] = None if first is None else _top2_margin(
       ref.logits[ref.tokens.shape[1] - 1 + first])
   row.update(set_size_summary(stats))
+  if spec.selection == "certified":   # its target, met or not on every query
+    row["eps_met_frac"] = float(np.mean(np.asarray(stats.dropped_mass_bound)
+                                        <= spec.epsilon))
   row["covers"] = point.budget >= ref.full.shape[1]
   row["exact"] = gate_passes(row, greedy, impl, config.model.dtype, ref.logits)
   return row
@@ -159,8 +162,16 @@ def set_size_summary(stats) -> dict[str, float]:
   "certified" mode): mean and max over layers, heads and queries, and the mean at the
   last position (the longest context)."""
   size = np.asarray(stats.set_size, np.float64)
+  visible = np.asarray(stats.visible, np.float64)
+  frac = np.asarray(stats.keys_scored, np.float64)[visible > 0] / visible[visible > 0]
+  eps = np.asarray(stats.dropped_mass_bound, np.float64).ravel()
+  # the distributions over (layer, head, query) of the fraction of visible keys scored
+  # and of the certified eps (what "certified" reports per query)
+  quant = lambda x, qs: [float(v) for v in np.quantile(x, qs)] if x.size else None
   return {"set_size_mean": float(np.mean(size)), "set_size_max": float(np.max(size)),
-          "set_size_last_mean": float(np.mean(size[..., -1]))}
+          "set_size_last_mean": float(np.mean(size[..., -1])),
+          "scored_frac_q10_50_90_max": quant(frac, [0.1, 0.5, 0.9, 1.0]),
+          "eps_q50_90_99_max": quant(eps, [0.5, 0.9, 0.99, 1.0])}
 
 
 def _fails_gate(row: dict[str, Any]) -> bool:
@@ -251,7 +262,8 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
         spec = grid.point_spec(point, config)
         row.update({"key": key, **common, "point_key": point.key,
                     "implementation": config.attention.implementation,
-                    "selection": spec.selection, "block_rank": spec.block_rank,
+                    "selection": spec.selection, "bounds": spec.bounds,
+                    "block_rank": spec.block_rank,
                     "query_blocks": spec.query_blocks,
                     "dense_layers": list(config.attention.dense_layers),
                     "finished": _now()})

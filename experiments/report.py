@@ -119,8 +119,9 @@ def _selection_fields(point, rows) -> dict[str, Any]:
   """The point's selection settings (cells "-" where its mode does not use them) and
   the set-size summaries (rows written before they existed give "-")."""
   selection = "exact" if point.covering else getattr(point, "selection", "exact")
-  block = selection in ("bounded", "blocks", "certified")
-  label = selection
+  index_bounds = selection == "certified" and getattr(point, "bounds", None) != "blocks"
+  block = selection in ("bounded", "blocks", "certified") and not index_bounds
+  label = selection + (" (index)" if index_bounds else "")
   if selection == "blocks" and rows:   # options recorded in the rows (absent: defaults)
     label += "".join(f" {x}" for x in (
         "centre" if rows[0].get("block_rank", "bound") == "centre" else "",

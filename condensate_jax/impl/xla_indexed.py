@@ -12,6 +12,19 @@ candidate, else by the index's upper bound U_j = estimate + slack, so
 bounds the dropped mass of the set actually chosen (not of exact top-k's).
 `keys_scored` counts the visible anchor/window keys plus the candidates.
 
+selection="certified" with bounds="index" (the default): the set grows by single middle
+keys in the order of their index upper bound U_j (highest first, ties to the lower
+position), each scored exactly and attended, until the certificate of the set meets
+spec.epsilon: the smallest n >= min(top_k, middle keys) with
+    delta_n / (Z_n + delta_n) <= epsilon,   delta_n = sum of exp(U_j) over the keys after
+the first n, Z_n = the set's exact mass. eps falls monotonically in n (Z_n grows, delta_n
+shrinks) and reaches 0 when every middle key is in, so n exists; n is found from a
+cumulative sum (chosen against 0.999 * epsilon, so that the rounding of the sums cannot
+make the reported eps, computed afterwards like "indexed"'s, exceed the target), and
+`keys_scored` = `set_size` = the visible anchor/window keys + n, per query. Keys whose
+bound is NaN (a broken index entry) are ranked last and never counted as certified: a
+set that leaves one out reports eps NaN.
+
 The specification computes every score (for the output and the stats); the selection
 reads only the index and the candidates' scores.
 """
@@ -19,6 +32,7 @@ reads only the index and the candidates' scores.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -60,6 +74,53 @@ def select(scores, q, index, lo, hi, spec, scale) -> Indexed:
   return Indexed(in_set, candidates, bound_unselected, n_static)
 
 
+# "certified": the set is chosen against this fraction of epsilon (module docstring)
+_CHOICE_MARGIN = 0.999
+
+
+def select_certified(scores, q, index, lo, hi, spec, scale) -> Indexed:
+  """The "certified" set on the index bounds of every (query head, query) (module
+  docstring): anchor + window + the first n middle keys in bound order."""
+  num_keys = scores.shape[-1]
+  masks = geometry.static_masks(lo, hi, num_keys, spec)
+  middle = jnp.broadcast_to(masks.middle, scores.shape)
+  static = jnp.broadcast_to(masks.anchor | masks.window, scores.shape)
+  est, slack = index_lib.index_bounds(q, index, scale)
+  ub = jnp.where(middle, est + slack, NEG_INF)
+  # bound order: highest first, ties to the lower position, NaN last
+  order = jnp.argsort(jnp.where(jnp.isnan(ub), jnp.inf, -ub), axis=-1, stable=True)
+  ub_o = jnp.take_along_axis(ub, order, axis=-1)
+  s_o = jnp.take_along_axis(scores, order, axis=-1)
+  live = jnp.take_along_axis(middle, order, axis=-1) & jnp.isfinite(ub_o)
+  # log z_in[n], log d_out[n] for n = 0 .. S: the set's mass with the first n keys, the
+  # bound of the rest (log-space cumulative sums: no underflow when the bounds are loose
+  # by far more than float32's exponent range, no cancellation when the rest is tiny)
+  lz_static = jax.nn.logsumexp(jnp.where(static, scores, NEG_INF), axis=-1,
+                               keepdims=True)
+  lz_static = jnp.where(jnp.isnan(lz_static), NEG_INF, lz_static)   # no static key
+  none = jnp.full(lz_static.shape, NEG_INF, jnp.float32)
+  lz_in = jnp.logaddexp(lz_static, jnp.concatenate(
+      [none, jax.lax.cumlogsumexp(jnp.where(live, s_o, NEG_INF), axis=s_o.ndim - 1)], -1))
+  ld_out = jnp.concatenate([jax.lax.cumlogsumexp(jnp.where(live, ub_o, NEG_INF),
+                                                 axis=ub_o.ndim - 1, reverse=True), none],
+                           -1)
+  n_live = jnp.sum(live, axis=-1)
+  steps = jnp.arange(num_keys + 1)
+  target = _CHOICE_MARGIN * spec.epsilon
+  # d / (z + d) <= target  <=>  log d - log z <= logit(target)
+  ok = (ld_out - lz_in <= jnp.float32(math.log(target / (1.0 - target)))) & (
+      steps >= jnp.minimum(spec.top_k, n_live)[..., None])
+  ok = ok | (steps >= n_live[..., None])       # every bounded key in: nothing left
+  n = jnp.argmax(ok, axis=-1)                  # the first n that holds
+  take_o = (jnp.arange(num_keys) < n[..., None]) & live
+  chosen = jnp.put_along_axis(jnp.zeros(scores.shape, bool), order, take_o, axis=-1,
+                              inplace=False)
+  in_set = static | chosen
+  bound_unselected = jnp.where(middle & ~in_set, est + slack, NEG_INF)
+  n_static = jnp.sum((masks.anchor | masks.window), axis=-1, dtype=jnp.int32)
+  return Indexed(in_set, chosen, bound_unselected, n_static)
+
+
 def certificate(scores, sel: Indexed):
   """eps [B, K, G, T] = delta / (Z_set + delta) from the set's exact scores and the
   unselected keys' bounds (module docstring)."""
@@ -82,7 +143,8 @@ def condensate_xla_indexed(q, k, v, q_positions, kv_lengths, *, spec, causal,
   lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
                                   sliding_window=sliding_window)
   scores = softmax.scores(q, k, scale)
-  sel = select(scores, q, index, lo, hi, spec, scale)
+  pick = select_certified if spec.selection == "certified" else select
+  sel = pick(scores, q, index, lo, hi, spec, scale)
   out = softmax.masked_softmax(scores, sel.in_set, v, q.dtype)
   if not return_stats:
     return out

@@ -97,7 +97,7 @@ def _cache_summaries(ctx: Context, layer: int, spec, k_new, keys, kv_lengths):
   updated with the new keys (positions ctx.positions), or built from all cached keys when
   the input cache has none of these settings (the first cached call: prefill)."""
   old = None if ctx.cache.summaries is None else ctx.cache.summaries[layer]
-  if spec.selection == "indexed":
+  if spec.uses_index:
     if (isinstance(old, index_lib.KeyIndex) and old.bits == spec.index_bits
         and old.codes.shape == keys.shape):
       return index_lib.append_index(old, k_new, ctx.positions)
@@ -136,7 +136,7 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
     stats = (dense_stats(ctx.positions, kv_lengths, q.shape[2], sliding_window)
              if ctx.return_stats else None)
   else:
-    structure = ({"index": summaries} if spec.selection == "indexed"
+    structure = ({"index": summaries} if spec.uses_index
                  else {"summaries": summaries})
     res = attention_lib.condensate_attention(
         q, keys, values, spec, implementation=ctx.implementation,

@@ -26,7 +26,8 @@ MODES = [("exact", "xla"), ("exact", "xla_gathered"), ("exact", "pallas"),
 def _spec(selection):
   if selection == "exact":
     return cj.CondensateSpec(anchor=1, window=4, top_k=2)
-  return cj.CondensateSpec(selection=selection, **BLOCK)
+  return cj.CondensateSpec(selection=selection, **BLOCK,
+                           bounds="blocks" if selection == "certified" else None)
 
 
 def _qkv(t=16, s=16, d=8, seed=0):

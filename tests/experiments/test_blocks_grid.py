@@ -12,12 +12,15 @@ from experiments.errors import ConfigError
 from tests.experiments import fake_lm
 
 
-def _block_grid_config():
-  """A block grid: exact k=8, blocks P16 x M (1, 2), certified P16 at eps 1e-3."""
-  return common.parity_config(name="blocks_grid", model="tiny-random", top_k=(8,),
-                              window=(8,), anchor=(1,), lengths=(96,), num_prompts=1,
-                              new_tokens=4, selection=("exact", "blocks", "certified"),
-                              block_size=(16,), top_blocks=(1, 2), epsilon=(1e-3,))
+def _block_grid_config(bounds="blocks"):
+  """A block grid: exact k=8, blocks P16 x M (1, 2), certified at eps 1e-3 on block
+  bounds (P16) or on the key index."""
+  config = common.parity_config(name="blocks_grid", model="tiny-random", top_k=(8,),
+                                window=(8,), anchor=(1,), lengths=(96,), num_prompts=1,
+                                new_tokens=4, selection=("exact", "blocks", "certified"),
+                                block_size=(16,), top_blocks=(1, 2), epsilon=(1e-3,))
+  config.attention.bounds = bounds
+  return config
 
 
 def test_scalar_settings_keep_the_old_grid_and_keys():
@@ -48,6 +51,13 @@ def test_block_grid_takes_only_the_axes_each_mode_uses():
       name="g", model="tiny-random", top_k=(32, 64), window=(8,), anchor=(1,),
       selection=("exact", "blocks", "certified", "bounded"), block_size=(16, 32),
       top_blocks=(2, 4), epsilon=(1e-3, 1e-6))
+  # certified on the key index (the default) sweeps epsilon only: no block size
+  certified = [p for p in grid.grid(config, 600) if p.selection == "certified"]
+  assert [(p.key, p.bounds) for p in certified] == [
+      ("a1-w8-k0-certified-index-e0.001", "index"), ("a1-w8-k0-certified-index-e1e-06",
+                                                      "index")]
+  assert grid.point_spec(certified[1], config).uses_index
+  config.attention.bounds = "blocks"
   assert grid.is_block_grid(config)
   grid.check_config(config)
   points = grid.grid(config, 600)[1:]
@@ -67,6 +77,7 @@ def test_block_grid_takes_only_the_axes_each_mode_uses():
   spec = specs["a1-w8-k64-blocks-P32-M2"]
   assert (spec.selection, spec.block_size, spec.top_blocks) == ("blocks", 32, 2)
   assert specs["a1-w8-k0-certified-P16-e1e-06"].epsilon == 1e-6
+  assert specs["a1-w8-k0-certified-P16-e1e-06"].uses_blocks
   assert specs["a1-w8-k32"].selection == "exact"
   sweep = common.sweep_of(config)
   assert len(sweep) == len(points) and {"selection", "block_size"} <= set(sweep[0])
@@ -79,6 +90,7 @@ def test_block_grid_takes_only_the_axes_each_mode_uses():
     ("top_blocks", (4, -1), "attention.top_blocks"),
     ("epsilon", (1e-3, 1.5), "attention.epsilon"),
     ("epsilon", (), "attention.epsilon"),
+    ("bounds", "summaries", "attention.bounds"),
 ])
 def test_bad_block_axes_are_refused(key, value, match):
   config = _block_grid_config()
@@ -230,3 +242,17 @@ def test_indexed_points_in_a_grid_and_a_run(tmp_path):
   # 16 candidates of at most 95 visible keys: what exact top-k finds at k = 4 and 8
   assert rows["a1-w8-k4-indexed"]["mean_kl"] == rows["a1-w8-k4"]["mean_kl"]
   assert rows["a1-w8-k4-indexed"]["keys_scored_frac"] < 1.0
+
+
+def test_certified_on_the_key_index_meets_epsilon_through_the_runner(tmp_path):
+  config = common.parity_config(name="cert_index", model="tiny-random", top_k=(0,),
+                                window=(8,), anchor=(1,), lengths=(96,), num_prompts=1,
+                                new_tokens=4, selection="certified", epsilon=1e-3)
+  result = parity.run(config, tmp_path, load_model=fake_lm.loader(), progress=False)
+  rows = {r["point_key"]: r for r in _rows(tmp_path) if r["kind"] == "condensate"}
+  row = rows["a1-w8-k0-certified-index-e0.001"]
+  assert (row["selection"], row["bounds"]) == ("certified", "index")
+  assert row["certified_eps_max"] <= 1e-3
+  assert row["dropped_mass_max"] <= row["certified_eps_max"] * (1 + 1e-4)
+  assert row["set_size_max"] > row["set_size_mean"]          # budgets vary per query
+  assert "| 1 | 8 | 0 | certified (index) | - | - | 0.001 |" in result["table"]

@@ -15,7 +15,7 @@ def _qkv(seed, b, t, s, hq, hkv, d, dtype=jnp.float32, gain=1.0):
   return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-MODES = [("blocks", dict(top_blocks=2)), ("certified", dict(top_blocks=2, epsilon=1e-2)),
+MODES = [("blocks", dict(top_blocks=2)), ("certified", dict(top_blocks=2, epsilon=1e-2, bounds="blocks")),
          ("bounded", dict(top_k=9)), ("blocks", dict(top_blocks=2, block_rank="centre"))]
 
 

@@ -15,6 +15,11 @@ from tests.references import np_blocks
 from tests.references.np_reference import condensate_reference
 
 
+def _bounds(mode):
+  """"certified" on block summaries (its default bounds are the key index)."""
+  return "blocks" if mode == "certified" else None
+
+
 def _gauss(seed, b=2, t=3, s=70, hq=4, hkv=2, d=16, q_gain=2.0, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   q = rng.standard_normal((b, t, hq, d)) * q_gain
@@ -76,7 +81,8 @@ def test_against_float64_reference(mode, rank):
   q, k, v = _gauss(11, t=2, s=53)
   lengths = [53, 30]
   spec = cj.CondensateSpec(anchor=2, window=4, top_k=1, selection=mode, block_size=8,
-                           top_blocks=2, epsilon=1e-3, block_rank=rank)
+                           top_blocks=2, epsilon=1e-3, block_rank=rank,
+                           bounds=_bounds(mode))
   out, stats = cj.condensate_attention(q, k, v, spec, kv_lengths=lengths,
                                        return_stats=True)
   ref_out, ref_bound, ref_size, crossing = np_blocks.reference(
@@ -115,7 +121,8 @@ def test_certificate_bounds_true_dropped_mass(seed, mode, s, p, top, anchor, win
   lengths = [s, max(1, s // 2)]
   rank = "centre" if centre and mode == "blocks" else "bound"
   spec = cj.CondensateSpec(anchor=anchor, window=window, top_k=top, selection=mode,
-                           block_size=p, top_blocks=top, epsilon=eps, block_rank=rank)
+                           block_size=p, top_blocks=top, epsilon=eps, block_rank=rank,
+                           bounds=_bounds(mode))
   _, stats = cj.condensate_attention(q, k, v, spec, kv_lengths=lengths, return_stats=True)
   bound, true = np.asarray(stats.dropped_mass_bound), np.asarray(stats.dropped_mass)
   assert np.all(bound >= true * (1 - 1e-5) - 1e-7), (bound - true).min()
@@ -131,7 +138,7 @@ def test_certified_meets_epsilon_and_reports_budget():
   q, k, v = map(jnp.asarray, synthetic.topic_qkv(rng, 2, 4, 1024, 4, 2, 32,
                                                     key_noise=0.05, segment=128))
   spec = cj.CondensateSpec(anchor=2, window=16, selection="certified", block_size=32,
-                           top_blocks=2, epsilon=1e-3)
+                           top_blocks=2, epsilon=1e-3, bounds="blocks")
   out, stats = cj.condensate_attention(q, k, v, spec, return_stats=True)
   assert np.all(np.asarray(stats.dropped_mass_bound) <= 1e-3)
   assert np.all(np.asarray(stats.dropped_mass) <= 1e-3)

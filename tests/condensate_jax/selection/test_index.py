@@ -175,16 +175,19 @@ def test_validation():
     cj.build_index(k, 3)
   with pytest.raises(ValueError, match=r"positions has values"):
     cj.append_index(cj.build_index(k), k[:, :1], jnp.array([[16]]))
-  with pytest.raises(ValueError, match=r"needs spec.selection='indexed'"):
+  with pytest.raises(ValueError, match=r"needs a spec that reads the key index"):
     cj.condensate_attention(q, k, k, spec.replace(selection="exact"),
                             implementation="xla_indexed")
 
 
-def test_a_given_index_gives_the_same_answer_and_a_broken_one_poisons_its_readers():
+@pytest.mark.parametrize("selection", ["indexed", "certified"])
+def test_a_given_index_gives_the_same_answer_and_a_broken_one_poisons_its_readers(
+    selection):
   rng = np.random.default_rng(4)
   q = jnp.asarray(rng.normal(size=(1, 6, 2, 8)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(1, 32, 1, 8)), jnp.float32)
-  spec = cj.CondensateSpec(anchor=1, window=2, top_k=3, selection="indexed")
+  spec = cj.CondensateSpec(anchor=1, window=2, top_k=3, selection=selection,
+                           epsilon=1e-2)
   pos = jnp.array([[5, 9, 14, 20, 26, 31]])
   out = cj.condensate_attention(q, k, k, spec, q_positions=pos)
   index = cj.build_index(k)
@@ -213,7 +216,8 @@ def test_extreme_magnitudes_keep_bounds_finite_and_valid():
       assert (np.asarray(jnp.abs(s - est) - slack) <= 0).all(), (magnitude, bits)
 
 
-def test_one_nan_key_breaks_only_its_own_entry():
+@pytest.mark.parametrize("selection", ["indexed", "certified"])
+def test_one_nan_key_breaks_only_its_own_entry(selection):
   rng = np.random.default_rng(6)
   k = jnp.asarray(rng.normal(size=(1, 16, 1, 4)), jnp.float32).at[0, 5, 0, 1].set(jnp.nan)
   index = cj.build_index(k)
@@ -222,7 +226,7 @@ def test_one_nan_key_breaks_only_its_own_entry():
   assert not finite_err[5] and finite_err[np.arange(16) != 5].all()
   q = jnp.asarray(rng.normal(size=(1, 16, 1, 4)), jnp.float32)
   out = cj.condensate_attention(q, k, k, cj.CondensateSpec(
-      anchor=1, window=2, top_k=2, selection="indexed"))
+      anchor=1, window=2, top_k=2, selection=selection))
   bad = ~np.isfinite(np.asarray(out)[0]).all(-1)[:, 0]
   np.testing.assert_array_equal(bad, np.arange(16) >= 5)      # causal: readers of key 5
 
@@ -241,3 +245,111 @@ def test_summaries_are_refused_for_the_indexed_mode():
   spec = cj.CondensateSpec(anchor=1, window=1, top_k=1, selection="indexed")
   with pytest.raises(ValueError, match=r"summaries: given with spec.selection='indexed'"):
     cj.condensate_attention(k, k, k, spec, summaries=cj.build_summaries(k, 4))
+
+
+# --- selection="certified" on the index bounds (bounds="index", the default) -------------
+
+
+def _certified_reference(q, k, spec, scale):
+  """float64 NumPy choice of the certified set: the smallest n >= min(top_k, middle) whose
+  first n middle keys in bound order (ties to the lower position) leave an index bound
+  <= 0.999 * epsilon of the mass; returns (n [B, K, G, T], the float64 ratio at n / eps)."""
+  est, slack = index_lib.index_bounds(q, cj.build_index(k, spec.index_bits), scale)
+  ub = np.asarray(est, np.float64) + np.asarray(slack, np.float64)      # [B, K, G, T, S]
+  sc = np.asarray(softmax.scores(q, k, scale), np.float64)
+  b, kh, g, t, s = sc.shape
+  n_out = np.zeros((b, kh, g, t), int)
+  ratio = np.zeros((b, kh, g, t))
+  for i in np.ndindex(b, kh, g, t):
+    pos = s - t + i[3]                       # causal, queries at the last T positions
+    static = [j for j in range(pos + 1) if j < spec.anchor or j > pos - spec.window]
+    middle = [j for j in range(pos + 1) if j not in static]
+    order = sorted(middle, key=lambda j: (-ub[i][j], j))
+    lse = lambda x: np.logaddexp.reduce(np.asarray(x, np.float64)) if len(x) else -np.inf
+    for n in range(min(spec.top_k, len(order)), len(order) + 1):
+      lz = lse([sc[i][j] for j in static + order[:n]])
+      ld = lse([ub[i][j] for j in order[n:]])
+      eps = np.exp(ld - np.logaddexp(lz, ld)) if np.isfinite(ld) else 0.0   # d/(z+d)
+      if eps <= 0.999 * spec.epsilon or n == len(order):
+        n_out[i] = n
+        ratio[i] = eps / (0.999 * spec.epsilon)
+        break
+  return n_out, ratio
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(KINDS), st.sampled_from([2, 4, 8]), st.integers(0, 2**16),
+       st.sampled_from([1e-1, 1e-3, 2.0**-20]), st.sampled_from([0.3, 1.0, 4.0]),
+       st.sampled_from([0, 5]))
+def test_certified_meets_epsilon_with_the_smallest_prefix_of_the_bound_order(
+    kind, bits, seed, eps, sharp, top_k):
+  rng = np.random.default_rng(seed)
+  k = jnp.asarray(_keys(rng, 64, 16, kind), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(1, 6, 4, 16)) * sharp, jnp.float32)
+  v = jnp.asarray(rng.normal(size=(1, 64, 2, 16)), jnp.float32)
+  spec = cj.CondensateSpec(anchor=2, window=3, top_k=top_k, selection="certified",
+                           epsilon=eps, index_bits=bits)
+  out, stats = cj.condensate_attention(q, k, v, spec, return_stats=True)
+  drop, bound = np.asarray(stats.dropped_mass), np.asarray(stats.dropped_mass_bound)
+  assert (bound <= eps).all(), bound.max()                    # met on every query
+  assert (drop <= bound * (1 + 1e-4) + 1e-30).all()
+  size, scored = np.asarray(stats.set_size), np.asarray(stats.keys_scored)
+  np.testing.assert_array_equal(size, scored)                 # every scored key attended
+  n_ref, ratio = _certified_reference(q, k, spec, 16**-0.5)
+  n_static = np.minimum(np.arange(59, 65), 2 + 3)[None, None, :]           # [1, 1, T]
+  n = size - n_static                                                       # [B, Hq, T]
+  n_ref = n_ref.reshape(1, 4, 6)
+  # equal to the float64 choice except where its stopping rule is within 0.1% (rounding)
+  near = np.abs(ratio.reshape(1, 4, 6) - 1) < 1e-3
+  np.testing.assert_array_equal(n[~near], n_ref[~near])
+  dense = cj.dense_attention(q, k, v)
+  full = (size == np.asarray(stats.visible)).transpose(0, 2, 1)            # [B, T, Hq]
+  np.testing.assert_array_equal(np.asarray(out)[full], np.asarray(dense)[full])
+
+
+def test_certified_scores_few_keys_where_attention_is_concentrated():
+  """Queries aimed at 3 planted keys among 1024 offset + outlier keys: eps 1e-3 is met on
+  every query scoring a small fraction of the keys (the index ranks the needles first);
+  block bounds on the same inputs score almost everything."""
+  rng = np.random.default_rng(11)
+  s, d = 1024, 32
+  k = _keys(rng, s, d, "offset_outliers")
+  q = np.zeros((1, 4, 4, d))
+  for h in range(4):
+    for t in range(4):
+      picks = rng.choice(np.arange(16, s - 64), 3, replace=False)
+      x = (k[0, picks, h // 2] - k[0].mean(0)[h // 2]).sum(0)
+      q[0, t, h] = 4.0 * x / np.linalg.norm(x) * np.sqrt(d)
+  q, k = jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32)
+  v = jnp.asarray(rng.normal(size=(1, s, 2, d)), jnp.float32)
+  spec = cj.CondensateSpec(anchor=4, window=16, top_k=0, selection="certified",
+                           epsilon=1e-3)
+  _, st_i = cj.condensate_attention(q, k, v, spec, return_stats=True)
+  frac = np.asarray(st_i.keys_scored / st_i.visible)
+  assert (np.asarray(st_i.dropped_mass_bound) <= 1e-3).all()
+  assert frac.mean() < 0.5, frac
+  _, st_b = cj.condensate_attention(q, k, v, spec.replace(bounds="blocks", block_size=32,
+                                                          top_blocks=2), return_stats=True)
+  assert np.asarray(st_b.keys_scored / st_b.visible).mean() > frac.mean()
+
+
+def test_bounds_validation():
+  assert cj.CondensateSpec(selection="certified").bounds == "index"
+  assert cj.CondensateSpec(selection="blocks").bounds == "blocks"
+  assert cj.CondensateSpec().bounds is None
+  spec = cj.CondensateSpec(selection="certified", bounds="blocks")
+  assert spec.uses_blocks and not spec.uses_index
+  assert spec.replace(selection="indexed").bounds == "index"   # a new mode's own default
+  with pytest.raises(ValueError, match=r"CondensateSpec.bounds='box'"):
+    cj.CondensateSpec(selection="certified", bounds="box")
+  with pytest.raises(ValueError, match=r"bounds='index' with selection='blocks'"):
+    cj.CondensateSpec(selection="blocks", bounds="index")
+  k = jnp.ones((1, 8, 1, 4), jnp.float32)
+  with pytest.raises(ValueError, match=r"summaries: given with spec.selection='certified'"):
+    cj.condensate_attention(k, k, k, cj.CondensateSpec(selection="certified"),
+                            summaries=cj.build_summaries(k, 4))
+  with pytest.raises(ValueError, match=r"implementation='pallas' with spec.selection="
+                                       r"'certified' \(bounds='index'\)"):
+    cj.condensate_attention(k, k, k, cj.CondensateSpec(selection="certified"),
+                            implementation="pallas")
