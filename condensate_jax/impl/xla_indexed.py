@@ -95,13 +95,20 @@ def select_certified(scores, q, index, lo, hi, spec, scale) -> Indexed:
   # log z_in[n], log d_out[n] for n = 0 .. S: the set's mass with the first n keys, the
   # bound of the rest (log-space cumulative sums: no underflow when the bounds are loose
   # by far more than float32's exponent range, no cancellation when the rest is tiny)
-  lz_static = jax.nn.logsumexp(jnp.where(static, scores, NEG_INF), axis=-1,
+  # Every log is taken relative to the row's largest term m (the static scores and the
+  # bounds, which lie above the scores): large scores (|s| ~ 1e4, where a float32 ulp is
+  # ~1e-3, the size of the choice margin) then compare exactly enough.
+  m = jnp.maximum(jnp.max(jnp.where(static, scores, NEG_INF), axis=-1, keepdims=True),
+                  jnp.max(jnp.where(live, ub_o, NEG_INF), axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  lz_static = jax.nn.logsumexp(jnp.where(static, scores - m, NEG_INF), axis=-1,
                                keepdims=True)
   lz_static = jnp.where(jnp.isnan(lz_static), NEG_INF, lz_static)   # no static key
   none = jnp.full(lz_static.shape, NEG_INF, jnp.float32)
   lz_in = jnp.logaddexp(lz_static, jnp.concatenate(
-      [none, jax.lax.cumlogsumexp(jnp.where(live, s_o, NEG_INF), axis=s_o.ndim - 1)], -1))
-  ld_out = jnp.concatenate([jax.lax.cumlogsumexp(jnp.where(live, ub_o, NEG_INF),
+      [none, jax.lax.cumlogsumexp(jnp.where(live, s_o - m, NEG_INF), axis=s_o.ndim - 1)],
+      -1))
+  ld_out = jnp.concatenate([jax.lax.cumlogsumexp(jnp.where(live, ub_o - m, NEG_INF),
                                                  axis=ub_o.ndim - 1, reverse=True), none],
                            -1)
   n_live = jnp.sum(live, axis=-1)
