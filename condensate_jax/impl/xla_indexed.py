@@ -19,8 +19,10 @@ spec.epsilon: the smallest n >= min(top_k, middle keys) with
     delta_n / (Z_n + delta_n) <= epsilon,   delta_n = sum of exp(U_j) over the keys after
 the first n, Z_n = the set's exact mass. eps falls monotonically in n (Z_n grows, delta_n
 shrinks) and reaches 0 when every middle key is in, so n exists; n is found from a
-cumulative sum (chosen against 0.999 * epsilon, so that the rounding of the sums cannot
-make the reported eps, computed afterwards like "indexed"'s, exceed the target), and
+cumulative sum (chosen against 0.999 * epsilon, so that the rounding of the sums does
+not make the reported eps, computed afterwards like "indexed"'s, exceed the target at
+ordinary score magnitudes; at |scores| ~ 3e4 the certificate's own float32 rounding can
+still put it up to ~0.05% above), and
 `keys_scored` = `set_size` = the visible anchor/window keys + n, per query. Keys whose
 bound is NaN (a broken index entry) are ranked last and never counted as certified: a
 set that leaves one out reports eps NaN.
@@ -93,11 +95,10 @@ def select_certified(scores, q, index, lo, hi, spec, scale) -> Indexed:
   s_o = jnp.take_along_axis(scores, order, axis=-1)
   live = jnp.take_along_axis(middle, order, axis=-1) & jnp.isfinite(ub_o)
   # log z_in[n], log d_out[n] for n = 0 .. S: the set's mass with the first n keys, the
-  # bound of the rest (log-space cumulative sums: no underflow when the bounds are loose
-  # by far more than float32's exponent range, no cancellation when the rest is tiny)
-  # Every log is taken relative to the row's largest term m (the static scores and the
-  # bounds, which lie above the scores): large scores (|s| ~ 1e4, where a float32 ulp is
-  # ~1e-3, the size of the choice margin) then compare exactly enough.
+  # bound of the rest, as log-space cumulative sums (no underflow when the bounds are
+  # loose by more than float32's exponent range, no cancellation when the rest is tiny),
+  # relative to the row's largest term m (static scores and bounds; the bounds lie above
+  # the scores), so that scores ~1e4 (float32 ulp ~1e-3, the choice margin) still compare.
   m = jnp.maximum(jnp.max(jnp.where(static, scores, NEG_INF), axis=-1, keepdims=True),
                   jnp.max(jnp.where(live, ub_o, NEG_INF), axis=-1, keepdims=True))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -123,7 +124,7 @@ def select_certified(scores, q, index, lo, hi, spec, scale) -> Indexed:
   chosen = jnp.put_along_axis(jnp.zeros(scores.shape, bool), order, take_o, axis=-1,
                               inplace=False)
   in_set = static | chosen
-  bound_unselected = jnp.where(middle & ~in_set, est + slack, NEG_INF)
+  bound_unselected = jnp.where(in_set, NEG_INF, ub)
   n_static = jnp.sum((masks.anchor | masks.window), axis=-1, dtype=jnp.int32)
   return Indexed(in_set, chosen, bound_unselected, n_static)
 
