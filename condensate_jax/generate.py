@@ -46,24 +46,65 @@ def init_cache(cfg, batch: int, max_len: int, dtype) -> KVCache:
                        dtype)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("max_new_tokens", "cfg", "dtype"))
-def greedy(graphdef, state, tokens, *, max_new_tokens, attention, implementation, cfg,
-           dtype):
-  """Greedy decoding: prefill the prompt, then max_new_tokens - 1 cached decode steps.
+def nucleus(x, top_p):
+  """x [..., V] with the logits outside the top-p nucleus set to -inf: the smallest set
+  of highest logits whose softmax mass reaches top_p (at least the top one; ties with the
+  last kept logit are kept too). top_p >= 1 keeps everything."""
+  desc = -jnp.sort(-x, axis=-1)
+  probs = jax.nn.softmax(desc, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs           # mass of the higher logits
+  kept = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+  threshold = jnp.take_along_axis(desc, kept - 1, axis=-1)
+  return jnp.where((x >= threshold) | (top_p >= 1.0), x, -jnp.inf)
 
-  Returns the new tokens [B, max_new_tokens] int32; no stop token (fixed length).
+
+def choose(logits, keys, step, *, sample: bool, temperature, top_p):
+  """The next token per row from logits [B, V] float32: the argmax (greedy), or a draw
+  from softmax(logits / temperature) restricted to the top-p nucleus, by the Gumbel-max
+  trick with row b's noise from fold_in(keys[b], step). Two runs that share keys share
+  the noise, so their draws differ only where their distributions do (a coupling: the
+  token match of a sampled parity run measures the distributions, not the dice)."""
+  if not sample:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  x = nucleus(logits / temperature, top_p)
+  noise = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, step),
+                                               logits.shape[-1:], jnp.float32))(keys)
+  return jnp.argmax(x + noise, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + (
+    "max_new_tokens", "cfg", "dtype", "sample", "eos_id"))
+def decode(graphdef, state, tokens, prompt_lengths, keys, temperature, top_p, *,
+           max_new_tokens, attention, implementation, cfg, dtype, sample, eos_id):
+  """Prefill the (right-padded) prompts, then up to max_new_tokens - 1 cached steps.
+
+  tokens [B, T] with row b's prompt in tokens[b, :prompt_lengths[b]]; keys [B] PRNG keys
+  (used when `sample`). Returns the new tokens [B, max_new_tokens] int32. With an
+  `eos_id`, a row stops at its first eos_id and the rest of the row is eos_id; the loop
+  ends early once every row has stopped.
   """
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
   cache = init_cache(cfg, b, t + max_new_tokens, dtype)
   run = functools.partial(model, attention=attention, implementation=implementation)
-  logits, cache, _ = run(tokens, cache)
-  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  pick = functools.partial(choose, keys=keys, sample=sample, temperature=temperature,
+                           top_p=top_p)
+  logits, cache, _ = run(tokens, cache, lengths=prompt_lengths)
+  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+  first = pick(last, step=0)
+  stop = jnp.int32(-1 if eos_id is None else eos_id)
+  out = jnp.full((b, max_new_tokens), jnp.maximum(stop, 0), jnp.int32).at[:, 0].set(first)
 
-  def body(carry, _):
-    tok, cache = carry
+  def cond(carry):
+    i, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, tok, cache, done, out = carry
     logits, cache, _ = run(tok[:, None], cache)
-    return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), tok
+    nxt = jnp.where(done, stop, pick(logits[:, -1], step=i))
+    out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+    return i + 1, nxt, cache, done | (nxt == stop), out
 
-  (last, _), toks = jax.lax.scan(body, (first, cache), None, length=max_new_tokens - 1)
-  return jnp.concatenate([toks.T, last[:, None]], axis=1)
+  carry = (jnp.int32(1), first, cache, first == stop, out)
+  return jax.lax.while_loop(cond, body, carry)[-1]

@@ -2,7 +2,8 @@
 
   lm.logits(tokens [B,T], attention=None | CondensateSpec) -> [B,T,V] float32
   lm.logits(..., return_stats=True) -> (logits, AttentionStats of [L,B,Hq,T] arrays)
-  lm.generate(tokens [B,T], max_new_tokens, attention=None) -> [B,N] int32, greedy
+  lm.generate(tokens [B,T], max_new_tokens, attention=None, *, prompt_lengths=None,
+              eos_id=None, temperature=0.0, top_p=1.0, seed=0) -> [B,N] int32
   lm.init_cache(batch, max_len) / lm.step(tokens, cache) -> (logits, cache): manual decode
 
 Dense layers report captured_mass=1, dropped_mass=0, dropped_mass_bound=0 and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -53,6 +55,44 @@ def _check_count(name, value, lo, hi=None):
     allowed = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]"
     raise ValueError(f"{name}={value!r}: expected {allowed}.")
   return int(value)
+
+
+def _check_lengths(prompt_lengths, batch: int, width: int):
+  """prompt_lengths: None (every row is `width` long) or [batch] ints in [1, width]."""
+  if prompt_lengths is None:
+    return jnp.full((batch,), width, jnp.int32)
+  arr = np.asarray(prompt_lengths)
+  if (arr.shape != (batch,) or not np.issubdtype(arr.dtype, np.integer)
+      or arr.min() < 1 or arr.max() > width):
+    raise ValueError(f"prompt_lengths={np.asarray(prompt_lengths).tolist()!r}: expected "
+                     f"{batch} ints (one per row of tokens) in [1, {width}] (the tokens' "
+                     "width).")
+  return jnp.asarray(arr, jnp.int32)
+
+
+def _check_float(name, value, lo, hi, allowed: str, open_lo: bool = False) -> float:
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.floating,
+                                                           np.integer)))
+  if ok:
+    v = float(value)
+    ok = np.isfinite(v) and (v > lo if open_lo else v >= lo) and (hi is None or v <= hi)
+  if not ok:
+    raise ValueError(f"{name}={value!r}: expected {allowed}.")
+  return float(value)
+
+
+def _row_keys(seed, batch: int):
+  """The PRNG key of every row: fold_in(key(seed), b) for an int, key(seed[b]) for one
+  int per row (seeds in [0, 2**32))."""
+  arr = np.asarray(seed) if not isinstance(seed, bool) else np.asarray(0.5)
+  if (not np.issubdtype(arr.dtype, np.integer) or arr.shape not in ((), (batch,))
+      or (arr.size and (arr.min() < 0 or arr.max() >= 2**32))):
+    raise ValueError(f"seed={seed!r}: expected an int in [0, 2**32) or {batch} such ints "
+                     "(one per row).")
+  if arr.ndim == 0:
+    base = jax.random.key(np.uint32(arr))
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+  return jax.vmap(jax.random.key)(jnp.asarray(arr.astype(np.uint32)))
 
 
 class LanguageModel:
@@ -139,16 +179,37 @@ class LanguageModel:
                        return_stats=validation.check_bool("return_stats", return_stats))
 
   def generate(self, tokens, max_new_tokens: int, attention: Optional[CondensateSpec] = None,
-               implementation: str = "xla"):
-    """Greedy decoding with a KV cache: the new tokens only, [B, max_new_tokens] int32.
+               implementation: str = "xla", *, prompt_lengths=None,
+               eos_id: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,
+               seed=0):
+    """Decoding with a KV cache: the new tokens only, [B, max_new_tokens] int32.
 
-    Always produces exactly max_new_tokens per row (no stop at an end-of-text token).
+    tokens [B, T]: one prompt per row. Ragged batches: right-pad the rows to T and give
+    `prompt_lengths` [B] (each in [1, T]); row b continues from tokens[b, :prompt_lengths[b]]
+    exactly as it would alone (padding is never attended; see `models.kv_cache`).
+    `eos_id`: a row stops at its first eos_id, which it emits, and the rest of the row is
+    eos_id (None: exactly max_new_tokens per row). The loop ends once every row stopped.
+    `temperature` 0 (default): greedy. > 0: sampling from softmax(logits / temperature)
+    restricted to the top-`top_p` nucleus, reproducible by `seed`: an int (row b draws
+    from fold_in(key(seed), b)) or one int per row (row b draws from key(seed[b]), the
+    same draws whatever batch the row sits in). The same seed gives dense and condensate
+    runs the same noise, so their tokens differ only where their distributions do.
     """
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 1)
     tokens = self._tokens(tokens, extra=max_new_tokens)
-    return gen.greedy(self.graphdef, self.state, tokens, max_new_tokens=max_new_tokens,
+    b, t = tokens.shape
+    lengths = _check_lengths(prompt_lengths, b, t)
+    if eos_id is not None:
+      eos_id = _check_count("eos_id", eos_id, 0, self.vocab_size - 1)
+    temperature = _check_float("temperature", temperature, 0.0, None, "a float >= 0")
+    top_p = _check_float("top_p", top_p, 0.0, 1.0, "a float in (0, 1]", open_lo=True)
+    keys = _row_keys(seed, b)
+    return gen.decode(self.graphdef, self.state, tokens, lengths, keys,
+                      jnp.float32(max(temperature, 1e-30)), jnp.float32(top_p),
+                      max_new_tokens=max_new_tokens,
                       attention=_check_attention(attention, implementation, self.num_layers),
-                      implementation=implementation, cfg=self.config, dtype=self.dtype)
+                      implementation=implementation, cfg=self.config, dtype=self.dtype,
+                      sample=temperature > 0, eos_id=eos_id)
 
   def init_cache(self, batch: int, max_len: int):
     batch = _check_count("batch", batch, 1)

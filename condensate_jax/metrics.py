@@ -7,15 +7,19 @@ not part of any jitted path.
 
   bitwise_fraction        fraction of positions whose logit vectors are identical bit for bit
   max_abs_logit_diff      max |dense - condensate| over all positions and vocab entries
-  max_ulp_diff            max distance in float32 units in the last place (sign-aware)
+  max_ulp_diff            max distance in float32 units in the last place (sign-aware;
+                          huge where a logit crosses 0: prefer max_diff_in_scale_ulps)
+  max_diff_in_scale_ulps  max |dlogit| / float32 spacing at max |dense logit|
   mean_kl                 mean over positions of KL(softmax(dense) || softmax(condensate))
   top1_agreement          fraction of positions with the same argmax (teacher forcing)
   greedy_match            identical greedy tokens out of N and the first divergence step
+  sampled_parity          TV / KL of the temperature + top-p sampling distributions
   attention_summary       captured mass (min/mean), max certified bound, keys read/visible
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -176,12 +180,66 @@ def attention_summary(stats) -> dict[str, float]:
   }
 
 
+def max_diff_in_scale_ulps(dense, cond) -> float:
+  """max |dlogit| in units of the float32 spacing at max |dense logit| (the rounding step
+  of the largest logit): 0 when bitwise equal, a few when two summation orders differ,
+  large when the output moved. Unlike `max_ulp_diff` it does not explode where a logit
+  crosses zero (where float32 spacing is tiny). NaN where either side is not finite."""
+  d, c = _float32_pair(dense, cond)
+  diff = max_abs_logit_diff(d, c)
+  scale = float(np.max(np.abs(d))) if d.size else 0.0
+  if not (np.isfinite(diff) and np.isfinite(scale)):
+    return math.nan
+  return diff / float(np.spacing(np.float32(max(scale, np.finfo(np.float32).tiny))))
+
+
+def sampling_probs(logits, temperature: float, top_p: float = 1.0) -> np.ndarray:
+  """The distribution `generate(temperature=, top_p=)` draws from, in float64:
+  softmax(logits / temperature) on the top-p nucleus (the smallest set of highest logits
+  whose mass reaches top_p, at least one, ties with its last logit kept), renormalised."""
+  x = np.asarray(logits, np.float64) / float(temperature)
+  lp = _log_softmax64(x)
+  if top_p < 1.0:
+    desc = -np.sort(-x, axis=-1)
+    probs = np.exp(_log_softmax64(desc))
+    before = np.cumsum(probs, axis=-1) - probs
+    kept = np.maximum(np.sum(before < top_p, axis=-1, keepdims=True), 1)
+    threshold = np.take_along_axis(desc, kept - 1, axis=-1)
+    lp = np.where(x >= threshold, lp, -np.inf)
+  p = np.exp(lp)
+  return p / p.sum(axis=-1, keepdims=True)
+
+
+def sampled_parity(dense, cond, temperature: float, top_p: float = 1.0,
+                   *, chunk: int = 256) -> dict[str, float]:
+  """Distances between the sampling distributions of two teacher-forced logits [.., V]
+  (the positions where tokens were drawn): sample_tv_mean / sample_tv_max = total
+  variation of the temperature + top-p distributions (any coupling of the two samplers
+  disagrees at a step with probability >= its TV); sample_kl_mean = KL(dense || cond) of
+  softmax(logits / temperature) (no nucleus, so finite)."""
+  d, c = _pair(dense, cond)
+  d = d.reshape(-1, d.shape[-1])
+  c = c.reshape(-1, c.shape[-1])
+  if d.shape[0] == 0:
+    raise ValueError("logits have no positions: expected at least one.")
+  tv = []
+  for start in range(0, d.shape[0], chunk):
+    p = sampling_probs(d[start:start + chunk], temperature, top_p)
+    q = sampling_probs(c[start:start + chunk], temperature, top_p)
+    tv.append(0.5 * np.abs(p - q).sum(axis=-1))
+  tv = np.concatenate(tv)
+  return {"sample_tv_mean": float(tv.mean()), "sample_tv_max": float(tv.max()),
+          "sample_kl_mean": mean_kl(d / float(temperature), c / float(temperature),
+                                    chunk=chunk)}
+
+
 def logit_parity(dense, cond) -> dict[str, Any]:
   """Levels 1-3 of DESIGN.md §1 for one pair of teacher-forced logits."""
   return {
       "bitwise_frac": bitwise_fraction(dense, cond),
       "max_abs_logit_diff": max_abs_logit_diff(dense, cond),
       "max_ulp_diff": max_ulp_diff(dense, cond),
+      "max_diff_scale_ulps": max_diff_in_scale_ulps(dense, cond),
       "mean_kl": mean_kl(dense, cond),
       "top1_agreement": top1_agreement(dense, cond),
   }

@@ -23,6 +23,9 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
   prompts.lengths       tuple of prompt lengths in tokens (each + new_tokens <= context)
   prompts.files         comma-separated .txt / .jsonl paths ("" = built-in texts)
   generate.new_tokens   greedy tokens per prompt (default 128)
+  generate.temperature  0.0 (default): greedy; > 0: sampled decoding (with top_p, seed),
+                        dense and condensate drawing with the same noise; rows then
+                        hold the sampling distributions' TV / KL too
   job                   "parity" (this schema) or another job of experiments.cli.JOBS
   resume                "match" (default: a rerun resumes only the same config) or
                         "extend" (add this config's rows to another config's workdir)
@@ -114,6 +117,9 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
 
   config.generate = ml_collections.ConfigDict()
   config.generate.new_tokens = new_tokens
+  config.generate.temperature = 0.0
+  config.generate.top_p = 1.0
+  config.generate.seed = 0
 
   # The covers-everything point must equal dense bit for bit; False only to inspect a
   # failing implementation (the run then still reports the failure in summary.md).

@@ -199,6 +199,17 @@ def check_config(config) -> None:
   n = config.generate.new_tokens
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ConfigError(f"config.generate.new_tokens={n!r}: expected an int >= 1.")
+  g = config.generate
+  temperature, top_p, seed = (g.get("temperature", 0.0), g.get("top_p", 1.0),
+                              g.get("seed", 0))
+  if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+      or not 0 <= temperature < float("inf")):
+    raise ConfigError(f"config.generate.temperature={temperature!r}: expected a float "
+                      ">= 0 (0: greedy).")
+  if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    raise ConfigError(f"config.generate.top_p={top_p!r}: expected a float in (0, 1].")
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    raise ConfigError(f"config.generate.seed={seed!r}: expected an int in [0, 2**32).")
   if config.model.dtype not in DTYPES:
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected one of {DTYPES}.")
   if not (config.model.path or config.model.name):
@@ -249,10 +260,24 @@ def _block_options(config, point) -> str:
   return (f"-r{rank}" if rank != "bound" else "") + ("-qb" if qb else "")
 
 
+def decoding(config) -> dict:
+  """The lm.generate sampling arguments of a config: {} for greedy (temperature 0)."""
+  g = config.generate
+  temperature = float(g.get("temperature", 0.0))
+  if temperature == 0:
+    return {}
+  return {"temperature": temperature, "top_p": float(g.get("top_p", 1.0)),
+          "seed": int(g.get("seed", 0))}
+
+
 def keys(config, model_id: str, prompt, point: Optional[GridPoint]) -> str:
   """The results.jsonl key of a prompt's row at `point` (None: its dense row)."""
   base = (f"{model_id}|{config.model.dtype}|{prompt.id}:{prompt.sha}|"
           f"N{config.generate.new_tokens}")
+  sampling = decoding(config)
+  if sampling:   # greedy keys stay as they were
+    base += (f"|T{sampling['temperature']!r}-p{sampling['top_p']!r}"
+             f"-s{sampling['seed']}")
   if point is None:
     return f"{base}|dense"
   a = config.attention

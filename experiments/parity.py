@@ -95,10 +95,13 @@ class DenseReference:
   seconds: float
 
 
-def dense_reference(lm, prompt, new_tokens: int) -> DenseReference:
+def dense_reference(lm, prompt, new_tokens: int, sampling=None) -> DenseReference:
+  """The dense side of a prompt: decoded tokens (greedy, or sampled with `sampling`, the
+  lm.generate keyword arguments of `grid.decoding`) and teacher-forced logits."""
   start = time.perf_counter()
   tokens = np.asarray(prompt.tokens, np.int32)[None]
-  generated = np.asarray(lm.generate(tokens, new_tokens), np.int32).reshape(-1)
+  generated = np.asarray(lm.generate(tokens, new_tokens, **(sampling or {})),
+                         np.int32).reshape(-1)
   full = np.concatenate([tokens, generated[None]], axis=1)
   logits = np.asarray(lm.logits(full), np.float32)[0]
   return DenseReference(tokens, full, generated, logits, time.perf_counter() - start)
@@ -129,10 +132,11 @@ def gate_passes(row, greedy, implementation: str, dtype: str, dense_logits) -> b
 def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config) -> dict[str, Any]:
   spec = grid.point_spec(point, config)
   impl = config.attention.implementation
+  sampling = grid.decoding(config)
   start = time.perf_counter()
   generated = np.asarray(
       lm.generate(ref.tokens, config.generate.new_tokens, attention=spec,
-                  implementation=impl), np.int32).reshape(-1)
+                  implementation=impl, **sampling), np.int32).reshape(-1)
   logits, stats = lm.logits(ref.full, attention=spec, implementation=impl,
                             return_stats=True)
   logits = np.asarray(logits, np.float32)[0]
@@ -142,7 +146,11 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config) -> di
          **metrics.logit_parity(ref.logits, logits),
          **{f"greedy_{k}": v for k, v in greedy.items()},
          **metrics.attention_summary(stats), "tokens": generated.tolist(),
-         "seconds": seconds}
+         "seconds": seconds, "decoding": "sampled" if sampling else "greedy"}
+  if sampling:   # the distributions the N tokens were drawn from, along dense's tokens
+    t, n = ref.tokens.shape[1], config.generate.new_tokens
+    row.update(metrics.sampled_parity(ref.logits[t - 1:t - 1 + n], logits[t - 1:t - 1 + n],
+                                      sampling["temperature"], sampling["top_p"]))
   first = greedy["first_divergence"]
   # Dense top-1 minus top-2 logit where greedy first diverged (same context up to there):
   # a tiny margin means a near-tie flipped; a large one means the output really moved.
@@ -233,7 +241,7 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
       if not todo and dense_key in store:
         continue
       bar.set_postfix_str(f"{prompt.id} dense")
-      ref = dense_reference(lm, prompt, new_tokens)
+      ref = dense_reference(lm, prompt, new_tokens, grid.decoding(config))
       common = {"model": model_id, "dtype": config.model.dtype,
                 "prompt": {"id": prompt.id, "source": prompt.source,
                            "length": prompt.length, "sha": prompt.sha},
@@ -245,14 +253,21 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
               f"in {store.path}: the dense path is not deterministic here (another "
               "device or version?). Use a fresh --workdir.")
       else:
-        # Does greedy decoding (KV cache) agree with the teacher-forced argmax?
+        # Does greedy decoding (KV cache) agree with the teacher-forced argmax? (Sampled
+        # runs: is every drawn token inside the teacher-forced nucleus?)
         t = prompt.length
-        tf_argmax = np.argmax(ref.logits[t - 1:t - 1 + new_tokens], axis=-1)
+        tf = ref.logits[t - 1:t - 1 + new_tokens]
+        sampling = grid.decoding(config)
+        if sampling:
+          probs = metrics.sampling_probs(tf, sampling["temperature"], sampling["top_p"])
+          consistent = bool(np.all(probs[np.arange(new_tokens), ref.generated] > 0))
+        else:
+          consistent = bool(np.array_equal(np.argmax(tf, axis=-1), ref.generated))
         store.append({"key": dense_key, "kind": "dense", **common,
                       "tokens": ref.generated.tolist(),
                       "text": lm.decode(ref.generated.tolist()),
-                      "generate_matches_teacher_forced_argmax":
-                          bool(np.array_equal(tf_argmax, ref.generated)),
+                      "decoding": sampling or "greedy",
+                      "generate_matches_teacher_forced_argmax": consistent,
                       "seconds": ref.seconds, "finished": _now()})
         computed += 1
         bar.update()

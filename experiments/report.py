@@ -18,7 +18,7 @@ COLUMNS = (
     ("prompts", "prompts", "{}"),
     ("bitwise", "bitwise_frac", "{:.3f}"),
     ("max abs dlogit", "max_abs_logit_diff", "{:.3g}"),
-    ("max ulp", "max_ulp_diff", "{}"),
+    ("dlogit/ulp(max)", "max_diff_scale_ulps", "{:.3g}"),
     ("mean KL", "mean_kl", "{:.2e}"),
     ("top-1 agree", "top1_agreement", "{:.4f}"),
     ("greedy exact", "greedy", "{}"),
@@ -49,13 +49,26 @@ SET_SIZE_COLUMNS = (
 )
 
 
+# Sampled runs (generate.temperature > 0): the token columns compare sampled tokens
+# (same noise on both sides), and the sampling distributions' distance is added.
+SAMPLED_COLUMNS = (
+    ("sample TV mean", "sample_tv_mean", "{:.2e}"),
+    ("sample TV max", "sample_tv_max", "{:.2e}"),
+)
+
+
 def columns(summary: Sequence[dict[str, Any]]) -> tuple:
-  """COLUMNS, plus the selection and set-size columns when any point is not exact."""
+  """COLUMNS, plus the selection and set-size columns when any point is not exact, and
+  the sampling columns (token headers renamed) when the run sampled."""
+  cols = COLUMNS
+  if any(e.get("decoding") == "sampled" for e in summary):
+    at = [h for h, _, _ in cols].index("greedy prefix") + 1
+    cols = tuple((h.replace("greedy", "sampled"), k, f) for h, k, f in cols[:at]) + (
+        SAMPLED_COLUMNS + cols[at:])
   if all(e.get("selection", "exact") == "exact" for e in summary):
-    return COLUMNS
-  at, end = [h for h, _, _ in COLUMNS].index("top_k") + 1, len(COLUMNS) - 1
-  return (COLUMNS[:at] + SELECTION_COLUMNS + COLUMNS[at:end] + SET_SIZE_COLUMNS
-          + COLUMNS[end:])
+    return cols
+  at, end = [h for h, _, _ in cols].index("top_k") + 1, len(cols) - 1
+  return (cols[:at] + SELECTION_COLUMNS + cols[at:end] + SET_SIZE_COLUMNS + cols[end:])
 
 
 def _num(value) -> float:
@@ -90,6 +103,14 @@ def aggregate(rows: Sequence[dict[str, Any]], points) -> list[dict[str, Any]]:
         "bitwise_frac": float(np.mean([_num(r["bitwise_frac"]) for r in mine])),
         "max_abs_logit_diff": _worst([r["max_abs_logit_diff"] for r in mine], max),
         "max_ulp_diff": max(int(r["max_ulp_diff"]) for r in mine),
+        "max_diff_scale_ulps": (_worst([r["max_diff_scale_ulps"] for r in mine], max)
+                                if all("max_diff_scale_ulps" in r for r in mine)
+                                else "-"),   # rows written before it existed
+        "decoding": mine[0].get("decoding", "greedy"),
+        "sample_tv_mean": _mean_or_dash(mine, "sample_tv_mean"),
+        "sample_tv_max": (_worst([r["sample_tv_max"] for r in mine], max)
+                          if all("sample_tv_max" in r for r in mine) else "-"),
+        "sample_kl_mean": _mean_or_dash(mine, "sample_kl_mean"),
         "mean_kl": float(np.mean([_num(r["mean_kl"]) for r in mine])),
         "top1_agreement": float(np.mean([_num(r["top1_agreement"]) for r in mine])),
         "greedy": f"{n_exact}/{len(mine)}",
@@ -164,6 +185,13 @@ def write_summary(workdir: pathlib.Path, config, summary, table: str,
   dense_s = sum(float(r["seconds"]) for r in dense_rows)
   consistent = sum(bool(r["generate_matches_teacher_forced_argmax"]) for r in dense_rows)
   now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  g = config.generate
+  sampled = float(g.get("temperature", 0.0)) > 0
+  tokens = (f"sampled tokens (temperature {g.temperature:g}, top-p {g.top_p:g}, seed "
+            f"{g.seed}; dense and condensate draw with the same noise)" if sampled
+            else "greedy tokens")
+  check = ("are all inside the teacher-forced top-p nucleus" if sampled
+           else "equal the teacher-forced argmax")
   text = [
       f"# {config.name}: condensate vs dense parity",
       "",
@@ -171,16 +199,18 @@ def write_summary(workdir: pathlib.Path, config, summary, table: str,
       f"implementation `{config.attention.implementation}`, dense layers "
       f"{tuple(config.attention.dense_layers) or 'none'}; {len(dense_rows)} "
       f"prompt{'' if len(dense_rows) == 1 else 's'} "
-      f"(lengths {lengths} tokens) x {config.generate.new_tokens} greedy tokens; "
+      f"(lengths {lengths} tokens) x {config.generate.new_tokens} {tokens}; "
       f"written {now}.",
       "",
-      f"Dense reference: {dense_s:.1f} s over all prompts; its greedy tokens equal the "
-      f"teacher-forced argmax on {consistent}/{len(dense_rows)} prompts.",
+      f"Dense reference: {dense_s:.1f} s over all prompts; its decoded tokens {check} "
+      f"on {consistent}/{len(dense_rows)} prompts.",
       "",
       table,
       "",
       "Columns (per grid point, over prompts): bitwise = mean fraction of positions whose "
-      "logits are bit-identical; max abs dlogit / max ulp = worst logit difference; mean "
+      "logits are bit-identical; max abs dlogit = worst logit difference; dlogit/ulp(max) "
+      "= the same in units of float32 spacing at the largest |dense logit| (0 bitwise, a "
+      "few: another summation order, large: the output moved); mean "
       "KL(dense||condensate) per position; top-1 agree = teacher-forced argmax agreement "
       "over prompt + continuation; greedy exact = prompts whose N greedy tokens are all "
       "identical; greedy prefix = mean identical prefix / N; first div = earliest "
@@ -190,7 +220,16 @@ def write_summary(workdir: pathlib.Path, config, summary, table: str,
       "read/visible = set size / visible keys; s = seconds (generate + logits).",
       "",
   ]
-  if columns(summary) is not COLUMNS:
+  if sampled:
+    text[-1:-1] = [
+        "",
+        "Sampled decoding: the token columns compare the sampled tokens (the same seed, "
+        "so both sides draw with the same Gumbel noise and differ only where their "
+        "distributions do); sample TV = total variation between the dense and condensate "
+        "sampling distributions (temperature and top-p applied) at the N drawn "
+        "positions, teacher forced along the dense tokens: any sampler pair disagrees at "
+        "a step with probability at least its TV. Rows also hold sample_kl_mean."]
+  if any(e.get("selection", "exact") != "exact" for e in summary):
     text[-1:-1] = [
         "",
         "Block selection (DESIGN.md §4): selection = how the top part of the set is "

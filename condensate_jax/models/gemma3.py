@@ -187,8 +187,9 @@ class Model(nnx.Module):
     self.final_norm = layers.RMSNorm(cfg.width, cfg.norm_eps, dtype, plus_one=True)
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
-               return_stats=False):
-    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats)
+               return_stats=False, lengths=None):
+    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats,
+                               lengths)
     emb = self.embed_vd[...]
     x = emb[tokens] * jnp.asarray(self.cfg.width**0.5, emb.dtype)
     x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
@@ -196,7 +197,7 @@ class Model(nnx.Module):
     cap = self.cfg.final_logit_softcapping
     if cap is not None:
       logits = jnp.tanh(logits / cap) * cap
-    return kv_cache.finish(logits, ctx, new_kv, stats, tokens.shape[1])
+    return kv_cache.finish(logits, ctx, new_kv, stats)
 
 
 HF_KEYS = [

@@ -133,13 +133,14 @@ class Model(nnx.Module):
     self.ln_f = layers.LayerNorm(cfg.width, cfg.norm_eps, dtype)
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
-               return_stats=False):
-    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats)
+               return_stats=False, lengths=None):
+    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats,
+                               lengths)
     emb = self.embed_vd[...]
     x = emb[tokens] + self.pos_embed_sd[...][ctx.positions]
     x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
     logits = einsum("btd,vd->btv", self.ln_f(x), emb)
-    return kv_cache.finish(logits, ctx, new_kv, stats, tokens.shape[1])
+    return kv_cache.finish(logits, ctx, new_kv, stats)
 
 
 # Conversions: see condensate_jax/weights/hf.py (CONVERSIONS).

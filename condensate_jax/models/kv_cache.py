@@ -3,11 +3,19 @@
 Every model family exposes the same call:
 
   model(tokens [B,T] int, cache=None | KVCache, *, attention=None | CondensateSpec,
-        implementation="xla", return_stats=False) -> (logits [B,T,V] f32, cache, stats)
+        implementation="xla", return_stats=False, lengths=None)
+      -> (logits [B,T,V] f32, cache, stats)
 
 With `cache=None` the sequence attends to itself (teacher forcing, positions 0..T-1).
 With a cache, the new keys are written at each row's `lengths` and queries sit at
 positions lengths..lengths+T-1; the returned cache has lengths + T.
+
+`lengths` [B] int (optional, default T): how many of this call's T tokens are real per
+row of a right-padded batch (ragged prompts). Keys past a row's real tokens are written
+but stay invisible (every layer's kv_lengths, the index / summaries and the returned
+cache's lengths count the real tokens only), so a later call overwrites them; real
+queries never see them (they lie in their causal future), and the logits at padded
+positions are meaningless.
 """
 
 from __future__ import annotations
@@ -61,13 +69,17 @@ class Context(NamedTuple):
   attention: object            # None | CondensateSpec
   implementation: str
   return_stats: bool
+  kv_lengths: jax.Array        # [B] valid keys after this call's write (start + real)
 
 
-def make_context(tokens, cache, attention, implementation, return_stats) -> Context:
+def make_context(tokens, cache, attention, implementation, return_stats,
+                 lengths=None) -> Context:
   b, t = tokens.shape
   start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
   positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  return Context(positions, cache, attention, implementation, return_stats)
+  real = (jnp.full((b,), t, jnp.int32) if lengths is None
+          else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, t))
+  return Context(positions, cache, attention, implementation, return_stats, start + real)
 
 
 def _write(buf, new, start):
@@ -119,12 +131,12 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
   spec = None if ctx.attention is None else ctx.attention.for_layer(layer)
   summaries = None
   if ctx.cache is None:
-    keys, values, kv_lengths, new = k, v, jnp.full((b,), t, jnp.int32), None
+    keys, values, kv_lengths, new = k, v, ctx.kv_lengths, None
   else:
     start = ctx.cache.lengths
     keys = _write(ctx.cache.k[layer], k, start)
     values = _write(ctx.cache.v[layer], v, start)
-    kv_lengths = start + t
+    kv_lengths = ctx.kv_lengths
     q = q.astype(keys.dtype)
     if uses_block_summaries(spec):
       summaries = _cache_summaries(ctx, layer, spec, k, keys, kv_lengths)
@@ -163,13 +175,13 @@ def unembed(x, embed_vd, unembed_dv):
   return einsum("btd,dv->btv", x, unembed_dv[...])
 
 
-def finish(logits, ctx: Context, new_kv: list, stats: list, t: int):
+def finish(logits, ctx: Context, new_kv: list, stats: list):
   """Assembles the model's (logits f32, cache, stacked stats) result."""
   cache = None
   if ctx.cache is not None:
     summaries = tuple(kv[2] for kv in new_kv)
     cache = KVCache(tuple(kv[0] for kv in new_kv), tuple(kv[1] for kv in new_kv),
-                    ctx.cache.lengths + t,
+                    ctx.kv_lengths,
                     summaries if any(x is not None for x in summaries) else None)
   stacked = None
   if ctx.return_stats:

@@ -219,12 +219,13 @@ class Model(nnx.Module):
                        layers.param(rngs, (cfg.width, cfg.vocab_size), dtype))
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
-               return_stats=False):
-    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats)
+               return_stats=False, lengths=None):
+    ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats,
+                               lengths)
     x = self.embed_vd[...][tokens]
     x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
     logits = kv_cache.unembed(self.final_norm(x), self.embed_vd, self.unembed_dv)
-    return kv_cache.finish(logits, ctx, new_kv, stats, tokens.shape[1])
+    return kv_cache.finish(logits, ctx, new_kv, stats)
 
 
 # Checkpoint key (prefix-stripped, HF layout) -> module path and conversion.
