@@ -236,3 +236,30 @@ def test_aggregate_propagates_nan_whatever_the_order():
   for rows in ([base, bad], [bad, base]):
     entry = report.aggregate(rows, [point])[0]
     assert math.isnan(entry["max_abs_logit_diff"]) and math.isnan(entry["captured_mass_min"])
+
+
+def test_sampled_parity_run_on_a_real_model(tmp_path):
+  """generate.temperature > 0: dense and condensate sample with the same seed; the
+  covering point draws the same tokens from the same distribution (TV 0), a small set
+  reports a real distance, and the summary says what was compared."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  config = common.parity_config(name="sampled", model="tiny-random", top_k=(4,),
+                                window=(8,), lengths=(48,), num_prompts=1, new_tokens=8)
+  config.plots = False
+  config.generate.temperature, config.generate.top_p, config.generate.seed = 0.9, 0.95, 3
+  parity.run(config, tmp_path, progress=False)
+  rows = _rows(tmp_path)
+  dense = [r for r in rows if r["kind"] == "dense"]
+  assert len(dense) == 1 and dense[0]["generate_matches_teacher_forced_argmax"]
+  assert dense[0]["decoding"]["temperature"] == 0.9 and "|T0.9-p0.95-s3|" in dense[0]["key"]
+  cover = [r for r in rows if r["kind"] == "condensate" and r["covers"]]
+  small = [r for r in rows if r["kind"] == "condensate" and not r["covers"]]
+  assert len(cover) == 1 and cover[0]["exact"] and cover[0]["greedy_exact"]
+  assert cover[0]["sample_tv_max"] == 0.0 and cover[0]["decoding"] == "sampled"
+  assert len(small) == 1 and 0 < small[0]["sample_tv_mean"] <= small[0]["sample_tv_max"] <= 1
+  summary = (tmp_path / "summary.md").read_text()
+  assert "sampled exact" in summary and "sample TV mean" in summary
+  assert "temperature 0.9, top-p 0.95, seed 3" in summary
+  config.generate.temperature = -0.5
+  with pytest.raises(Exception, match="generate.temperature=-0.5"):
+    parity.run(config, tmp_path / "bad", progress=False)
