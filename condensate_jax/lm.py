@@ -125,13 +125,22 @@ class LanguageModel:
             f"layers={self.num_layers}, dtype={self.dtype.name})")
 
   # ----------------------------------------------------------------- tokenizer
+  def _need_tokenizer(self, what: str):
+    if self.tokenizer is None:
+      raise ValueError(f"{what}: {self.name or 'this model'} was loaded without a "
+                       "tokenizer (its directory has no tokenizer.json and no vocab.json "
+                       "+ merges.txt); pass token ids to logits / generate / step, or "
+                       "add the tokenizer files.")
+
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, with the tokenizer's own special tokens (e.g. a BOS)."""
+    self._need_tokenizer("encode")
     if not isinstance(text, str):
       raise ValueError(f"text of type {type(text).__name__}: expected a str.")
     return list(self.tokenizer.encode(text).ids)
 
   def decode(self, ids) -> str:
+    self._need_tokenizer("decode")
     arr = np.asarray(ids)
     if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0
                      or arr.max() >= self.vocab_size):

@@ -1,4 +1,4 @@
-"""HF checkpoints (config.json + safetensors + tokenizer.json) -> `LanguageModel`.
+"""HF checkpoints (config.json + safetensors [+ tokenizer]) -> `LanguageModel`.
 
 The model is built abstractly (`nnx.eval_shape`), every checkpoint key is mapped through
 its family's regex table (`HF_KEYS`: key pattern -> module path(s) and a conversion), and
@@ -247,24 +247,73 @@ def build_language_model(hf_config: dict, tensors: dict, tokenizer, dtype="float
   return LanguageModel(model, cfg, tokenizer, dtype=dtype, name=name)
 
 
-def load_directory(directory, dtype="float32", *, name: Optional[str] = None):
-  """A local directory with config.json, safetensors and tokenizer.json."""
+def _special_tokens(d: pathlib.Path, vocab: dict) -> list[str]:
+  """The special tokens a GPT-2-era directory names (special_tokens_map.json /
+  tokenizer_config.json: bos/eos/unk/pad), else GPT-2's <|endoftext|> when in the vocab."""
+  names = []
+  for fname in ("special_tokens_map.json", "tokenizer_config.json"):
+    path = d / fname
+    if not path.is_file():
+      continue
+    try:
+      meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise CheckpointFileError(f"{path}: invalid JSON ({e}).") from None
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+      tok = meta.get(key)
+      tok = tok.get("content") if isinstance(tok, dict) else tok
+      if isinstance(tok, str) and tok in vocab and tok not in names:
+        names.append(tok)
+  if not names and "<|endoftext|>" in vocab:
+    names.append("<|endoftext|>")
+  return names
+
+
+def load_tokenizer(directory):
+  """The tokenizer of a model directory: tokenizer.json, else a GPT-2-era byte-level BPE
+  (vocab.json + merges.txt, special tokens from special_tokens_map.json /
+  tokenizer_config.json), else None (the model then takes ids only)."""
   import tokenizers
+  d = pathlib.Path(directory)
+  if (d / "tokenizer.json").is_file():
+    try:
+      return tokenizers.Tokenizer.from_file(os.fspath(d / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+      raise CheckpointFileError(f"{d / 'tokenizer.json'}: unreadable ({e}).") from None
+  bpe = [(d / f).is_file() for f in ("vocab.json", "merges.txt")]
+  if not any(bpe):
+    return None
+  if not all(bpe):
+    raise CheckpointFileError(
+        f"{d}: has {'vocab.json' if bpe[0] else 'merges.txt'} but not "
+        f"{'merges.txt' if bpe[0] else 'vocab.json'}; a byte-level BPE tokenizer needs "
+        "both (or give the directory a tokenizer.json).")
+  try:
+    vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+    tok = tokenizers.ByteLevelBPETokenizer(os.fspath(d / "vocab.json"),
+                                           os.fspath(d / "merges.txt"))
+  except Exception as e:  # noqa: BLE001 - JSON and tokenizers errors alike
+    raise CheckpointFileError(f"{d}: vocab.json / merges.txt unreadable ({e}).") from None
+  tok.add_special_tokens(_special_tokens(d, vocab))
+  return tok
+
+
+def load_directory(directory, dtype="float32", *, name: Optional[str] = None):
+  """A local directory with config.json and safetensors weights; the tokenizer from
+  tokenizer.json or vocab.json + merges.txt, or none (ids in, logits out; encode /
+  decode then raise)."""
   d = pathlib.Path(directory)
   if not d.is_dir():
     raise CheckpointFileError(f"{d}: not a directory.")
-  missing = [f for f in ("config.json", "tokenizer.json") if not (d / f).is_file()]
-  if missing:
-    raise CheckpointFileError(f"{d}: missing {missing}; a model directory needs "
-                              "config.json, tokenizer.json and safetensors weights.")
+  if not (d / "config.json").is_file():
+    raise CheckpointFileError(f"{d}: missing ['config.json']; a model directory needs "
+                              "config.json and safetensors weights (and a tokenizer: "
+                              "tokenizer.json or vocab.json + merges.txt, optional).")
   try:
     hf_config = json.loads((d / "config.json").read_text())
   except json.JSONDecodeError as e:
     raise CheckpointFileError(f"{d / 'config.json'}: invalid JSON ({e}).") from None
-  try:
-    tokenizer = tokenizers.Tokenizer.from_file(os.fspath(d / "tokenizer.json"))
-  except Exception as e:  # the tokenizers library raises plain Exceptions
-    raise CheckpointFileError(f"{d / 'tokenizer.json'}: unreadable ({e}).") from None
+  tokenizer = load_tokenizer(d)
   tensors = read_checkpoint(d)
   return build_language_model(hf_config, tensors, tokenizer, dtype, name=name or str(d),
                               where=str(d))

