@@ -154,7 +154,8 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config) -> di
   first = greedy["first_divergence"]
   # Dense top-1 minus top-2 logit where greedy first diverged (same context up to there):
   # a tiny margin means a near-tie flipped; a large one means the output really moved.
-  row["greedy_divergence_margin"] = None if first is None else _top2_margin(
+  # (sampled runs: None, a margin between the top two logits says nothing about a draw)
+  row["greedy_divergence_margin"] = None if first is None or sampling else _top2_margin(
       ref.logits[ref.tokens.shape[1] - 1 + first])
   row.update(set_size_summary(stats))
   if spec.selection == "certified":   # its target, met or not on every query
