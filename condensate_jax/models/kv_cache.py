@@ -127,7 +127,6 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
 
   Returns (out [B,T,N,H], (k_cache, v_cache, summaries or None) or None, stats or None).
   """
-  b, t = q.shape[:2]
   spec = None if ctx.attention is None else ctx.attention.for_layer(layer)
   summaries = None
   if ctx.cache is None:
