@@ -31,7 +31,7 @@ from condensate_jax import finite, validation
 from condensate_jax.impl import xla_masked
 from condensate_jax.selection import index as index_lib
 from condensate_jax.selection import summaries as summaries_lib
-from condensate_jax.spec import CondensateSpec, check_spec
+from condensate_jax.spec import CondensateSpec, Sizes, check_spec
 
 # implementation name -> "module:function" with the signature
 #   fn(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window, scale,
@@ -105,6 +105,10 @@ def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
     name = BLOCK_IMPLEMENTATIONS[implementation]
   elif name in ("xla_blocks", "pallas_blocks"):
     validation.check_block_spec(spec)      # raises: these need a block-selection spec
+  elif spec.top_k_capacity and name != "xla_masked":
+    raise ValueError(f"implementation={implementation!r} with spec.top_k_capacity="
+                     f"{spec.top_k_capacity}: runtime sizes are implemented by 'xla' / "
+                     "'xla_masked' only (use top_k_capacity=0 with the others).")
   elif name == "xla_indexed":
     raise ValueError(f"implementation={implementation!r}: needs a spec that reads the key "
                      f"index (selection='indexed', or 'certified' with bounds='index'), "
@@ -153,7 +157,8 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
                          q_positions=None, kv_lengths=None,
                          sliding_window: Optional[int] = None,
                          scale: Optional[float] = None, implementation: str = "xla",
-                         return_stats: bool = False, summaries=None, index=None):
+                         return_stats: bool = False, summaries=None, index=None,
+                         sizes=None):
   """Attention restricted to each query's condensate set (DESIGN.md §1).
 
   Same arguments as `dense_attention`, plus:
@@ -168,14 +173,20 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
     index: specs with bounds="index" only ("indexed", "certified" by default): a
       precomputed `KeyIndex` of k at spec.index_bits
       (what a KV cache keeps); None builds it from k inside the call.
+    sizes: specs with top_k_capacity only: the runtime `spec.Sizes` (anchor, window,
+      top_k; int32 scalars, traced under jit) of `spec`, then its `program_spec`
+      (anchor = window = top_k = 0); None takes them from spec itself. A program spec
+      plus sizes is what a model's compiled program receives (`LanguageModel`), so one
+      program serves every size.
   """
   check_spec(spec)
   fn = resolve_implementation(implementation, spec)
+  spec, kwargs = _split_sizes(spec, sizes)
   return_stats = validation.check_bool("return_stats", return_stats)
   kv_lengths, q_positions, scale = validation.prepare(
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
-  kwargs, summary_arrays = {}, None
+  summary_arrays = None
   if summaries is not None:
     if not spec.uses_blocks:
       raise ValueError(f"summaries: given with spec.selection={spec.selection!r} "
@@ -207,6 +218,35 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
   # also where the output overflowed (finite inputs, scores or sums beyond float range)
   bad_out = ~jnp.all(jnp.isfinite(out), axis=-1)
   return out, finite.poison_stats(stats, bad_out.transpose(0, 2, 1))
+
+
+def _split_sizes(spec: CondensateSpec, sizes):
+  """(program spec, {"sizes": int32 Sizes}) for a spec with top_k_capacity, else (spec,
+  {}); sizes given with another spec, or beside a spec that still holds sizes, raise."""
+  if not spec.top_k_capacity:
+    if sizes is not None:
+      raise ValueError(f"sizes={sizes!r}: given with spec.top_k_capacity=0; runtime sizes "
+                       "serve specs with top_k_capacity > 0 (their program_spec).")
+    return spec, {}
+  if sizes is None:
+    return spec.program_spec, {"sizes": spec.sizes}
+  if spec != spec.program_spec:
+    raise ValueError(f"sizes given with spec.anchor={spec.anchor}, window={spec.window}, "
+                     f"top_k={spec.top_k}: expected spec.program_spec (those three 0) "
+                     "beside its runtime sizes, or no sizes.")
+  try:
+    values = Sizes(*(jnp.asarray(x, jnp.int32) for x in sizes))
+  except (TypeError, ValueError):
+    raise ValueError(f"sizes={sizes!r}: expected spec.Sizes(anchor, window, top_k) of "
+                     "int scalars.") from None
+  if any(x.shape != () for x in values):
+    raise ValueError(f"sizes={sizes!r}: expected three int scalars.")
+  if all(validation.is_concrete(x) for x in values):
+    host = [int(x) for x in values]
+    if min(host) < 0 or host[2] > spec.top_k_capacity:
+      raise ValueError(f"sizes={tuple(host)!r}: expected anchor, window >= 0 and top_k in "
+                       f"[0, {spec.top_k_capacity}] (spec.top_k_capacity).")
+  return spec, {"sizes": values}
 
 
 def condensate_mask(q, k, spec: CondensateSpec, *, causal: bool = True, q_positions=None,

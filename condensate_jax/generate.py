@@ -2,7 +2,9 @@
 
 Functional style: the model is `nnx.split` once (by `LanguageModel`); these jitted pure
 functions take (graphdef, state) and `nnx.merge` inside. `attention` (None or a
-CondensateSpec), `implementation` and `return_stats` are static.
+CondensateSpec), `implementation` and `return_stats` are static; `sizes` (None or the
+runtime `spec.Sizes` of a program spec, `CondensateSpec.top_k_capacity`) is traced, so
+specs that differ only in anchor / window / top_k share one compiled program.
 
 With a block-selection spec (selection != "exact") the cache also carries per-layer block
 summaries (`KVCache.summaries`): the prefill call builds them from the cached keys and each
@@ -24,20 +26,22 @@ _STATIC = ("graphdef", "attention", "implementation")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("return_stats",))
-def forward(graphdef, state, tokens, *, attention, implementation, return_stats):
+def forward(graphdef, state, tokens, sizes=None, *, attention, implementation,
+            return_stats):
   """Teacher-forced logits [B,T,V] float32 (and stacked stats [L,B,Hq,T])."""
   model = nnx.merge(graphdef, state)
   logits, _, stats = model(tokens, None, attention=attention,
-                           implementation=implementation, return_stats=return_stats)
+                           implementation=implementation, return_stats=return_stats,
+                           sizes=sizes)
   return (logits, stats) if return_stats else logits
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def step(graphdef, state, tokens, cache, *, attention, implementation):
+def step(graphdef, state, tokens, cache, sizes=None, *, attention, implementation):
   """Runs tokens [B,T] through the cache: (logits [B,T,V], cache with lengths + T)."""
   model = nnx.merge(graphdef, state)
   logits, cache, _ = model(tokens, cache, attention=attention,
-                           implementation=implementation)
+                           implementation=implementation, sizes=sizes)
   return logits, cache
 
 
@@ -74,8 +78,8 @@ def choose(logits, keys, step, *, sample: bool, temperature, top_p):
 
 @functools.partial(jax.jit, static_argnames=_STATIC + (
     "max_new_tokens", "cfg", "dtype", "sample", "eos_id"))
-def decode(graphdef, state, tokens, prompt_lengths, keys, temperature, top_p, *,
-           max_new_tokens, attention, implementation, cfg, dtype, sample, eos_id):
+def decode(graphdef, state, tokens, prompt_lengths, keys, temperature, top_p, sizes=None,
+           *, max_new_tokens, attention, implementation, cfg, dtype, sample, eos_id):
   """Prefill the (right-padded) prompts, then up to max_new_tokens - 1 cached steps.
 
   tokens [B, T] with row b's prompt in tokens[b, :prompt_lengths[b]]; keys [B] PRNG keys
@@ -86,7 +90,8 @@ def decode(graphdef, state, tokens, prompt_lengths, keys, temperature, top_p, *,
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
   cache = init_cache(cfg, b, t + max_new_tokens, dtype)
-  run = functools.partial(model, attention=attention, implementation=implementation)
+  run = functools.partial(model, attention=attention, implementation=implementation,
+                          sizes=sizes)
   pick = functools.partial(choose, keys=keys, sample=sample, temperature=temperature,
                            top_p=top_p)
   logits, cache, _ = run(tokens, cache, lengths=prompt_lengths)

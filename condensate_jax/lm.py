@@ -6,6 +6,9 @@
               eos_id=None, temperature=0.0, top_p=1.0, seed=0) -> [B,N] int32
   lm.init_cache(batch, max_len) / lm.step(tokens, cache) -> (logits, cache): manual decode
 
+A spec with `top_k_capacity` runs one compiled program for every anchor / window /
+top_k (they are passed as runtime values; the same outputs as the static spec).
+
 Dense layers report captured_mass=1, dropped_mass=0, dropped_mass_bound=0 and
 set_size = visible = keys_scored = number of visible keys.
 """
@@ -47,6 +50,14 @@ def _check_attention(attention, implementation, num_layers: int):
                      f"(the model has {num_layers} layers).")
   attention_lib.resolve_implementation(implementation, attention)
   return attention
+
+
+def _program(attention):
+  """(the static spec a compiled program is keyed by, its runtime sizes or None): a
+  spec with top_k_capacity compiles once for every anchor / window / top_k."""
+  if attention is None:
+    return None, None
+  return attention.program_spec, attention.sizes
 
 
 def _check_count(name, value, lo, hi=None):
@@ -182,8 +193,8 @@ class LanguageModel:
              implementation: str = "xla", return_stats: bool = False):
     """Teacher-forced logits [B,T,V] float32; optionally the stacked AttentionStats."""
     tokens = self._tokens(tokens)
-    return gen.forward(self.graphdef, self.state, tokens,
-                       attention=_check_attention(attention, implementation, self.num_layers),
+    program, sizes = _program(_check_attention(attention, implementation, self.num_layers))
+    return gen.forward(self.graphdef, self.state, tokens, sizes, attention=program,
                        implementation=implementation,
                        return_stats=validation.check_bool("return_stats", return_stats))
 
@@ -213,10 +224,10 @@ class LanguageModel:
     temperature = _check_float("temperature", temperature, 0.0, None, "a float >= 0")
     top_p = _check_float("top_p", top_p, 0.0, 1.0, "a float in (0, 1]", open_lo=True)
     keys = _row_keys(seed, b)
+    program, sizes = _program(_check_attention(attention, implementation, self.num_layers))
     return gen.decode(self.graphdef, self.state, tokens, lengths, keys,
-                      jnp.float32(max(temperature, 1e-30)), jnp.float32(top_p),
-                      max_new_tokens=max_new_tokens,
-                      attention=_check_attention(attention, implementation, self.num_layers),
+                      jnp.float32(max(temperature, 1e-30)), jnp.float32(top_p), sizes,
+                      max_new_tokens=max_new_tokens, attention=program,
                       implementation=implementation, cfg=self.config, dtype=self.dtype,
                       sample=temperature > 0, eos_id=eos_id)
 
@@ -256,6 +267,6 @@ class LanguageModel:
     """
     tokens = self._tokens(tokens)
     self._check_cache(cache, tokens.shape)
-    return gen.step(self.graphdef, self.state, tokens, cache,
-                    attention=_check_attention(attention, implementation, self.num_layers),
+    program, sizes = _program(_check_attention(attention, implementation, self.num_layers))
+    return gen.step(self.graphdef, self.state, tokens, cache, sizes, attention=program,
                     implementation=implementation)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
+
+import numpy as np
 
 SELECTIONS = ("exact", "bounded", "blocks", "certified", "indexed")
 BLOCK_SELECTIONS = ("bounded", "blocks", "certified")   # can select from block summaries
@@ -70,6 +72,13 @@ class CondensateSpec:
     index_bits: "indexed" mode: bits per key entry of the index (2, 4 or 8).
     candidates: "indexed" mode: middle keys scored exactly per query head (those with the
       highest index estimate); 0 (default) = 4 * top_k, at least 64.
+    top_k_capacity: selection="exact" only. 0 (default): anchor, window and top_k are
+      constants of the compiled program. C > 0: they are runtime values of it and C is
+      its static top-k width (top_k <= C): specs equal but for anchor / window / top_k
+      share one compiled program (`program_spec`), so a parity grid compiles once. The
+      exact top-k is taken at width min(C, S) and cut at top_k: the same set as the
+      static spec, hence bit for bit the same outputs and stats, for the cost of a
+      width-C top-k (implementations "xla" / "xla_masked").
   """
 
   anchor: int = 1
@@ -85,6 +94,7 @@ class CondensateSpec:
   index_bits: int = 4
   candidates: int = 0
   bounds: Optional[str] = None
+  top_k_capacity: int = 0
 
   def __post_init__(self):
     _check_int("anchor", self.anchor, minimum=0)
@@ -142,6 +152,15 @@ class CondensateSpec:
             f"CondensateSpec.dense_layers={self.dense_layers!r}: expected a tuple of "
             "non-negative ints.")
     object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+    _check_int("top_k_capacity", self.top_k_capacity, minimum=0)
+    if self.top_k_capacity and self.selection != "exact":
+      raise ValueError(
+          f"CondensateSpec.top_k_capacity={self.top_k_capacity} with selection="
+          f"{self.selection!r}: runtime sizes serve selection='exact' only (expected 0).")
+    if self.top_k_capacity and self.top_k > self.top_k_capacity:
+      raise ValueError(
+          f"CondensateSpec.top_k={self.top_k} with top_k_capacity={self.top_k_capacity}: "
+          "expected top_k <= top_k_capacity (the compiled program's top-k width).")
     object.__setattr__(self, "epsilon", float(self.epsilon))
 
   @property
@@ -175,11 +194,36 @@ class CondensateSpec:
     """The spec a model uses in `layer`: None (dense) for a pillar layer."""
     return None if layer in self.dense_layers else self
 
+  @property
+  def program_spec(self) -> "CondensateSpec":
+    """The spec a compiled program is keyed by: with top_k_capacity, anchor / window /
+    top_k zeroed (they travel as `sizes`); else the spec itself."""
+    if not self.top_k_capacity:
+      return self
+    return dataclasses.replace(self, anchor=0, window=0, top_k=0)
+
+  @property
+  def sizes(self) -> Optional["Sizes"]:
+    """(anchor, window, top_k) as int32 scalars where top_k_capacity > 0 (the runtime
+    values of `program_spec`'s program), else None."""
+    if not self.top_k_capacity:
+      return None
+    return Sizes(*(np.int32(v) for v in (self.anchor, self.window, self.top_k)))
+
   def replace(self, **changes) -> "CondensateSpec":
     """A copy with `changes`; a new selection without `bounds` takes its own default."""
     if "selection" in changes and "bounds" not in changes:
       changes["bounds"] = None
     return dataclasses.replace(self, **changes)
+
+
+class Sizes(NamedTuple):
+  """The runtime anchor / window / top_k of a program compiled for a spec with
+  top_k_capacity (int32 scalars or tracers); reads like a spec where only these three
+  are read (`geometry.static_masks`, `selection.exact.select`)."""
+  anchor: object
+  window: object
+  top_k: object
 
 
 def check_spec(spec, name: str = "spec") -> CondensateSpec:

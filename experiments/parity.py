@@ -23,6 +23,7 @@ import datetime
 import time
 from typing import Any, Callable, Optional
 
+import jax.numpy as jnp
 import numpy as np
 
 import condensate_jax as cj
@@ -91,8 +92,15 @@ class DenseReference:
   tokens: np.ndarray    # [1, T] the prompt
   full: np.ndarray      # [1, T + N] prompt + dense greedy tokens
   generated: np.ndarray  # [N]
-  logits: np.ndarray    # [T + N, V] float32, teacher forced over `full`
+  logits: Any           # [T + N, V] float32 jax array, teacher forced over `full` (kept
+                        # on the device: parity is computed there, metrics.logit_parity_
+                        # on_device; rows move to the host only where a row needs them)
   seconds: float
+  scale: float = 0.0    # max |logit| (the gate's tolerance is relative to it)
+
+  def host_logits(self, start: int, stop: int) -> np.ndarray:
+    """logits[start:stop] on the host."""
+    return np.asarray(self.logits[start:stop], np.float32)
 
 
 def dense_reference(lm, prompt, new_tokens: int, sampling=None) -> DenseReference:
@@ -103,8 +111,10 @@ def dense_reference(lm, prompt, new_tokens: int, sampling=None) -> DenseReferenc
   generated = np.asarray(lm.generate(tokens, new_tokens, **(sampling or {})),
                          np.int32).reshape(-1)
   full = np.concatenate([tokens, generated[None]], axis=1)
-  logits = np.asarray(lm.logits(full), np.float32)[0]
-  return DenseReference(tokens, full, generated, logits, time.perf_counter() - start)
+  logits = lm.logits(full)[0]
+  scale = float(jnp.max(jnp.abs(logits)))
+  return DenseReference(tokens, full, generated, logits, time.perf_counter() - start,
+                        scale)
 
 
 def _top2_margin(logits: np.ndarray) -> float:
@@ -118,19 +128,44 @@ def _top2_margin(logits: np.ndarray) -> float:
 GATE_RTOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 
 
-def gate_passes(row, greedy, implementation: str, dtype: str, dense_logits) -> bool:
+def gate_passes(row, greedy, implementation: str, dtype: str, dense_scale: float) -> bool:
   """Covers-everything parity: bitwise for BITWISE_DENSE implementations; otherwise
-  identical greedy tokens and max |dlogit| <= GATE_RTOL[dtype] * max |dense logit|."""
+  identical greedy tokens and max |dlogit| <= GATE_RTOL[dtype] * dense_scale (the max
+  |dense logit|)."""
   if not greedy["exact"]:
     return False
   if implementation in cj.attention.BITWISE_DENSE:
     return row["bitwise_frac"] == 1.0
   diff = float(row["max_abs_logit_diff"])
-  return diff <= GATE_RTOL[dtype] * float(np.abs(dense_logits).max())
+  return diff <= GATE_RTOL[dtype] * float(dense_scale)
 
 
-def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config) -> dict[str, Any]:
+# Implementations that run a spec with top_k_capacity (one compiled program per grid).
+SHARED_PROGRAM_IMPLEMENTATIONS = ("xla", "xla_masked")
+
+
+def shared_capacity(points, config) -> int:
+  """The top_k_capacity every exact-selection point of the grid runs with (the largest
+  top_k among them, so anchor x window x top_k compile to one decode and one teacher-
+  forced program per prompt length, the sets and outputs bit for bit the static ones'),
+  or 0 where the implementation has no runtime sizes. The covers-everything point keeps
+  its static spec (its top_k spans the whole context)."""
+  if config.attention.implementation not in SHARED_PROGRAM_IMPLEMENTATIONS:
+    return 0
+  return max([p.top_k for p in points if p.exact and not p.covering] or [0])
+
+
+def row_spec(point: grid.GridPoint, config, capacity: int) -> cj.CondensateSpec:
+  """The spec a row runs: the point's, with the grid's top_k_capacity where it shares."""
   spec = grid.point_spec(point, config)
+  if capacity and point.exact and not point.covering and spec.top_k <= capacity:
+    spec = spec.replace(top_k_capacity=capacity)
+  return spec
+
+
+def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config,
+                   capacity: int = 0) -> dict[str, Any]:
+  spec = row_spec(point, config, capacity)
   impl = config.attention.implementation
   sampling = grid.decoding(config)
   start = time.perf_counter()
@@ -139,30 +174,34 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config) -> di
                   implementation=impl, **sampling), np.int32).reshape(-1)
   logits, stats = lm.logits(ref.full, attention=spec, implementation=impl,
                             return_stats=True)
-  logits = np.asarray(logits, np.float32)[0]
+  logits = logits[0]
+  parity = metrics.logit_parity_on_device(ref.logits, logits)
   seconds = time.perf_counter() - start
   greedy = metrics.greedy_match(ref.generated, generated)
   row = {"kind": "condensate", "point": dataclasses.asdict(point), "budget": point.budget,
-         **metrics.logit_parity(ref.logits, logits),
+         **parity,
          **{f"greedy_{k}": v for k, v in greedy.items()},
          **metrics.attention_summary(stats), "tokens": generated.tolist(),
          "seconds": seconds, "decoding": "sampled" if sampling else "greedy"}
   if sampling:   # the distributions the N tokens were drawn from, along dense's tokens
     t, n = ref.tokens.shape[1], config.generate.new_tokens
-    row.update(metrics.sampled_parity(ref.logits[t - 1:t - 1 + n], logits[t - 1:t - 1 + n],
+    row.update(metrics.sampled_parity(ref.host_logits(t - 1, t - 1 + n),
+                                      np.asarray(logits[t - 1:t - 1 + n], np.float32),
                                       sampling["temperature"], sampling["top_p"]))
   first = greedy["first_divergence"]
   # Dense top-1 minus top-2 logit where greedy first diverged (same context up to there):
   # a tiny margin means a near-tie flipped; a large one means the output really moved.
   # (sampled runs: None, a margin between the top two logits says nothing about a draw)
+  at = ref.tokens.shape[1] - 1 + (first or 0)
   row["greedy_divergence_margin"] = None if first is None or sampling else _top2_margin(
-      ref.logits[ref.tokens.shape[1] - 1 + first])
+      ref.host_logits(at, at + 1)[0])
   row.update(set_size_summary(stats))
   if spec.selection == "certified":   # its target, met or not on every query
     row["eps_met_frac"] = float(np.mean(np.asarray(stats.dropped_mass_bound)
                                         <= spec.epsilon))
   row["covers"] = point.budget >= ref.full.shape[1]
-  row["exact"] = gate_passes(row, greedy, impl, config.model.dtype, ref.logits)
+  row["exact"] = gate_passes(row, greedy, impl, config.model.dtype, ref.scale)
+  row["top_k_capacity"] = spec.top_k_capacity   # 0: a program of its own
   return row
 
 
@@ -222,6 +261,7 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
   prompts = make_prompts(config, lm)
   new_tokens = config.generate.new_tokens
   points = grid.grid(config, max(p.length for p in prompts) + new_tokens)
+  capacity = shared_capacity(points, config)
   manifest_lib.write_manifest(workdir, config.to_dict(), {
       "model": model_id, "num_layers": int(lm.num_layers), "max_length": int(lm.max_length),
       "rows_already_done": len(store.rows)})
@@ -257,7 +297,7 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
         # Does greedy decoding (KV cache) agree with the teacher-forced argmax? (Sampled
         # runs: is every drawn token inside the teacher-forced nucleus?)
         t = prompt.length
-        tf = ref.logits[t - 1:t - 1 + new_tokens]
+        tf = ref.host_logits(t - 1, t - 1 + new_tokens)
         sampling = grid.decoding(config)
         if sampling:
           probs = metrics.sampling_probs(tf, sampling["temperature"], sampling["top_p"])
@@ -274,7 +314,7 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
         bar.update()
       for point, key in todo:
         bar.set_postfix_str(f"{prompt.id} {point.key}")
-        row = condensate_row(lm, ref, point, config)
+        row = condensate_row(lm, ref, point, config, capacity)
         spec = grid.point_spec(point, config)
         row.update({"key": key, **common, "point_key": point.key,
                     "implementation": config.attention.implementation,

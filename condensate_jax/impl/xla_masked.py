@@ -26,12 +26,16 @@ def dense(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, scale):
   return softmax.masked_softmax(softmax.scores(q, k, scale), visible, v, q.dtype)
 
 
-def select_scores(q, k, q_positions, kv_lengths, spec, causal, sliding_window, scale):
-  """(scores [B,K,G,T,S], lo, hi [B,T], exact.Selection) of validated inputs."""
+def select_scores(q, k, q_positions, kv_lengths, spec, causal, sliding_window, scale,
+                  sizes=None):
+  """(scores [B,K,G,T,S], lo, hi [B,T], exact.Selection) of validated inputs; `sizes`
+  (a program spec's runtime `Sizes`) replaces spec's anchor / window / top_k."""
   lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
                                   sliding_window=sliding_window)
   scores = softmax.scores(q, k, scale)
-  return scores, lo, hi, exact.select(scores, lo, hi, spec)
+  if sizes is None:
+    return scores, lo, hi, exact.select(scores, lo, hi, spec)
+  return scores, lo, hi, exact.select(scores, lo, hi, sizes, spec.top_k_capacity)
 
 
 def exact_stats(scores, selection) -> softmax.AttentionStats:
@@ -43,9 +47,11 @@ def exact_stats(scores, selection) -> softmax.AttentionStats:
 @functools.partial(jax.jit, static_argnames=("spec", "causal", "sliding_window", "scale",
                                              "return_stats"))
 def condensate_masked(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window,
-                      scale, return_stats):
+                      scale, return_stats, sizes=None):
+  """sizes: None, or the runtime `spec.Sizes` (int32 scalars) of a program spec
+  (spec.top_k_capacity > 0), traced: one compiled program serves every size."""
   scores, _, _, selection = select_scores(q, k, q_positions, kv_lengths, spec, causal,
-                                          sliding_window, scale)
+                                          sliding_window, scale, sizes)
   out = softmax.masked_softmax(scores, selection.in_set, v, q.dtype)
   return (out, exact_stats(scores, selection)) if return_stats else out
 

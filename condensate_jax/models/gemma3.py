@@ -187,9 +187,9 @@ class Model(nnx.Module):
     self.final_norm = layers.RMSNorm(cfg.width, cfg.norm_eps, dtype, plus_one=True)
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
-               return_stats=False, lengths=None):
+               return_stats=False, lengths=None, sizes=None):
     ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats,
-                               lengths)
+                               lengths, sizes)
     emb = self.embed_vd[...]
     x = emb[tokens] * jnp.asarray(self.cfg.width**0.5, emb.dtype)
     x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)

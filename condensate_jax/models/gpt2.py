@@ -133,9 +133,9 @@ class Model(nnx.Module):
     self.ln_f = layers.LayerNorm(cfg.width, cfg.norm_eps, dtype)
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
-               return_stats=False, lengths=None):
+               return_stats=False, lengths=None, sizes=None):
     ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats,
-                               lengths)
+                               lengths, sizes)
     emb = self.embed_vd[...]
     x = emb[tokens] + self.pos_embed_sd[...][ctx.positions]
     x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)

@@ -3,12 +3,15 @@
 Every model family exposes the same call:
 
   model(tokens [B,T] int, cache=None | KVCache, *, attention=None | CondensateSpec,
-        implementation="xla", return_stats=False, lengths=None)
+        implementation="xla", return_stats=False, lengths=None, sizes=None)
       -> (logits [B,T,V] f32, cache, stats)
 
 With `cache=None` the sequence attends to itself (teacher forcing, positions 0..T-1).
 With a cache, the new keys are written at each row's `lengths` and queries sit at
 positions lengths..lengths+T-1; the returned cache has lengths + T.
+
+`sizes` (optional): the runtime `spec.Sizes` of `attention` when it is a program spec
+(`CondensateSpec.top_k_capacity`); every condensate layer reads them.
 
 `lengths` [B] int (optional, default T): how many of this call's T tokens are real per
 row of a right-padded batch (ragged prompts). Keys past a row's real tokens are written
@@ -70,16 +73,18 @@ class Context(NamedTuple):
   implementation: str
   return_stats: bool
   kv_lengths: jax.Array        # [B] valid keys after this call's write (start + real)
+  sizes: object = None         # None | the runtime spec.Sizes of a program spec
 
 
 def make_context(tokens, cache, attention, implementation, return_stats,
-                 lengths=None) -> Context:
+                 lengths=None, sizes=None) -> Context:
   b, t = tokens.shape
   start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
   positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   real = (jnp.full((b,), t, jnp.int32) if lengths is None
           else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, t))
-  return Context(positions, cache, attention, implementation, return_stats, start + real)
+  return Context(positions, cache, attention, implementation, return_stats, start + real,
+                 sizes)
 
 
 def _write(buf, new, start):
@@ -151,7 +156,7 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
                  else {"summaries": summaries})
     res = attention_lib.condensate_attention(
         q, keys, values, spec, implementation=ctx.implementation,
-        return_stats=ctx.return_stats, **structure, **kwargs)
+        return_stats=ctx.return_stats, sizes=ctx.sizes, **structure, **kwargs)
     out, stats = res if ctx.return_stats else (res, None)
   return out, new, stats
 

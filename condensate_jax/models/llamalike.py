@@ -219,9 +219,9 @@ class Model(nnx.Module):
                        layers.param(rngs, (cfg.width, cfg.vocab_size), dtype))
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
-               return_stats=False, lengths=None):
+               return_stats=False, lengths=None, sizes=None):
     ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats,
-                               lengths)
+                               lengths, sizes)
     x = self.embed_vd[...][tokens]
     x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
     logits = kv_cache.unembed(self.final_norm(x), self.embed_vd, self.unembed_dv)

@@ -9,7 +9,7 @@ Every function here is traceable (no Python control flow on values), so it runs 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,16 +26,24 @@ class TopK(NamedTuple):
   n_dropped: jax.Array  # [B, 1, 1, T] int32: middle keys not selected
 
 
-def exact_top_k(scores: jax.Array, middle: jax.Array, top_k: int) -> TopK:
+def exact_top_k(scores: jax.Array, middle: jax.Array, top_k,
+                capacity: Optional[int] = None) -> TopK:
   """Per-head exact top-k of the middle keys; ties go to the lower position.
 
   `lax.top_k` is stable: among equal values it returns the lower index first, which is
   exactly the tie rule of DESIGN.md §1 (tested against a NumPy stable sort).
+
+  capacity None: top_k is a Python int. An int: top_k may be a traced int32 <= capacity
+  (`CondensateSpec.top_k_capacity`); the top-k is taken at width min(capacity, S) and
+  cut at top_k. The stable order is one total order, so the first top_k of the wider
+  top-k are the static top_k's indices, and tau is the same value.
   """
   num_keys = scores.shape[-1]
   masked = jnp.where(middle, scores, NEG_INF)
   n_mid = jnp.sum(middle, axis=-1, dtype=jnp.int32)
   n_dropped = jnp.maximum(n_mid - top_k, 0)
+  if capacity is not None:
+    return _traced_top_k(masked, middle, top_k, min(capacity, num_keys), n_dropped)
   kk = min(top_k, num_keys)
   if kk == 0:
     empty = jnp.zeros(scores.shape[:-1] + (0,), jnp.int32)
@@ -45,7 +53,23 @@ def exact_top_k(scores: jax.Array, middle: jax.Array, top_k: int) -> TopK:
   valid = jnp.take_along_axis(middle_b, indices, axis=-1)
   # The k-th selected value bounds every unselected middle score; when fewer than k
   # middle keys exist nothing is dropped (n_dropped == 0) and tau is irrelevant.
-  return TopK(indices.astype(jnp.int32), valid, values[..., -1], n_dropped)
+  # min over the k values, not values[..., -1]: the same number, but XLA (seen on CPU)
+  # lowers a top_k whose values are read only through a slice of the last column to a
+  # full sort of the row (18x slower at S = 1056; the whole parity forward 10x).
+  return TopK(indices.astype(jnp.int32), valid, jnp.min(values, axis=-1), n_dropped)
+
+
+def _traced_top_k(masked, middle, top_k, width: int, n_dropped) -> TopK:
+  """exact_top_k at a static width >= 1 cut at a traced top_k (see there)."""
+  values, indices = jax.lax.top_k(masked, width)
+  in_rank = jnp.arange(width, dtype=jnp.int32) < top_k
+  valid = jnp.take_along_axis(jnp.broadcast_to(middle, masked.shape), indices,
+                              axis=-1) & in_rank
+  # the top_k-th value (the last one where top_k >= width); top_k 0: the row's max, as
+  # the static path reports (min / max rather than a slice: see exact_top_k)
+  tau = jnp.where(top_k > 0, jnp.min(jnp.where(in_rank, values, jnp.inf), axis=-1),
+                  jnp.max(values, axis=-1))
+  return TopK(indices.astype(jnp.int32), valid, tau, n_dropped)
 
 
 def topk_mask(topk: TopK, num_keys: int) -> jax.Array:
@@ -63,12 +87,15 @@ class Selection(NamedTuple):
   in_set: jax.Array  # [B, K, G, T, S] bool: the condensate set
 
 
-def select(scores: jax.Array, lo: jax.Array, hi: jax.Array,
-           spec: CondensateSpec) -> Selection:
-  """The condensate set of every (query head, query) as a mask over key positions."""
+def select(scores: jax.Array, lo: jax.Array, hi: jax.Array, spec,
+           capacity: Optional[int] = None) -> Selection:
+  """The condensate set of every (query head, query) as a mask over key positions.
+
+  spec: a CondensateSpec, or with `capacity` (its top_k_capacity) the runtime
+  `spec.Sizes` of a program spec."""
   num_keys = scores.shape[-1]
   masks = geometry.static_masks(lo, hi, num_keys, spec)
-  topk = exact_top_k(scores, masks.middle, spec.top_k)
+  topk = exact_top_k(scores, masks.middle, spec.top_k, capacity)
   in_set = masks.anchor | masks.window | (topk_mask(topk, num_keys) & masks.middle)
   return Selection(masks, topk, in_set)
 

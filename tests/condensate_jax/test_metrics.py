@@ -127,3 +127,54 @@ def test_shape_mismatch():
     metrics.max_abs_logit_diff(np.zeros((2, 3), np.float32), np.zeros((3, 3), np.float32))
   with pytest.raises(ValueError, match="length"):
     metrics.greedy_match([1, 2], [1, 2, 3])
+
+
+# ------------------------------------------------------------- logit_parity_on_device
+
+
+def _device_cases():
+  rng = np.random.default_rng(11)
+  d = (rng.standard_normal((70, 300)) * 4).astype(np.float32)
+  noisy = lambda s: (d + rng.standard_normal(d.shape).astype(np.float32) * s).astype(
+      np.float32)
+  special = d.copy()
+  special[3, 5], special[4, 7], special[5, :2] = np.nan, np.inf, -np.inf
+  crossing = d.copy()
+  crossing[0, :4] = [1e-30, -1e-30, 0.0, -0.0]
+  return {
+      "same": (d, d.copy()),
+      "one ulp": (d, np.nextafter(d, np.float32(np.inf))),
+      "tiny noise": (d, noisy(1e-5)),
+      "moderate": (d, noisy(0.3)),
+      "unrelated": (d, (rng.standard_normal(d.shape) * 10).astype(np.float32)),
+      "shifted": (d, d + np.float32(3.0)),
+      "outlier": (d, np.where(np.arange(300) == 9, d + 95.0, d).astype(np.float32)),
+      "non-finite": (d, special),
+      "sign crossings": (crossing, -crossing),
+  }
+
+
+@pytest.mark.parametrize("case", list(_device_cases()))
+def test_logit_parity_on_device_matches_host(case):
+  dense, cond = _device_cases()[case]
+  host = metrics.logit_parity(dense, cond)
+  dev = metrics.logit_parity_on_device(dense, cond, chunk=16)
+  assert set(dev) == set(host)
+  for key in ("bitwise_frac", "max_ulp_diff", "top1_agreement"):
+    assert dev[key] == host[key], key
+  for key in ("max_abs_logit_diff", "max_diff_scale_ulps"):
+    np.testing.assert_allclose(dev[key], host[key], rtol=1e-6, err_msg=key)
+  # float32 on the device against float64 on the host: relative 1e-5, or absolute 1e-12
+  # where the logits nearly agree (the direct float32 formula would be off by ~1e-6)
+  np.testing.assert_allclose(dev["mean_kl"], host["mean_kl"], rtol=1e-5, atol=1e-12,
+                             err_msg=f"mean_kl ({case})")
+
+
+def test_logit_parity_on_device_validates():
+  x = np.zeros((2, 5), np.float32)
+  with pytest.raises(ValueError, match="expected equal shapes"):
+    metrics.logit_parity_on_device(x, x[:1])
+  with pytest.raises(ValueError, match="expected float32"):
+    metrics.logit_parity_on_device(x.astype(np.float64), x)
+  with pytest.raises(ValueError, match="at least one position"):
+    metrics.logit_parity_on_device(x[:0], x[:0])
