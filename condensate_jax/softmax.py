@@ -64,7 +64,14 @@ def masked_softmax(scores, mask, v, out_dtype):
   o = jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32), precision=HIGHEST)
   o = o / jnp.where(l > 0, l, 1.0)[..., None]
   b, hkv, g, t, d = o.shape
-  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d).astype(out_dtype)
+  out = o.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d).astype(out_dtype)
+  # Fenced on the way out too. Seen on an H200 (jax 0.11.2): Gemma 3 270M at 8064 tokens,
+  # the covers-everything logits are bitwise dense without stats but only 1e-4 of rows
+  # with return_stats=True, where condensate_attention also reads the output (its
+  # overflow check) and XLA may fuse the product's epilogue differently. This barrier
+  # gives the epilogue one consumer in every graph; that it restores bitwise equality
+  # there is NOT yet verified on a GPU (experiments/bench/coverage_gate.py checks it).
+  return jax.lax.optimization_barrier(out)
 
 
 def heads_last(x):
