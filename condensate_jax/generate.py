@@ -20,20 +20,38 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from condensate_jax import metrics
 from condensate_jax.models.kv_cache import KVCache
 
 _STATIC = ("graphdef", "attention", "implementation")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("return_stats",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("return_stats", "head"))
 def forward(graphdef, state, tokens, sizes=None, *, attention, implementation,
-            return_stats):
-  """Teacher-forced logits [B,T,V] float32 (and stacked stats [L,B,Hq,T])."""
+            return_stats, head=True):
+  """Teacher-forced logits [B,T,V] float32 (and stacked stats [L,B,Hq,T]); head=False:
+  the final hidden states [B,T,D] instead of the logits."""
   model = nnx.merge(graphdef, state)
   logits, _, stats = model(tokens, None, attention=attention,
                            implementation=implementation, return_stats=return_stats,
-                           sizes=sizes)
+                           sizes=sizes, head=head)
   return (logits, stats) if return_stats else logits
+
+
+@jax.jit
+def head(graphdef, state, hidden):
+  """Logits [..., V] float32 of final hidden states [..., D] (`forward(head=False)`)."""
+  return nnx.merge(graphdef, state).head(hidden).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def hidden_parity_rows(graphdef, state, dense, cond, *, chunk):
+  """`metrics.row_parity` of the logits of two final hidden states [R, D], `chunk` rows
+  at a time (only [chunk, V] logits per side live at once)."""
+  model = nnx.merge(graphdef, state)
+  rows = lambda dc: metrics.row_parity(model.head(dc[0]).astype(jnp.float32),
+                                       model.head(dc[1]).astype(jnp.float32))
+  return jax.lax.map(rows, (dense, cond), batch_size=chunk)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -2,6 +2,8 @@
 
   lm.logits(tokens [B,T], attention=None | CondensateSpec) -> [B,T,V] float32
   lm.logits(..., return_stats=True) -> (logits, AttentionStats of [L,B,Hq,T] arrays)
+  lm.hidden(tokens, ...) -> final hidden states [B,T,D]; lm.head(h) -> their logits;
+  lm.hidden_parity(h_dense, h_cond) -> metrics.logit_parity's dict, chunked on device
   lm.generate(tokens [B,T], max_new_tokens, attention=None, *, prompt_lengths=None,
               eos_id=None, temperature=0.0, top_p=1.0, seed=0) -> [B,N] int32
   lm.init_cache(batch, max_len) / lm.step(tokens, cache) -> (logits, cache): manual decode
@@ -24,7 +26,7 @@ from flax import nnx
 
 from condensate_jax import attention as attention_lib
 from condensate_jax import generate as gen
-from condensate_jax import validation
+from condensate_jax import metrics, validation
 from condensate_jax.models import layers
 from condensate_jax.models.kv_cache import KVCache
 from condensate_jax.spec import CondensateSpec
@@ -197,6 +199,46 @@ class LanguageModel:
     return gen.forward(self.graphdef, self.state, tokens, sizes, attention=program,
                        implementation=implementation,
                        return_stats=validation.check_bool("return_stats", return_stats))
+
+  def hidden(self, tokens, attention: Optional[CondensateSpec] = None,
+             implementation: str = "xla", return_stats: bool = False):
+    """The final hidden states [B,T,D] (model dtype) of a teacher-forced pass, before the
+    head: `lm.head(h)` gives `lm.logits`' numbers for any rows of it, so a measurement
+    at a large vocabulary holds [T, D] instead of [T, V] (`hidden_parity`)."""
+    tokens = self._tokens(tokens)
+    program, sizes = _program(_check_attention(attention, implementation, self.num_layers))
+    return gen.forward(self.graphdef, self.state, tokens, sizes, attention=program,
+                       implementation=implementation,
+                       return_stats=validation.check_bool("return_stats", return_stats),
+                       head=False)
+
+  def _check_hidden(self, name, h):
+    width = self.config.width
+    if (not hasattr(h, "shape") or h.ndim < 1 or h.shape[-1] != width
+        or h.dtype != self.dtype):
+      raise ValueError(f"{name}: expected final hidden states [..., {width}] of dtype "
+                       f"{self.dtype.name} (lm.hidden), got "
+                       f"{getattr(h, 'shape', type(h).__name__)} "
+                       f"{getattr(h, 'dtype', '')}.")
+    return h
+
+  def head(self, hidden):
+    """Logits [..., V] float32 of final hidden states [..., D] (`hidden`)."""
+    return gen.head(self.graphdef, self.state, self._check_hidden("hidden", hidden))
+
+  def hidden_parity(self, dense, cond, *, chunk: int = 256) -> dict:
+    """`metrics.logit_parity` of the logits of two final hidden states [..., D] (dense
+    side first), computed `chunk` positions at a time on their device: only [chunk, V]
+    logits per side exist at once. `metrics.logit_parity_on_device` of the two `head`
+    outputs, to float32 rounding of the KL (XLA fuses the head into it here)."""
+    dense, cond = self._check_hidden("dense", dense), self._check_hidden("cond", cond)
+    if dense.shape != cond.shape or dense.size == 0:
+      raise ValueError(f"hidden states of shapes {dense.shape} and {cond.shape}: expected "
+                       "equal, non-empty shapes.")
+    chunk = _check_count("chunk", chunk, 1)
+    d, c = dense.reshape(-1, dense.shape[-1]), cond.reshape(-1, cond.shape[-1])
+    return metrics.summarize_rows(gen.hidden_parity_rows(
+        self.graphdef, self.state, d, c, chunk=min(chunk, d.shape[0])))
 
   def generate(self, tokens, max_new_tokens: int, attention: Optional[CondensateSpec] = None,
                implementation: str = "xla", *, prompt_lengths=None,

@@ -1,7 +1,8 @@
 """The parity job: condensate vs dense on a real model over a top_k x window x anchor grid.
 
 For every prompt the dense side runs once: greedy decoding of N tokens, then teacher-
-forced logits over prompt + those N tokens. Every grid point then runs the same two
+forced logits over prompt + those N tokens (held as final hidden states on the device; the
+parity statistics run there, a chunk of positions' logits at a time). Every grid point then runs the same two
 passes with condensate attention in every layer and is compared with the dense side at
 every parity level of DESIGN.md §1 (condensate_jax.metrics). One results.jsonl row per
 grid point x prompt (plus one "dense" row per prompt holding the reference tokens).
@@ -23,7 +24,7 @@ import datetime
 import time
 from typing import Any, Callable, Optional
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 import condensate_jax as cj
@@ -92,15 +93,21 @@ class DenseReference:
   tokens: np.ndarray    # [1, T] the prompt
   full: np.ndarray      # [1, T + N] prompt + dense greedy tokens
   generated: np.ndarray  # [N]
-  logits: Any           # [T + N, V] float32 jax array, teacher forced over `full` (kept
-                        # on the device: parity is computed there, metrics.logit_parity_
-                        # on_device; rows move to the host only where a row needs them)
+  hidden: Any           # [T + N, D] final hidden states, teacher forced over `full`, on
+                        # the device: parity is computed there from them, a chunk of
+                        # positions' logits at a time (lm.hidden_parity), so no [T, V]
+                        # logits are held (Gemma 3: V = 262144)
   seconds: float
-  scale: float = 0.0    # max |logit| (the gate's tolerance is relative to it)
+  lm: Any = None
 
   def host_logits(self, start: int, stop: int) -> np.ndarray:
-    """logits[start:stop] on the host."""
-    return np.asarray(self.logits[start:stop], np.float32)
+    """The teacher-forced logits of positions start..stop-1, on the host."""
+    return host_logits(self.lm, self.hidden, start, stop)
+
+
+def host_logits(lm, hidden, start: int, stop: int) -> np.ndarray:
+  """Logits [stop - start, V] float32 of rows start..stop-1 of hidden states [T, D]."""
+  return np.asarray(lm.head(hidden[start:stop]), np.float32)
 
 
 def dense_reference(lm, prompt, new_tokens: int, sampling=None) -> DenseReference:
@@ -111,10 +118,9 @@ def dense_reference(lm, prompt, new_tokens: int, sampling=None) -> DenseReferenc
   generated = np.asarray(lm.generate(tokens, new_tokens, **(sampling or {})),
                          np.int32).reshape(-1)
   full = np.concatenate([tokens, generated[None]], axis=1)
-  logits = lm.logits(full)[0]
-  scale = float(jnp.max(jnp.abs(logits)))
-  return DenseReference(tokens, full, generated, logits, time.perf_counter() - start,
-                        scale)
+  hidden = lm.hidden(full)[0]
+  return DenseReference(tokens, full, generated, jax.block_until_ready(hidden),
+                        time.perf_counter() - start, lm)
 
 
 def _top2_margin(logits: np.ndarray) -> float:
@@ -172,10 +178,10 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config,
   generated = np.asarray(
       lm.generate(ref.tokens, config.generate.new_tokens, attention=spec,
                   implementation=impl, **sampling), np.int32).reshape(-1)
-  logits, stats = lm.logits(ref.full, attention=spec, implementation=impl,
+  hidden, stats = lm.hidden(ref.full, attention=spec, implementation=impl,
                             return_stats=True)
-  logits = logits[0]
-  parity = metrics.logit_parity_on_device(ref.logits, logits)
+  hidden = hidden[0]
+  parity = lm.hidden_parity(ref.hidden, hidden)
   seconds = time.perf_counter() - start
   greedy = metrics.greedy_match(ref.generated, generated)
   row = {"kind": "condensate", "point": dataclasses.asdict(point), "budget": point.budget,
@@ -186,7 +192,7 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config,
   if sampling:   # the distributions the N tokens were drawn from, along dense's tokens
     t, n = ref.tokens.shape[1], config.generate.new_tokens
     row.update(metrics.sampled_parity(ref.host_logits(t - 1, t - 1 + n),
-                                      np.asarray(logits[t - 1:t - 1 + n], np.float32),
+                                      host_logits(lm, hidden, t - 1, t - 1 + n),
                                       sampling["temperature"], sampling["top_p"]))
   first = greedy["first_divergence"]
   # Dense top-1 minus top-2 logit where greedy first diverged (same context up to there):
@@ -200,7 +206,8 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config,
     row["eps_met_frac"] = float(np.mean(np.asarray(stats.dropped_mass_bound)
                                         <= spec.epsilon))
   row["covers"] = point.budget >= ref.full.shape[1]
-  row["exact"] = gate_passes(row, greedy, impl, config.model.dtype, ref.scale)
+  row["exact"] = gate_passes(row, greedy, impl, config.model.dtype,
+                             parity["dense_max_abs_logit"])
   row["top_k_capacity"] = spec.top_k_capacity   # 0: a program of its own
   return row
 

@@ -187,17 +187,22 @@ class Model(nnx.Module):
     self.final_norm = layers.RMSNorm(cfg.width, cfg.norm_eps, dtype, plus_one=True)
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
-               return_stats=False, lengths=None, sizes=None):
+               return_stats=False, lengths=None, sizes=None, head=True):
     ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats,
                                lengths, sizes)
     emb = self.embed_vd[...]
     x = emb[tokens] * jnp.asarray(self.cfg.width**0.5, emb.dtype)
     x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
-    logits = einsum("btd,vd->btv", self.final_norm(x), emb).astype(jnp.float32)
+    return kv_cache.finish(self.head(x) if head else x, ctx, new_kv, stats, head)
+
+  def head(self, x):
+    """Logits [..., V] float32 of final hidden states x [..., D] (norm, unembed, cap)."""
+    logits = einsum("...d,vd->...v", self.final_norm(x), self.embed_vd[...]).astype(
+        jnp.float32)
     cap = self.cfg.final_logit_softcapping
     if cap is not None:
       logits = jnp.tanh(logits / cap) * cap
-    return kv_cache.finish(logits, ctx, new_kv, stats)
+    return logits
 
 
 HF_KEYS = [

@@ -133,14 +133,17 @@ class Model(nnx.Module):
     self.ln_f = layers.LayerNorm(cfg.width, cfg.norm_eps, dtype)
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
-               return_stats=False, lengths=None, sizes=None):
+               return_stats=False, lengths=None, sizes=None, head=True):
     ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats,
                                lengths, sizes)
     emb = self.embed_vd[...]
     x = emb[tokens] + self.pos_embed_sd[...][ctx.positions]
     x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
-    logits = einsum("btd,vd->btv", self.ln_f(x), emb)
-    return kv_cache.finish(logits, ctx, new_kv, stats)
+    return kv_cache.finish(self.head(x) if head else x, ctx, new_kv, stats, head)
+
+  def head(self, x):
+    """Logits [..., V] of final hidden states x [..., D]."""
+    return einsum("...d,vd->...v", self.ln_f(x), self.embed_vd[...])
 
 
 # Conversions: see condensate_jax/weights/hf.py (CONVERSIONS).

@@ -146,13 +146,16 @@ class Model(nnx.Module):
                        layers.param(rngs, (cfg.width, cfg.vocab_size), dtype))
 
   def __call__(self, tokens, cache=None, *, attention=None, implementation="xla",
-               return_stats=False, lengths=None, sizes=None):
+               return_stats=False, lengths=None, sizes=None, head=True):
     ctx = kv_cache.make_context(tokens, cache, attention, implementation, return_stats,
                                lengths, sizes)
     x = self.embed_vd[...][tokens]
     x, new_kv, stats = kv_cache.run_layers(self.layers, x, ctx, self.cfg)
-    logits = kv_cache.unembed(self.ln_f(x), self.embed_vd, self.unembed_dv)
-    return kv_cache.finish(logits, ctx, new_kv, stats)
+    return kv_cache.finish(self.head(x) if head else x, ctx, new_kv, stats, head)
+
+  def head(self, x):
+    """Logits [..., V] of final hidden states x [..., D]."""
+    return kv_cache.unembed(self.ln_f(x), self.embed_vd, self.unembed_dv)
 
 
 HF_KEYS = [

@@ -3,8 +3,13 @@
 Every model family exposes the same call:
 
   model(tokens [B,T] int, cache=None | KVCache, *, attention=None | CondensateSpec,
-        implementation="xla", return_stats=False, lengths=None, sizes=None)
+        implementation="xla", return_stats=False, lengths=None, sizes=None, head=True)
       -> (logits [B,T,V] f32, cache, stats)
+  model.head(x [..., D]) -> logits [..., V] f32 of final hidden states
+
+`head=False` returns the final hidden states [B,T,D] (model dtype) instead of the logits, and
+`model.head` maps any rows of them to their logits: a parity measurement then holds
+[T, D] per side, not [T, V] (Gemma 3: V = 262144).
 
 With `cache=None` the sequence attends to itself (teacher forcing, positions 0..T-1).
 With a cache, the new keys are written at each row's `lengths` and queries sit at
@@ -173,14 +178,16 @@ def run_layers(layers, x, ctx: Context, cfg):
 
 
 def unembed(x, embed_vd, unembed_dv):
-  """Logits from the tied embedding (unembed_dv None) or a separate output matrix."""
+  """Logits [..., V] from the tied embedding (unembed_dv None) or a separate output
+  matrix."""
   if unembed_dv is None:
-    return einsum("btd,vd->btv", x, embed_vd[...])
-  return einsum("btd,dv->btv", x, unembed_dv[...])
+    return einsum("...d,vd->...v", x, embed_vd[...])
+  return einsum("...d,dv->...v", x, unembed_dv[...])
 
 
-def finish(logits, ctx: Context, new_kv: list, stats: list):
-  """Assembles the model's (logits f32, cache, stacked stats) result."""
+def finish(logits, ctx: Context, new_kv: list, stats: list, head: bool = True):
+  """Assembles the model's (logits f32, cache, stacked stats) result; head=False: the
+  final hidden states [B,T,D] stand in the logits' place, in the model's dtype."""
   cache = None
   if ctx.cache is not None:
     summaries = tuple(kv[2] for kv in new_kv)
@@ -190,4 +197,4 @@ def finish(logits, ctx: Context, new_kv: list, stats: list):
   stacked = None
   if ctx.return_stats:
     stacked = AttentionStats(*[jnp.stack(fields) for fields in zip(*stats)])
-  return logits.astype(jnp.float32), cache, stacked
+  return (logits.astype(jnp.float32) if head else logits), cache, stacked

@@ -72,6 +72,16 @@ def _traced_top_k(masked, middle, top_k, width: int, n_dropped) -> TopK:
   return TopK(indices.astype(jnp.int32), valid, tau, n_dropped)
 
 
+def _all_middle(scores, middle, top_k: int) -> TopK:
+  """exact_top_k where top_k >= S: every middle key, listed by position (valid where
+  middle); nothing dropped, so tau is never read (the row's max middle score)."""
+  shape = scores.shape
+  n_mid = jnp.sum(middle, axis=-1, dtype=jnp.int32)
+  indices = jnp.broadcast_to(jnp.arange(shape[-1], dtype=jnp.int32), shape)
+  tau = jnp.max(jnp.where(middle, scores, NEG_INF), axis=-1)
+  return TopK(indices, jnp.broadcast_to(middle, shape), tau, jnp.maximum(n_mid - top_k, 0))
+
+
 def topk_mask(topk: TopK, num_keys: int) -> jax.Array:
   """Scatter the selected indices into a [B, K, G, T, S] bool mask."""
   shape = topk.indices.shape[:-1] + (num_keys,)
@@ -95,6 +105,11 @@ def select(scores: jax.Array, lo: jax.Array, hi: jax.Array, spec,
   `spec.Sizes` of a program spec."""
   num_keys = scores.shape[-1]
   masks = geometry.static_masks(lo, hi, num_keys, spec)
+  if capacity is None and spec.top_k >= num_keys:
+    # every middle key is selected (the covers-everything case): no top_k, no scatter
+    # (at 16K keys their index arrays asked an H200 for 75 GiB); the set is the visible
+    # keys, the same mask, so the same output bits
+    return Selection(masks, _all_middle(scores, masks.middle, spec.top_k), masks.visible)
   topk = exact_top_k(scores, masks.middle, spec.top_k, capacity)
   in_set = masks.anchor | masks.window | (topk_mask(topk, num_keys) & masks.middle)
   return Selection(masks, topk, in_set)

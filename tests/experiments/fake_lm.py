@@ -1,7 +1,8 @@
 """A small random language model for the experiment tests, independent of the model zoo.
 
 It follows the LanguageModel contract the runner uses (encode/decode, max_length,
-num_layers, logits(..., attention, implementation, return_stats), generate(...)) and calls
+num_layers, logits / hidden(..., attention, implementation, return_stats), head,
+hidden_parity, generate(...)) and calls
 the real `cj.dense_attention` / `cj.condensate_attention` in each layer, so parity numbers
 it produces are real measurements of the attention library on random weights.
 """
@@ -22,8 +23,8 @@ def _rms(x):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "implementation", "return_stats",
-                                             "heads"))
-def _forward(params, tokens, *, spec, implementation, return_stats, heads):
+                                             "heads", "head"))
+def _forward(params, tokens, *, spec, implementation, return_stats, heads, head=True):
   hq, hkv, d = heads
   b, t = tokens.shape
   x = params["embed"][tokens] + params["pos"][:t]
@@ -41,10 +42,15 @@ def _forward(params, tokens, *, spec, implementation, return_stats, heads):
       stats.append(st)
     x = x + o.reshape(b, t, hq * d) @ p["wo"]
     x = x + jax.nn.gelu(_rms(x) @ p["w1"]) @ p["w2"]
-  logits = (_rms(x) @ params["embed"].T).astype(jnp.float32)
+  logits = _head(params, x) if head else x
   if return_stats:
     return logits, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
   return logits
+
+
+@jax.jit
+def _head(params, x):
+  return (_rms(x) @ params["embed"].T).astype(jnp.float32)
 
 
 class FakeLM:
@@ -85,6 +91,21 @@ class FakeLM:
     return _forward(self.params, jnp.asarray(tokens, jnp.int32), spec=attention,
                     implementation=implementation, return_stats=return_stats,
                     heads=self._heads)
+
+  def hidden(self, tokens, attention=None, implementation="xla", return_stats=False):
+    self.calls["logits"] += 1
+    if return_stats and attention is None:
+      raise ValueError("return_stats=True needs a condensate attention spec here.")
+    return _forward(self.params, jnp.asarray(tokens, jnp.int32), spec=attention,
+                    implementation=implementation, return_stats=return_stats,
+                    heads=self._heads, head=False)
+
+  def head(self, hidden):
+    return _head(self.params, hidden)
+
+  def hidden_parity(self, dense, cond, chunk=256):
+    del chunk
+    return cj.metrics.logit_parity_on_device(self.head(dense), self.head(cond))
 
   def generate(self, tokens, max_new_tokens, attention=None, implementation="xla"):
     """Greedy; recomputes the padded sequence each step (one compile per spec)."""
