@@ -84,21 +84,19 @@ class FakeLM:
   def decode(self, ids):
     return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
-  def logits(self, tokens, attention=None, implementation="xla", return_stats=False):
+  def _teacher_forced(self, tokens, attention, implementation, return_stats, head):
     self.calls["logits"] += 1
     if return_stats and attention is None:
       raise ValueError("return_stats=True needs a condensate attention spec here.")
     return _forward(self.params, jnp.asarray(tokens, jnp.int32), spec=attention,
                     implementation=implementation, return_stats=return_stats,
-                    heads=self._heads)
+                    heads=self._heads, head=head)
+
+  def logits(self, tokens, attention=None, implementation="xla", return_stats=False):
+    return self._teacher_forced(tokens, attention, implementation, return_stats, True)
 
   def hidden(self, tokens, attention=None, implementation="xla", return_stats=False):
-    self.calls["logits"] += 1
-    if return_stats and attention is None:
-      raise ValueError("return_stats=True needs a condensate attention spec here.")
-    return _forward(self.params, jnp.asarray(tokens, jnp.int32), spec=attention,
-                    implementation=implementation, return_stats=return_stats,
-                    heads=self._heads, head=False)
+    return self._teacher_forced(tokens, attention, implementation, return_stats, False)
 
   def head(self, hidden):
     return _head(self.params, hidden)
