@@ -26,12 +26,13 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from condensate_jax import finite, validation
 from condensate_jax.impl import xla_masked
 from condensate_jax.selection import index as index_lib
 from condensate_jax.selection import summaries as summaries_lib
-from condensate_jax.spec import CondensateSpec, Sizes, check_spec
+from condensate_jax.spec import INT32_MAX, CondensateSpec, Sizes, check_spec
 
 # implementation name -> "module:function" with the signature
 #   fn(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window, scale,
@@ -235,18 +236,23 @@ def _split_sizes(spec: CondensateSpec, sizes):
                      f"top_k={spec.top_k}: expected spec.program_spec (those three 0) "
                      "beside its runtime sizes, or no sizes.")
   try:
-    values = Sizes(*(jnp.asarray(x, jnp.int32) for x in sizes))
+    raw = tuple(sizes)
+    arrays = [x if isinstance(x, jax.Array) else np.asarray(x) for x in raw]
+    ok = len(raw) == 3 and all(
+        a.shape == () and jnp.issubdtype(a.dtype, jnp.integer) for a in arrays)
   except (TypeError, ValueError):
-    raise ValueError(f"sizes={sizes!r}: expected spec.Sizes(anchor, window, top_k) of "
-                     "int scalars.") from None
-  if any(x.shape != () for x in values):
-    raise ValueError(f"sizes={sizes!r}: expected three int scalars.")
-  if all(validation.is_concrete(x) for x in values):
-    host = [int(x) for x in values]
-    if min(host) < 0 or host[2] > spec.top_k_capacity:
-      raise ValueError(f"sizes={tuple(host)!r}: expected anchor, window >= 0 and top_k in "
-                       f"[0, {spec.top_k_capacity}] (spec.top_k_capacity).")
-  return spec, {"sizes": values}
+    ok = False
+  if not ok:
+    raise ValueError(f"sizes={sizes!r}: expected spec.Sizes(anchor, window, top_k): three "
+                     "int scalars (not bools or floats).")
+  # concrete sizes are checked; traced ones are the caller's (LanguageModel passes a
+  # validated spec's): a top_k beyond the capacity would under-count the dropped keys
+  if all(validation.is_concrete(a) for a in arrays):
+    host = [int(a) for a in arrays]
+    if (min(host) < 0 or max(host) > INT32_MAX or host[2] > spec.top_k_capacity):
+      raise ValueError(f"sizes={tuple(host)!r}: expected anchor, window in [0, {INT32_MAX}] "
+                       f"and top_k in [0, {spec.top_k_capacity}] (spec.top_k_capacity).")
+  return spec, {"sizes": Sizes(*(jnp.asarray(a, jnp.int32) for a in arrays))}
 
 
 def condensate_mask(q, k, spec: CondensateSpec, *, causal: bool = True, q_positions=None,

@@ -278,22 +278,29 @@ def _row_kl(d, c):
   computed mean mu (KL ignores a shift of c), KL = log E[exp(delta)] - E[delta]
   = log1p(E[expm1(delta)]) - E[delta], both terms accurate to float32 rounding of
   E|delta| (the spread of c - d, not its size: a shifted copy reads ~0), where the direct
-  sum p (log p - log q) loses ~1e-6 absolute to its two log-normalisers. Rows whose logits
-  are not all finite, or where delta > 80 somewhere (expm1 would overflow), use the
-  direct formula (0 * log 0 = 0, like `mean_kl`)."""
+  sum p (log p - log q) loses ~1e-6 absolute to its two log-normalisers. Positions whose
+  dense weight underflows (w = 0) still count in E[exp(delta)] (as exp(d - max d + delta):
+  condensate may make a dead token likely). Rows whose logits are not all finite, or where
+  a term would exceed e^CAP (the sum could overflow float32), use the direct formula
+  (0 * log 0 = 0, like `mean_kl`)."""
+  cap = 60.0     # V * e^60 stays finite in float32 for any vocabulary below 2^30
   m = jnp.max(d, axis=-1, keepdims=True)
   w = jnp.exp(d - m)
+  live = w > 0
   total = jnp.sum(w, axis=-1, keepdims=True)
-  mean = lambda x: jnp.sum(jnp.where(w > 0, w * x, 0.0), axis=-1, keepdims=True) / total
+  mean = lambda x: jnp.sum(jnp.where(live, w * x, 0.0), axis=-1, keepdims=True) / total
   raw = c - d
   delta = raw - mean(raw)
-  kl = (jnp.log1p(mean(jnp.expm1(jnp.minimum(delta, 80.0)))) - mean(delta))[..., 0]
+  log_term = jnp.where(live, delta, d - m + delta)   # log of a dead position's exp term
+  term = jnp.where(live, w * jnp.expm1(jnp.minimum(delta, cap)),
+                   jnp.exp(jnp.minimum(log_term, cap)))
+  kl = (jnp.log1p(jnp.sum(term, axis=-1, keepdims=True) / total) - mean(delta))[..., 0]
   lp = jax.nn.log_softmax(d, axis=-1)
   lq = jax.nn.log_softmax(c, axis=-1)
   p = jnp.exp(lp)
   direct = jnp.sum(jnp.where(p > 0, p * (lp - lq), 0.0), axis=-1)
   plain = (~jnp.all(jnp.isfinite(d), -1) | ~jnp.all(jnp.isfinite(c), -1)
-           | jnp.any((w > 0) & (delta > 80.0), -1))
+           | jnp.any(log_term > cap, -1))
   return jnp.where(plain, direct, jnp.maximum(kl, 0.0))
 
 
@@ -323,8 +330,10 @@ def logit_parity_on_device(dense, cond, *, chunk: int = 256) -> dict[str, Any]:
   if d.ndim < 1 or d.shape[-1] == 0 or d.size == 0:
     raise ValueError(f"logits.shape={d.shape}: expected [..., V] with V >= 1 and at "
                      "least one position.")
+  if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    raise ValueError(f"chunk={chunk!r}: expected an int >= 1.")
   d, c = d.reshape(-1, d.shape[-1]), c.reshape(-1, c.shape[-1])
-  return summarize_rows(_parity_rows(d, c, min(chunk, d.shape[0])))
+  return summarize_rows(_parity_rows(d, c, min(int(chunk), d.shape[0])))
 
 
 def summarize_rows(rows) -> dict[str, Any]:

@@ -105,11 +105,12 @@ def select(scores: jax.Array, lo: jax.Array, hi: jax.Array, spec,
   `spec.Sizes` of a program spec."""
   num_keys = scores.shape[-1]
   masks = geometry.static_masks(lo, hi, num_keys, spec)
-  if capacity is None and spec.top_k >= num_keys:
-    # every middle key is selected (the covers-everything case): no top_k, no scatter
-    # (at 16K keys their index arrays asked an H200 for 75 GiB); the set is the visible
-    # keys, the same mask, so the same output bits
-    return Selection(masks, _all_middle(scores, masks.middle, spec.top_k), masks.visible)
+  if capacity is None and spec.top_k >= max(num_keys - spec.anchor - spec.window, 0):
+    # every middle key is selected (a query has at most S - anchor - window of them: the
+    # covers-everything case): no top_k, no scatter (at 16K keys their index arrays asked
+    # an H200 for 75 GiB); the set is the visible keys, the same mask, the same bits
+    return Selection(masks, _all_middle(scores, masks.middle, spec.top_k),
+                     jnp.broadcast_to(masks.visible, scores.shape))
   topk = exact_top_k(scores, masks.middle, spec.top_k, capacity)
   in_set = masks.anchor | masks.window | (topk_mask(topk, num_keys) & masks.middle)
   return Selection(masks, topk, in_set)

@@ -179,3 +179,26 @@ def test_logit_parity_on_device_validates():
     metrics.logit_parity_on_device(x.astype(np.float64), x)
   with pytest.raises(ValueError, match="at least one position"):
     metrics.logit_parity_on_device(x[:0], x[:0])
+
+
+def test_device_kl_counts_positions_dead_in_dense():
+  # exp(-120) underflows to 0 in float32: the dense side gives that token no weight, but
+  # the condensate side makes it as likely as the other (KL = log 2, as on the host)
+  dense = np.array([[0.0, -120.0]], np.float32)
+  cond = np.array([[0.0, 0.0]], np.float32)
+  want = metrics.mean_kl(dense, cond)
+  assert want == pytest.approx(math.log(2), rel=1e-6)
+  assert metrics.logit_parity_on_device(dense, cond)["mean_kl"] == pytest.approx(want,
+                                                                                rel=1e-6)
+
+
+def test_device_kl_huge_divergence_stays_finite():
+  rng = np.random.default_rng(2)
+  dense = rng.standard_normal((3, 4096)).astype(np.float32)
+  cond = dense.copy()
+  cond[:, 7] += 85.0          # e^85 * 4096 terms would overflow float32
+  host, dev = metrics.mean_kl(dense, cond), metrics.logit_parity_on_device(dense, cond)
+  assert np.isfinite(dev["mean_kl"])
+  np.testing.assert_allclose(dev["mean_kl"], host, rtol=1e-4)
+  with pytest.raises(ValueError, match="chunk=0"):
+    metrics.logit_parity_on_device(dense, cond, chunk=0)

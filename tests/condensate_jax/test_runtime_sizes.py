@@ -106,6 +106,12 @@ def test_bad_sizes_raise():
     condensate_attention(q, k, v, CondensateSpec(), sizes=Sizes(1, 2, 3))
   with pytest.raises(ValueError, match="three int scalars"):
     condensate_attention(q, k, v, program, sizes=Sizes(1, 2, [3, 4]))
+  with pytest.raises(ValueError, match="not bools or floats"):
+    condensate_attention(q, k, v, program, sizes=Sizes(1.7, 2, 3))
+  with pytest.raises(ValueError, match="not bools or floats"):
+    condensate_attention(q, k, v, program, sizes=Sizes(True, 2, 3))
+  with pytest.raises(ValueError, match=r"anchor, window in \[0, 2147483647\]"):
+    condensate_attention(q, k, v, program, sizes=Sizes(2**40, 2, 3))
   with pytest.raises(ValueError, match="runtime sizes are implemented by 'xla'"):
     condensate_attention(q, k, v, program.replace(top_k=3), implementation="xla_gathered")
 
@@ -134,6 +140,19 @@ def test_model_logits_stats_and_ragged_generate_bitwise_equal_static(lm):
   # one program each for the four runtime-size specs, one per static spec
   assert gen.forward._cache_size() - before_fwd == len(grid) + 1
   assert gen.decode._cache_size() - before_dec == len(grid) + 1
+
+
+def test_covering_spec_stats_have_every_head(lm):
+  # top_k >= S - anchor - window takes exact selection's no-top_k path: its stats must
+  # still be [B, Hq, T] (stacked with a dense layer's)
+  tokens = np.arange(30, dtype=np.int32)[None] % lm.vocab_size
+  spec = CondensateSpec(anchor=2, window=3, top_k=25, dense_layers=(0,))
+  logits, stats = lm.logits(tokens, attention=spec, return_stats=True)
+  dense = lm.logits(tokens)
+  _assert_bitwise(logits, dense, "covering logits")
+  hq = lm.config.num_heads
+  assert stats.set_size.shape == (lm.num_layers, 1, hq, 30)
+  np.testing.assert_array_equal(np.asarray(stats.set_size), np.asarray(stats.visible))
 
 
 def test_model_step_with_runtime_sizes(lm):
