@@ -9,8 +9,9 @@ Prints, for teacher-forced logits with and without return_stats (the parity runn
 for stats), the fraction of positions bitwise equal to dense and the first differing
 position. Exit status 1 when any fraction is below 1.
 
-Seen on an H200 (jax 0.11.2, 2026-12-03, commit b541b0f): Gemma 3 270M at 8064 tokens,
-1.000 without stats and 0.0001 with them (first differing position 1).
+Seen on an H200 (jax 0.11.2, 2026-12-03, commit b541b0f, then with top_k = tokens through
+exact selection's full top-k path; the gate spec now takes its no-top-k path): Gemma 3 270M
+at 8064 tokens, 1.000 without stats and 0.0001 with them (first differing position 1).
 """
 
 from __future__ import annotations
