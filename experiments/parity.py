@@ -2,7 +2,8 @@
 
 For every prompt the dense side runs once: greedy decoding of N tokens, then teacher-
 forced logits over prompt + those N tokens (held as final hidden states on the device; the
-parity statistics run there, a chunk of positions' logits at a time). Every grid point then runs the same two
+parity statistics run there, a chunk of positions' logits at a time). Every grid point then
+runs the same two
 passes with condensate attention in every layer and is compared with the dense side at
 every parity level of DESIGN.md §1 (condensate_jax.metrics). One results.jsonl row per
 grid point x prompt (plus one "dense" row per prompt holding the reference tokens).
@@ -98,11 +99,6 @@ class DenseReference:
                         # positions' logits at a time (lm.hidden_parity), so no [T, V]
                         # logits are held (Gemma 3: V = 262144)
   seconds: float
-  lm: Any = None
-
-  def host_logits(self, start: int, stop: int) -> np.ndarray:
-    """The teacher-forced logits of positions start..stop-1, on the host."""
-    return host_logits(self.lm, self.hidden, start, stop)
 
 
 def host_logits(lm, hidden, start: int, stop: int) -> np.ndarray:
@@ -120,7 +116,7 @@ def dense_reference(lm, prompt, new_tokens: int, sampling=None) -> DenseReferenc
   full = np.concatenate([tokens, generated[None]], axis=1)
   hidden = lm.hidden(full)[0]
   return DenseReference(tokens, full, generated, jax.block_until_ready(hidden),
-                        time.perf_counter() - start, lm)
+                        time.perf_counter() - start)
 
 
 def _top2_margin(logits: np.ndarray) -> float:
@@ -191,7 +187,7 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config,
          "seconds": seconds, "decoding": "sampled" if sampling else "greedy"}
   if sampling:   # the distributions the N tokens were drawn from, along dense's tokens
     t, n = ref.tokens.shape[1], config.generate.new_tokens
-    row.update(metrics.sampled_parity(ref.host_logits(t - 1, t - 1 + n),
+    row.update(metrics.sampled_parity(host_logits(lm, ref.hidden, t - 1, t - 1 + n),
                                       host_logits(lm, hidden, t - 1, t - 1 + n),
                                       sampling["temperature"], sampling["top_p"]))
   first = greedy["first_divergence"]
@@ -200,7 +196,7 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config,
   # (sampled runs: None, a margin between the top two logits says nothing about a draw)
   at = ref.tokens.shape[1] - 1 + (first or 0)
   row["greedy_divergence_margin"] = None if first is None or sampling else _top2_margin(
-      ref.host_logits(at, at + 1)[0])
+      host_logits(lm, ref.hidden, at, at + 1)[0])
   row.update(set_size_summary(stats))
   if spec.selection == "certified":   # its target, met or not on every query
     row["eps_met_frac"] = float(np.mean(np.asarray(stats.dropped_mass_bound)
@@ -304,7 +300,7 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
         # Does greedy decoding (KV cache) agree with the teacher-forced argmax? (Sampled
         # runs: is every drawn token inside the teacher-forced nucleus?)
         t = prompt.length
-        tf = ref.host_logits(t - 1, t - 1 + new_tokens)
+        tf = host_logits(lm, ref.hidden, t - 1, t - 1 + new_tokens)
         sampling = grid.decoding(config)
         if sampling:
           probs = metrics.sampling_probs(tf, sampling["temperature"], sampling["top_p"])

@@ -73,8 +73,9 @@ def _traced_top_k(masked, middle, top_k, width: int, n_dropped) -> TopK:
 
 
 def _all_middle(scores, middle, top_k: int) -> TopK:
-  """exact_top_k where top_k >= S: every middle key, listed by position (valid where
-  middle); nothing dropped, so tau is never read (the row's max middle score)."""
+  """exact_top_k where top_k >= S - anchor - window (no query has more middle keys):
+  every middle key, listed by position (valid where middle); nothing dropped, so tau is
+  never read (the row's max middle score)."""
   shape = scores.shape
   n_mid = jnp.sum(middle, axis=-1, dtype=jnp.int32)
   indices = jnp.broadcast_to(jnp.arange(shape[-1], dtype=jnp.int32), shape)
