@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from condensate_jax import metrics
+from condensate_jax.models import fast_path
 from condensate_jax.models.kv_cache import KVCache
 
 _STATIC = ("graphdef", "attention", "implementation")
@@ -61,6 +62,25 @@ def step(graphdef, state, tokens, cache, sizes=None, *, attention, implementatio
   logits, cache, _ = model(tokens, cache, attention=attention,
                            implementation=implementation, sizes=sizes)
   return logits, cache
+
+
+def _prefill(model, tokens, cache, lengths, sizes, *, attention, implementation):
+  """(logits [B, V] float32 at each row's last real position, cache): the head runs on
+  those B positions only (at Gemma 3's vocabulary, [B, T, V] logits of a 32K prompt
+  would be 34 GB per row)."""
+  hidden, cache, _ = model(tokens, cache, attention=attention, implementation=implementation,
+                           sizes=sizes, lengths=lengths, head=False)
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return model.head(last).astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def prefill(graphdef, state, tokens, cache, lengths, sizes=None, *, attention,
+            implementation):
+  """Runs tokens [B,T] (row b's real ones: the first lengths[b]) through the cache:
+  (logits [B, V] at each row's last real position, cache with lengths + lengths[b])."""
+  return _prefill(nnx.merge(graphdef, state), tokens, cache, lengths, sizes,
+                  attention=attention, implementation=implementation)
 
 
 def init_cache(cfg, batch: int, max_len: int, dtype) -> KVCache:
@@ -107,13 +127,16 @@ def decode(graphdef, state, tokens, prompt_lengths, keys, temperature, top_p, si
   """
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
-  cache = init_cache(cfg, b, t + max_new_tokens, dtype)
+  fast = implementation == fast_path.NAME
+  cache = init_cache(cfg, b, fast_path.cache_length(t + max_new_tokens, attention) if fast
+                     else t + max_new_tokens, dtype)
   run = functools.partial(model, attention=attention, implementation=implementation,
                           sizes=sizes)
   pick = functools.partial(choose, keys=keys, sample=sample, temperature=temperature,
                            top_p=top_p)
-  logits, cache, _ = run(tokens, cache, lengths=prompt_lengths)
-  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+  # the cache is empty: the fast path's prefill call attends to its own keys
+  last, cache = _prefill(model, tokens, cache, prompt_lengths, sizes, attention=attention,
+                         implementation=fast_path.PREFILL if fast else implementation)
   first = pick(last, step=0)
   stop = jnp.int32(-1 if eos_id is None else eos_id)
   out = jnp.full((b, max_new_tokens), jnp.maximum(stop, 0), jnp.int32).at[:, 0].set(first)

@@ -7,6 +7,8 @@
   lm.generate(tokens [B,T], max_new_tokens, attention=None, *, prompt_lengths=None,
               eos_id=None, temperature=0.0, top_p=1.0, seed=0) -> [B,N] int32
   lm.init_cache(batch, max_len) / lm.step(tokens, cache) -> (logits, cache): manual decode
+  lm.prefill(tokens, cache, ..., prompt_lengths=None) -> (last-position logits [B,V], cache)
+  implementation="fast" (generate, prefill, step): the timed kernels (`models.fast_path`)
 
 A spec with `top_k_capacity` runs one compiled program for every anchor / window /
 top_k (they are passed as runtime values; the same outputs as the static spec).
@@ -27,30 +29,40 @@ from flax import nnx
 from condensate_jax import attention as attention_lib
 from condensate_jax import generate as gen
 from condensate_jax import metrics, validation
-from condensate_jax.models import layers
+from condensate_jax.models import fast_path, layers
 from condensate_jax.models.kv_cache import KVCache
 from condensate_jax.spec import CondensateSpec
 
 
-def _check_attention(attention, implementation, num_layers: int):
+def _check_attention(attention, implementation, num_layers: int, fast: bool = False):
   """attention: None or a CondensateSpec whose dense_layers exist in the model;
   implementation: a name `condensate_attention` takes for it (checked also when the run
-  is dense, so a typo never passes silently). Returns attention."""
+  is dense, so a typo never passes silently), or "fast" where `fast` (generate, step:
+  `models.fast_path`). Returns attention."""
   if attention is not None and not isinstance(attention, CondensateSpec):
     raise ValueError(f"attention={attention!r}: expected None (dense) or a "
                      "condensate_jax.CondensateSpec.")
-  if attention is None:
+  if implementation == fast_path.NAME:
+    if not fast:
+      raise ValueError("implementation='fast': the timed kernels serve cached decoding "
+                       "(lm.generate, lm.step); teacher-forced calls take one of "
+                       f"{attention_lib.implementation_names()}.")
+    fast_path.check_fast(attention)
+  elif attention is None:
     if not isinstance(implementation, str) or (
         implementation not in attention_lib.implementation_names()):
-      raise ValueError(f"implementation={implementation!r}: expected one of "
-                       f"{attention_lib.implementation_names()}.")
+      names = attention_lib.implementation_names() + ([fast_path.NAME] if fast else [])
+      raise ValueError(f"implementation={implementation!r}: expected one of {names}.")
+    return None
+  if attention is None:
     return None
   beyond = [i for i in attention.dense_layers if i >= num_layers]
   if beyond:
     raise ValueError(f"attention.dense_layers={attention.dense_layers!r}: layers {beyond} "
                      f"do not exist; expected indices in [0, {num_layers - 1}] "
                      f"(the model has {num_layers} layers).")
-  attention_lib.resolve_implementation(implementation, attention)
+  if implementation != fast_path.NAME:
+    attention_lib.resolve_implementation(implementation, attention)
   return attention
 
 
@@ -266,7 +278,8 @@ class LanguageModel:
     temperature = _check_float("temperature", temperature, 0.0, None, "a float >= 0")
     top_p = _check_float("top_p", top_p, 0.0, 1.0, "a float in (0, 1]", open_lo=True)
     keys = _row_keys(seed, b)
-    program, sizes = _program(_check_attention(attention, implementation, self.num_layers))
+    program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
+                                               fast=True))
     return gen.decode(self.graphdef, self.state, tokens, lengths, keys,
                       jnp.float32(max(temperature, 1e-30)), jnp.float32(top_p), sizes,
                       max_new_tokens=max_new_tokens, attention=program,
@@ -299,6 +312,29 @@ class LanguageModel:
                          f"{capacity} positions, no room for {t} more (a larger "
                          "lm.init_cache max_len).")
 
+  def prefill(self, tokens, cache, attention: Optional[CondensateSpec] = None,
+              implementation: str = "xla", *, prompt_lengths=None):
+    """Feeds prompts [B,T] (right-padded; `prompt_lengths` as in `generate`) through
+    `cache`: (logits [B, V] float32 at each row's last real position, updated cache). The
+    LM head runs on those positions only. implementation="fast" on an empty cache runs
+    the fast prefill kernels (`models.fast_path`)."""
+    tokens = self._tokens(tokens)
+    self._check_cache(cache, tokens.shape)
+    lengths = _check_lengths(prompt_lengths, *tokens.shape)
+    program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
+                                               fast=True))
+    implementation = self._fast_prefill(implementation, cache)
+    return gen.prefill(self.graphdef, self.state, tokens, cache, lengths, sizes,
+                       attention=program, implementation=implementation)
+
+  @staticmethod
+  def _fast_prefill(implementation, cache):
+    """"fast" on a cache known to be empty -> the fast path's prefill name."""
+    if (implementation == fast_path.NAME and validation.is_concrete(cache.lengths)
+        and not np.any(np.asarray(cache.lengths))):
+      return fast_path.PREFILL
+    return implementation
+
   def step(self, tokens, cache, attention: Optional[CondensateSpec] = None,
            implementation: str = "xla"):
     """Feeds tokens [B,T] through `cache`: (logits [B,T,V] float32, updated cache).
@@ -309,6 +345,8 @@ class LanguageModel:
     """
     tokens = self._tokens(tokens)
     self._check_cache(cache, tokens.shape)
-    program, sizes = _program(_check_attention(attention, implementation, self.num_layers))
+    program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
+                                               fast=True))
+    implementation = self._fast_prefill(implementation, cache)
     return gen.step(self.graphdef, self.state, tokens, cache, sizes, attention=program,
                     implementation=implementation)

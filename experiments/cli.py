@@ -74,6 +74,7 @@ JOBS = {
     "fast_bench": "experiments.bench.fast_bench",
     "kernel_bench": "experiments.bench.kernel_bench",
     "retrieval": "experiments.bench.retrieval",
+    "model_bench": "experiments.bench.model_bench",
 }
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from condensate_jax import attention as attention_lib
 from condensate_jax import geometry
+from condensate_jax.models import fast_path
 from condensate_jax.models.layers import einsum
 from condensate_jax.selection import index as index_lib
 from condensate_jax.selection import summaries as summaries_lib
@@ -114,11 +115,18 @@ def uses_block_summaries(spec) -> bool:
   return spec is not None and spec.selection != "exact"
 
 
-def _cache_summaries(ctx: Context, layer: int, spec, k_new, keys, kv_lengths):
+def _cache_summaries(ctx: Context, layer: int, spec, k_new, keys, kv_lengths,
+                     packed: bool = False):
   """The layer's summaries (or key index) after this call's write: the input cache's,
   updated with the new keys (positions ctx.positions), or built from all cached keys when
-  the input cache has none of these settings (the first cached call: prefill)."""
+  the input cache has none of these settings (the first cached call: prefill). packed: a
+  key index in the layout of the timed step (`PackedIndex`, implementation="fast")."""
   old = None if ctx.cache.summaries is None else ctx.cache.summaries[layer]
+  if spec.uses_index and packed:
+    if (isinstance(old, index_lib.PackedIndex) and old.bits == spec.index_bits
+        and old.num_keys == keys.shape[1]):
+      return index_lib.append_packed(old, k_new, ctx.positions)
+    return index_lib.pack_index(index_lib.build_index(keys, spec.index_bits, kv_lengths))
   if spec.uses_index:
     if (isinstance(old, index_lib.KeyIndex) and old.bits == spec.index_bits
         and old.codes.shape == keys.shape):
@@ -138,6 +146,7 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
   Returns (out [B,T,N,H], (k_cache, v_cache, summaries or None) or None, stats or None).
   """
   spec = None if ctx.attention is None else ctx.attention.for_layer(layer)
+  fast = fast_path.is_fast(ctx.implementation)
   summaries = None
   if ctx.cache is None:
     keys, values, kv_lengths, new = k, v, ctx.kv_lengths, None
@@ -147,11 +156,24 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
     values = _write(ctx.cache.v[layer], v, start)
     kv_lengths = ctx.kv_lengths
     q = q.astype(keys.dtype)
-    if uses_block_summaries(spec):
-      summaries = _cache_summaries(ctx, layer, spec, k, keys, kv_lengths)
+    # the fast path runs a sliding-window layer whose window the spec covers dense: it
+    # keeps no structure for it
+    if uses_block_summaries(spec) and not (
+        fast and sliding_window is not None
+        and fast_path.covers_window(spec, sliding_window)):
+      summaries = _cache_summaries(ctx, layer, spec, k, keys, kv_lengths, packed=fast)
     new = (keys, values, summaries)
   kwargs = dict(q_positions=ctx.positions, kv_lengths=kv_lengths,
                 sliding_window=sliding_window, scale=scale)
+  if fast:
+    out = fast_path.attend(ctx, spec, q, k, v, keys, values, summaries, scale=scale,
+                           sliding_window=sliding_window)
+    if out is not None:
+      return out, new, None
+    # the XLA specification (a packed index is not its input: it builds its own)
+    ctx = ctx._replace(implementation="xla")
+    if isinstance(summaries, index_lib.PackedIndex):
+      summaries = None
   if spec is None:
     out = attention_lib.attend(q, keys, values, None, **kwargs)
     stats = (dense_stats(ctx.positions, kv_lengths, q.shape[2], sliding_window)

@@ -232,15 +232,51 @@ def pack_index(index: KeyIndex) -> PackedIndex:
   return _pack(index)
 
 
+def _pack_codes(codes, bits: int):
+  """int8 codes [B, S, K, D] -> packed uint8 [B, K, S, D * bits / 8] (`PackedIndex`)."""
+  per = 8 // bits
+  u = (codes.astype(jnp.int32) + levels(bits)).transpose(0, 2, 1, 3)         # [B, K, S, D]
+  dp = u.shape[-1] // per
+  return sum(u[..., n * dp:(n + 1) * dp] << (n * bits) for n in range(per)).astype(jnp.uint8)
+
+
 @jax.jit
 def _pack(index):
-  bits, per = index.bits, 8 // index.bits
-  u = (index.codes.astype(jnp.int32) + levels(bits)).transpose(0, 2, 1, 3)   # [B, K, S, D]
-  dp = u.shape[-1] // per
-  packed = sum(u[..., n * dp:(n + 1) * dp] << (n * bits) for n in range(per))
   t = lambda x: x.transpose(0, 2, 1)
-  return PackedIndex(packed.astype(jnp.uint8), t(index.step), t(index.err), index.mu,
-                     index.sigma, bits)
+  return PackedIndex(_pack_codes(index.codes, index.bits), t(index.step), t(index.err),
+                     index.mu, index.sigma, index.bits)
+
+
+def append_packed(index: PackedIndex, k_new, positions) -> PackedIndex:
+  """`append_index` in the packed layout: k_new [B, T, Hkv, D] encoded with the index's
+  own mu and sigma and written at positions [B, T] (-1: skip); equal to packing the
+  appended `KeyIndex` (tested). What a decode cache that feeds the timed step keeps."""
+  if not isinstance(index, PackedIndex):
+    raise ValueError(f"index: expected a PackedIndex, got {type(index).__name__}.")
+  validation.check_keys(k_new, "k_new")
+  b, t = k_new.shape[:2]
+  want = (index.packed.shape[0], index.packed.shape[1], index.mu.shape[-1])
+  if (k_new.shape[0], k_new.shape[2], k_new.shape[3]) != want:
+    raise ValueError(f"k_new.shape={tuple(k_new.shape)}: expected [B, T, Hkv, D] with "
+                     f"B, Hkv, D = {want}.")
+  positions = validation.check_int_array("positions", positions, (b, t), -1,
+                                         index.num_keys - 1)
+  return _append_packed(index, k_new, positions)
+
+
+@jax.jit
+def _append_packed(index, k_new, positions):
+  codes, step, err = _encode(k_new.astype(jnp.float32), index.mu, index.sigma, index.bits)
+  b, t = positions.shape
+  hkv = index.packed.shape[1]
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], (b, hkv, t))
+  heads = jnp.broadcast_to(jnp.arange(hkv)[None, :, None], (b, hkv, t))
+  at = jnp.broadcast_to(jnp.where(positions >= 0, positions, index.num_keys)[:, None],
+                        (b, hkv, t))                                         # out: dropped
+  put = lambda old, new: old.at[rows, heads, at].set(new, mode="drop")
+  tr = lambda x: x.transpose(0, 2, 1)                                       # [B, K, T]
+  return PackedIndex(put(index.packed, _pack_codes(codes, index.bits)), put(index.step, tr(step)),
+                     put(index.err, tr(err)), index.mu, index.sigma, index.bits)
 
 
 def check_index(index, k, spec):

@@ -1,0 +1,164 @@
+"""`implementation="fast"`: a model's cached decode on the timed kernels (issue #14).
+
+A model called with implementation="fast" (`lm.generate`, `lm.step`) runs, per layer:
+
+  decode (one token per row, through the cache):
+    dense layer (no spec, a pillar of `dense_layers`):  `dense_decode` (cuDNN on a GPU in
+        bf16 / fp16 over each row's kv_length, else XLA);
+    selection="blocks":   `fast.decode_step` on the cache's block summaries;
+    selection="indexed":  `fast.indexed_decode_step` on the cache's packed key index
+        (`selection.index.PackedIndex`, appended in place by `append_packed`);
+    selection="exact":    the XLA specification (exact top-k scores every key: there is
+        no faster exact step);
+  prefill (the first call of `lm.generate`, on an empty cache):
+    dense:   `dense_prefill` (cuDNN causal on a GPU in bf16 / fp16, else XLA) over the
+             call's own keys;
+    blocks:  `fast.prefill_step` (the timed block-sparse prefill: per-query-block lists);
+    indexed, exact: the XLA specification over the call's own keys (no prefill kernel
+             yet for "indexed": issue #13).
+  Any other call with T > 1 tokens runs the XLA specification over the cache.
+
+A layer with the model's own sliding window w (Gemma 3's local layers, Mistral) runs
+`dense_decode` over its last w keys when the spec's budget covers the window (anchor +
+window + top_k, or top_blocks * block_size, >= w: then the set is every visible key, as in
+the specification), else the XLA specification.
+
+The cache is carried through `lm.generate`'s while loop and written with
+dynamic_update_slice / scatter (XLA updates loop carries in place). Statistics
+(return_stats) and runtime sizes (top_k_capacity) are not offered here: this is the path
+that is timed; the parity runner measures through the XLA specification.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from condensate_jax import attention as attention_lib
+from condensate_jax.impl import xla_masked
+
+NAME = "fast"
+# what generate.decode passes for its prefill call (the cache is known to be empty)
+PREFILL = "fast-prefill"
+SELECTIONS = ("exact", "blocks", "indexed")
+
+
+def is_fast(implementation) -> bool:
+  return implementation in (NAME, PREFILL)
+
+
+def check_fast(attention, return_stats: bool = False, sizes=None):
+  """ValueError unless `attention` (None or a spec) runs on the fast path."""
+  if return_stats:
+    raise ValueError("return_stats=True with implementation='fast': the fast path returns "
+                     "no statistics; measure with implementation='xla' (the parity runner).")
+  if attention is None:
+    return
+  if attention.selection not in SELECTIONS:
+    raise ValueError(f"attention.selection={attention.selection!r} with implementation="
+                     f"'fast': expected one of {list(SELECTIONS)} (the modes with a timed "
+                     "step; 'certified' and 'bounded' run with implementation='xla').")
+  if attention.top_k_capacity or sizes is not None:
+    raise ValueError(f"attention.top_k_capacity={attention.top_k_capacity} with "
+                     "implementation='fast': the fast kernels take static sizes; use a spec "
+                     "without top_k_capacity.")
+
+
+def _cudnn_ok(q) -> bool:
+  return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def dense_kernel(dtype) -> str:
+  """The dense kernel `dense_decode` / `dense_prefill` run for this dtype here."""
+  ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if ok else "xla"
+
+
+def covers_window(spec, sliding_window) -> bool:
+  """True when the spec's set is every key a query sees in a window of that size."""
+  if spec is None:
+    return True
+  budget = spec.anchor + spec.window + (
+      spec.top_blocks * spec.block_size if spec.selection == "blocks" else spec.top_k)
+  return budget >= sliding_window
+
+
+def _window_slice(k, v, kv_lengths, w):
+  """The last min(w, S) keys before each row's kv_length: (k, v, lengths) of that slice."""
+  n = min(w, k.shape[1])
+  start = jnp.maximum(kv_lengths - n, 0)
+  take = lambda x: jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, n, 0))(x, start)
+  return take(k), take(v), jnp.minimum(kv_lengths, n)
+
+
+def dense_decode(q, k, v, kv_lengths, *, scale, sliding_window=None):
+  """One query per row at position kv_length - 1 over keys [0, kv_length) (or the last
+  sliding_window of them): q [B, 1, Hq, D] -> [B, 1, Hq, D]."""
+  if sliding_window is not None:
+    k, v, kv_lengths = _window_slice(k, v, kv_lengths, sliding_window)
+  if _cudnn_ok(q):
+    b = q.shape[0]
+    return jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, is_causal=False,
+        query_seq_lengths=jnp.ones((b,), jnp.int32), key_value_seq_lengths=kv_lengths,
+        implementation="cudnn")
+  pos = (kv_lengths - 1)[:, None]
+  return xla_masked.dense(q, k, v, pos, kv_lengths, causal=True, sliding_window=None,
+                          scale=scale)
+
+
+def dense_prefill(q, k, v, *, scale, sliding_window=None):
+  """Causal attention of a call's T queries over its own T keys (positions 0..T-1)."""
+  b, t = q.shape[:2]
+  if _cudnn_ok(q):
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
+                                        is_causal=True, local_window_size=window,
+                                        implementation="cudnn")
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return xla_masked.dense(q, k, v, pos, jnp.full((b,), t, jnp.int32), causal=True,
+                          sliding_window=sliding_window, scale=scale)
+
+
+def attend(ctx, spec, q, k_new, v_new, keys, values, structure, *, scale, sliding_window):
+  """The fast path's attention of one layer (module docstring); None where the call runs
+  the XLA specification instead (the caller's general path)."""
+  from condensate_jax import fast   # the timed steps import the Pallas kernels
+  t = q.shape[1]
+  kv_lengths = ctx.kv_lengths
+  local = sliding_window is not None
+  if local and not covers_window(spec, sliding_window):
+    return None
+  dense = spec is None or local
+  if t == 1 and ctx.cache is not None:
+    if dense:
+      return dense_decode(q, keys, values, kv_lengths, scale=scale,
+                          sliding_window=sliding_window)
+    if spec.selection == "blocks":
+      out, _, _ = fast.decode_step(q, keys, values, structure.kmin, structure.kmax,
+                                   kv_lengths, spec=spec, scale=scale)
+      return out
+    if spec.selection == "indexed":
+      out, _, _ = fast.indexed_decode_step(q, keys, values, structure, kv_lengths,
+                                           spec=spec, scale=scale)
+      return out
+    return None
+  if ctx.implementation != PREFILL:
+    return None
+  if dense:
+    return dense_prefill(q, k_new, v_new, scale=scale, sliding_window=sliding_window)
+  if spec.selection == "blocks":
+    out, _ = fast.prefill_step(q, k_new.astype(q.dtype), v_new.astype(q.dtype), spec=spec,
+                               scale=scale)
+    return out
+  return attention_lib.condensate_attention(q, k_new, v_new, spec, scale=scale,
+                                            implementation="xla")
+
+
+def cache_length(n: int, attention) -> int:
+  """A cache of at least n positions in whole blocks of the spec's block size (what
+  `fast.decode_step` reads), and a multiple of 128 otherwise."""
+  unit = 128
+  if attention is not None and attention.selection == "blocks":
+    unit = attention.block_size * (-(-128 // attention.block_size))
+  return -(-n // unit) * unit

@@ -1,0 +1,240 @@
+"""Model-level decode and prefill on the fast path (issue #14): what a user of
+`lm.generate` gets, with the parity of the same setting beside it.
+
+Per (model, prompt length, batch), in one run on one device:
+  dense      `lm.generate(attention=None, implementation="fast")`: every layer on the dense
+             kernel (cuDNN on a GPU in bf16/fp16, XLA otherwise);
+  each spec  `lm.generate(attention=spec, implementation="fast")`: the timed decode steps
+             (`fast.decode_step` for "blocks", `fast.indexed_decode_step` for "indexed"),
+             the prefill kernels where they exist (`models.fast_path`).
+Timed: `generate` of 1 token (= prefill + the first pick: "prefill s") and of
+`new_tokens` tokens (median of `repeats` after a compiling call); decode tokens/s =
+B (N - 1) / (t_N - t_1), selection and index/summary updates included. "context share":
+1 - (decode step at `short` tokens) / (decode step at this length), the same model and
+batch: the part of the step that grows with the context (attention and its cache reads),
+measured, not modelled; the rest is weights, MLP and LM head.
+Parity of the same spec: greedy tokens against dense (match fraction, earliest
+divergence over the rows), and KL(dense || spec) of every decode step's distribution
+with both caches fed dense's greedy tokens (mean, max), float32 on the device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from condensate_jax import CondensateSpec, metrics
+from condensate_jax.models import fast_path
+from experiments import manifest as manifest_lib
+from experiments import prompts as prompts_lib
+from experiments.bench import tables
+from experiments.results import ResultsStore
+
+
+def make_specs(config) -> dict:
+  """name -> CondensateSpec (None: dense) of config.specs."""
+  out = {"dense": None}
+  for name, kw in config.specs.items():
+    out[name] = CondensateSpec(**dict(kw))
+  return out
+
+
+def prompt_tokens(lm, length: int, batch: int, seed: int) -> np.ndarray:
+  """[batch, length] ids: the built-in prompts (cycled over rows) through the model's
+  tokenizer, or random ids for a model without one."""
+  if lm.tokenizer is None:
+    return np.random.default_rng(seed).integers(0, lm.vocab_size, (batch, length),
+                                                dtype=np.int32)
+  texts = prompts_lib.BUILTIN_TEXTS
+  num = min(batch, len(texts))
+  built = prompts_lib.build_prompts(texts, lm.encode, num=num, lengths=(length,))
+  return np.asarray([built[b % num].tokens for b in range(batch)], np.int32)
+
+
+def _timed(fn, repeats: int):
+  """(median seconds of `repeats` calls after one compiling call, the last result)."""
+  out = jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)), out
+
+
+def _empty_cache(lm, batch, n, spec):
+  from condensate_jax import generate as gen  # pylint: disable=import-outside-toplevel
+  # the fast path's whole-block cache may round past max_length (positions never used)
+  return gen.init_cache(lm.config, batch, fast_path.cache_length(n, spec), lm.dtype)
+
+
+def time_generate(lm, tokens, new_tokens, spec, repeats):
+  """(prefill s, decode s per step, tokens [B, N]) on the fast path: `lm.prefill` of the
+  prompts into an empty cache, and `lm.generate` of new_tokens (its prefill subtracted)."""
+  b, t = tokens.shape
+  cache = _empty_cache(lm, b, t + new_tokens, spec)
+  t1, _ = _timed(lambda: lm.prefill(tokens, cache, spec, implementation=fast_path.NAME),
+                 repeats)
+  tn, out = _timed(lambda: lm.generate(tokens, new_tokens, spec,
+                                       implementation=fast_path.NAME), repeats)
+  return t1, max(tn - t1, 0.0) / max(new_tokens - 1, 1), np.asarray(out)
+
+
+def forced_parity(lm, tokens, forced, spec):
+  """Per decode step, `metrics.row_parity` of dense's and spec's logits with both caches
+  fed the same tokens (dense's greedy ones: teacher forcing through the caches); the
+  prefill's last position counts as step 0. Returns summarize_rows' dict."""
+  b, t = tokens.shape
+  n = forced.shape[1]
+  specs = (None, spec)
+  caches, logits = [], []
+  for side in specs:
+    out, cache = lm.prefill(tokens, _empty_cache(lm, b, t + n, spec), side,
+                            implementation=fast_path.NAME)
+    caches.append(cache)
+    logits.append(out)
+  rows = [_rows(*logits)]
+  for i in range(n - 1):
+    step_in = jnp.asarray(forced[:, i:i + 1])
+    logits = []
+    for side in range(2):
+      out, caches[side] = lm.step(step_in, caches[side], specs[side],
+                                  implementation=fast_path.NAME)
+      logits.append(out[:, -1])
+    rows.append(_rows(*logits))
+  stacked = tuple(jnp.concatenate(parts) for parts in zip(*rows))
+  out = metrics.summarize_rows(stacked)
+  out["max_kl"] = float(jnp.max(stacked[3]))
+  return out
+
+
+@jax.jit
+def _rows(dense, cond):
+  return metrics.row_parity(dense, cond)
+
+
+def greedy_match(dense, cond) -> tuple[float, int]:
+  """(fraction of equal tokens, earliest first divergence over rows; N when none)."""
+  same = dense == cond
+  first = [int(np.argmin(r)) if not r.all() else r.size for r in same]
+  return float(same.mean()), min(first)
+
+
+def run_case(lm, config, model_name, length, batch, spec_name, spec, dense_tokens,
+             short_step_s):
+  tokens = prompt_tokens(lm, length, batch, config.seed)
+  prefill_s, step_s, out = time_generate(lm, tokens, config.new_tokens, spec,
+                                         config.repeats)
+  row = {"model": model_name, "length": length, "batch": batch, "spec": spec_name,
+         "spec_repr": repr(spec), "prefill_s": prefill_s, "step_s": step_s,
+         "tokens_per_s": batch / step_s if step_s > 0 else float("nan"),
+         "new_tokens": config.new_tokens, "dense_kernel": fast_path.dense_kernel(lm.dtype),
+         "short_step_s": short_step_s,
+         "context_share": (1.0 - short_step_s / step_s) if short_step_s and step_s else None}
+  if dense_tokens is None:
+    row["greedy_match"], row["first_divergence"] = 1.0, config.new_tokens
+    row["mean_kl"], row["max_kl"] = 0.0, 0.0
+  else:
+    row["greedy_match"], row["first_divergence"] = greedy_match(dense_tokens, out)
+    parity = forced_parity(lm, tokens, dense_tokens, spec)
+    row["mean_kl"], row["max_kl"] = parity["mean_kl"], parity["max_kl"]
+    row["top1_agreement"] = parity["top1_agreement"]
+  return row, out
+
+
+def table(rows) -> str:
+  dense = {(r["model"], r["length"], r["batch"]): r for r in rows if r["spec"] == "dense"}
+  body = []
+  for r in rows:
+    d = dense.get((r["model"], r["length"], r["batch"]))
+    gain = lambda key, inv=False: ("—" if d is None or not r[key] or not d[key] else
+                                   f"{(d[key] / r[key]) if inv else (r[key] / d[key]):.2f}x")
+    share = r.get("context_share")
+    body.append([r["model"], str(r["length"]), str(r["batch"]), r["spec"],
+                 f"{r['tokens_per_s']:.1f}", gain("tokens_per_s"),
+                 f"{1e3 * r['step_s']:.2f}", "—" if share is None else f"{100 * share:.0f}%",
+                 f"{r['prefill_s']:.3f}", gain("prefill_s", inv=True),
+                 f"{r['greedy_match']:.3f}", str(r["first_divergence"]),
+                 tables.fmt_num(r["mean_kl"]), tables.fmt_num(r["max_kl"])])
+  return tables.markdown(["model", "tokens", "B", "spec", "decode tok/s", "vs dense",
+                          "step ms", "context share", "prefill s", "prefill vs dense",
+                          "greedy match", "first divergence", "mean KL", "max KL"], body)
+
+
+def plot(rows, path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  cases = list(dict.fromkeys((r["model"], r["length"], r["batch"]) for r in rows))
+  specs = list(dict.fromkeys(r["spec"] for r in rows))
+  by = {(r["model"], r["length"], r["batch"], r["spec"]): r for r in rows}
+  fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(cases)) * 1.6, 3.6))
+  x = np.arange(len(cases))
+  width = 0.8 / len(specs)
+  for i, s in enumerate(specs):
+    tps = [by.get(c + (s,), {}).get("tokens_per_s", np.nan) for c in cases]
+    kl = [by.get(c + (s,), {}).get("mean_kl", np.nan) for c in cases]
+    axes[0].bar(x + i * width, tps, width, label=s)
+    axes[1].bar(x + i * width, np.maximum(np.asarray(kl, float), 1e-12), width, label=s)
+  labels = [f"{m}\n{n} tok, B={b}" for m, n, b in cases]
+  for ax, name in zip(axes, ("decode tokens/s", "mean KL(dense || spec)")):
+    ax.set_xticks(x + 0.4 - width / 2, labels, fontsize=7)
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3, axis="y")
+  axes[1].set_yscale("log")
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _load(config, entry):
+  from condensate_jax.weights.registry import load_model  # pylint: disable=import-outside-toplevel
+  return load_model(entry["path"] or entry["name"], dtype=config.dtype)
+
+
+def run(config, workdir, progress: bool = True):
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  workdir = manifest_lib.prepare_workdir(workdir)
+  store = ResultsStore(workdir / "results.jsonl")
+  manifest_lib.check_resume(workdir, config.to_dict(), has_rows=bool(store.rows))
+  manifest_lib.write_manifest(workdir, config.to_dict(), {"job": "model_bench"})
+  specs = make_specs(config)
+  plan = [(m, n, b, s) for m in config.models for n in config.models[m]["lengths"]
+          for b in config.batches for s in specs]
+  rows = []
+  with tqdm(total=len(plan), disable=not progress, desc=config.name, unit="row") as bar:
+    for model_name, entry in config.models.items():
+      lm = None
+      for length in entry["lengths"]:
+        for batch in config.batches:
+          keys = {s: f"{config.name}|{model_name}|{length}|{batch}|{s}|{specs[s]!r}"
+                  for s in specs}
+          if any(k not in store for k in keys.values()):
+            lm = lm or _load(config, entry)
+            short = prompt_tokens(lm, config.short, batch, config.seed)
+            dense_tokens, short_s = None, {}
+            for name, spec in specs.items():
+              bar.set_postfix_str(f"{model_name} {length} B={batch} {name}")
+              short_s[name] = time_generate(lm, short, config.new_tokens, spec,
+                                            config.repeats)[1]
+              row, out = run_case(lm, config, model_name, length, batch, name, spec,
+                                  dense_tokens, short_s[name])
+              if name == "dense":
+                dense_tokens = out
+              if keys[name] not in store:
+                store.append({"key": keys[name], **row})
+              bar.update()
+            jax.clear_caches()
+          else:
+            bar.update(len(specs))
+          rows += [store.rows[keys[s]] for s in specs]
+  text = table(rows)
+  device = manifest_lib.device_info()
+  (workdir / "summary.md").write_text(f"# {config.name}\n\n{device}\n\n{text}\n")
+  if config.plots:
+    plot(rows, workdir / "model_bench.png")
+  return {"table": text, "computed": len(plan), "skipped": 0, "rows": rows}

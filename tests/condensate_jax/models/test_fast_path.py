@@ -1,0 +1,136 @@
+"""implementation="fast" (models.fast_path): a model's cached decode on the timed steps.
+
+The fast path must pick the same sets as the XLA specification (so, on these small
+float32 models, the same greedy tokens), keep its packed key index equal to a packed
+rebuild, and refuse what it does not implement. On a CPU the kernels are interpreted.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from condensate_jax import CondensateSpec
+from condensate_jax.models import fast_path
+from condensate_jax.selection import index as index_lib
+from condensate_jax.weights import tiny
+
+N = 6
+SPECS = {
+    "dense": None,
+    "exact": CondensateSpec(anchor=4, window=16, top_k=24),
+    "indexed": CondensateSpec(anchor=4, window=16, top_k=24, selection="indexed"),
+}
+
+
+@pytest.fixture(scope="module", params=["llamalike", "gemma3"])
+def lm(request):
+  return tiny.tiny_random(request.param)
+
+
+def _prompts(lm, lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  batch = np.full((len(lengths), max(lengths)), 7, np.int32)
+  for i, n in enumerate(lengths):
+    batch[i, :n] = rng.integers(0, lm.vocab_size, n)
+  return batch, np.asarray(lengths)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fast_generate_equals_the_specification(lm, name):
+  """Ragged rows; Gemma 3's local layers (window 16) are covered by these budgets, so
+  they run the dense windowed kernel with the specification's set."""
+  tokens, lengths = _prompts(lm, [150, 97])
+  spec = SPECS[name]
+  want = lm.generate(tokens, N, spec, prompt_lengths=lengths)
+  got = lm.generate(tokens, N, spec, implementation="fast", prompt_lengths=lengths)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_fast_blocks_decode_uses_the_prefill_lists_sets():
+  """"blocks": the fast prefill selects per query block, as the specification does with
+  query_blocks=True; the decode steps then run fast.decode_step on the cache's summaries."""
+  lm = tiny.tiny_random("llamalike")
+  tokens, lengths = _prompts(lm, [150, 97], seed=1)
+  spec = CondensateSpec(anchor=4, window=16, selection="blocks", block_size=16,
+                        top_blocks=3, query_blocks=True)
+  want = lm.generate(tokens, N, spec, prompt_lengths=lengths)
+  got = lm.generate(tokens, N, spec, implementation="fast", prompt_lengths=lengths)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_sliding_window_layer_not_covered_runs_the_specification():
+  """A budget below Gemma 3's local window (16): those layers take the XLA path."""
+  lm = tiny.tiny_random("gemma3")
+  spec = CondensateSpec(anchor=1, window=4, top_k=6, selection="indexed")
+  assert not fast_path.covers_window(spec, lm.config.sliding_window)
+  tokens, lengths = _prompts(lm, [80, 61], seed=2)
+  want = lm.generate(tokens, N, spec, prompt_lengths=lengths)
+  got = lm.generate(tokens, N, spec, implementation="fast", prompt_lengths=lengths)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_prefill_gives_the_last_positions_logits_and_the_steps_continue():
+  lm = tiny.tiny_random("llamalike")
+  tokens, lengths = _prompts(lm, [40, 23], seed=3)
+  full = np.asarray(lm.logits(tokens))
+  for impl in ("xla", "fast"):
+    cache = lm.init_cache(2, 128)
+    last, cache = lm.prefill(tokens, cache, SPECS["indexed"] if impl == "fast" else None,
+                             implementation=impl, prompt_lengths=lengths)
+    if impl == "xla":
+      np.testing.assert_allclose(np.asarray(last), full[[0, 1], lengths - 1], rtol=1e-5,
+                                 atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+    if impl == "fast":
+      assert isinstance(cache.summaries[0], index_lib.PackedIndex)
+      _, cache = lm.step(np.asarray([[3], [4]]), cache, SPECS["indexed"],
+                         implementation="fast")
+      np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + 1)
+
+
+def test_append_packed_equals_packing_the_appended_index():
+  k = jax.random.normal(jax.random.key(0), (2, 40, 2, 16))
+  index = index_lib.build_index(k, 4, jnp.array([30, 20]))
+  k_new = 3 * jax.random.normal(jax.random.key(1), (2, 3, 2, 16))
+  positions = jnp.array([[30, 31, -1], [20, 21, 22]])
+  want = index_lib.pack_index(index_lib.append_index(index, k_new, positions))
+  got = index_lib.append_packed(index_lib.pack_index(index), k_new, positions)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="expected a PackedIndex"):
+    index_lib.append_packed(index, k_new, positions)
+  with pytest.raises(ValueError, match=r"k_new.shape=\(2, 3, 2, 8\)"):
+    index_lib.append_packed(index_lib.pack_index(index), k_new[..., :8], positions)
+
+
+def test_fast_cache_length_is_whole_blocks():
+  blocks = CondensateSpec(anchor=1, window=1, selection="blocks", block_size=48,
+                          top_blocks=1)
+  assert fast_path.cache_length(100, blocks) == 144
+  assert fast_path.cache_length(100, None) == 128
+  assert fast_path.cache_length(256, SPECS["indexed"]) == 256
+
+
+def test_fast_validation():
+  lm = tiny.tiny_random("llamalike")
+  tokens = np.zeros((1, 8), np.int32)
+  with pytest.raises(ValueError, match="serve cached decoding"):
+    lm.logits(tokens, implementation="fast")
+  certified = CondensateSpec(anchor=1, window=1, top_k=2, selection="certified",
+                             epsilon=1e-2)
+  with pytest.raises(ValueError, match=r"selection='certified' with implementation='fast'"):
+    lm.generate(tokens, 2, certified, implementation="fast")
+  program = CondensateSpec(anchor=1, window=1, top_k=2, top_k_capacity=4)
+  with pytest.raises(ValueError, match="top_k_capacity=4 with implementation='fast'"):
+    lm.generate(tokens, 2, program, implementation="fast")
+  with pytest.raises(ValueError, match="'fast'"):
+    lm.generate(tokens, 2, None, implementation="fastest")
+  with pytest.raises(ValueError, match="return_stats=True with implementation='fast'"):
+    fast_path.check_fast(None, return_stats=True)
+
+
+def test_dense_kernel_name():
+  assert fast_path.dense_kernel(jnp.float32) == "xla"
+  want = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  assert fast_path.dense_kernel(jnp.bfloat16) == want
