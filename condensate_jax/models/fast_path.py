@@ -107,6 +107,26 @@ def dense_decode(q, k, v, kv_lengths, *, scale, sliding_window=None):
                           scale=scale)
 
 
+# XLA prefill attends this many queries at a time: its [B, Hq, chunk, T] scores, not
+# [B, Hq, T, T] (Gemma 3 at 32K: 17 GB per row)
+PREFILL_CHUNK = 1024
+
+
+def chunked_prefill(fn, q, chunk: int = PREFILL_CHUNK):
+  """Causal self-attention of a call's T queries (positions 0..T-1) `chunk` queries at a
+  time: fn(q_chunk [B, c, Hq, D], positions [B, c]) -> out [B, c, Hq, D]. The last chunk is
+  padded with copies of the last query (outputs dropped)."""
+  b, t = q.shape[:2]
+  if t <= chunk:
+    return fn(q, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+  n = -(-t // chunk)
+  pos = jnp.minimum(jnp.arange(n * chunk, dtype=jnp.int32), t - 1)
+  qs = jnp.take(q, pos, axis=1).reshape((b, n, chunk) + q.shape[2:]).swapaxes(0, 1)
+  ps = jnp.broadcast_to(pos.reshape(n, 1, chunk), (n, b, chunk))
+  out = jax.lax.map(lambda xs: fn(*xs), (qs, ps))                       # [n, B, c, Hq, D]
+  return out.swapaxes(0, 1).reshape((b, n * chunk) + out.shape[3:])[:, :t]
+
+
 def dense_prefill(q, k, v, *, scale, sliding_window=None):
   """Causal attention of a call's T queries over its own T keys (positions 0..T-1)."""
   b, t = q.shape[:2]
@@ -115,9 +135,21 @@ def dense_prefill(q, k, v, *, scale, sliding_window=None):
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
                                         is_causal=True, local_window_size=window,
                                         implementation="cudnn")
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  return xla_masked.dense(q, k, v, pos, jnp.full((b,), t, jnp.int32), causal=True,
-                          sliding_window=sliding_window, scale=scale)
+  lengths = jnp.full((b,), t, jnp.int32)
+  return chunked_prefill(lambda qc, pos: xla_masked.dense(
+      qc, k, v, pos, lengths, causal=True, sliding_window=sliding_window, scale=scale), q)
+
+
+def spec_prefill(q, k, v, spec, *, scale):
+  """The XLA specification's causal prefill over the call's own keys, in query chunks
+  (a "indexed" spec's key index built once, from all T keys, as an unchunked call does)."""
+  from condensate_jax.selection import index as index_lib  # pylint: disable=import-outside-toplevel
+  b, t = q.shape[:2]
+  extra = {}
+  if spec.uses_index:
+    extra["index"] = index_lib.build(k, jnp.full((b,), t, jnp.int32), spec.index_bits)
+  return chunked_prefill(lambda qc, pos: attention_lib.condensate_attention(
+      qc, k, v, spec, q_positions=pos, scale=scale, implementation="xla", **extra), q)
 
 
 def attend(ctx, spec, q, k_new, v_new, keys, values, structure, *, scale, sliding_window):
@@ -151,8 +183,7 @@ def attend(ctx, spec, q, k_new, v_new, keys, values, structure, *, scale, slidin
     out, _ = fast.prefill_step(q, k_new.astype(q.dtype), v_new.astype(q.dtype), spec=spec,
                                scale=scale)
     return out
-  return attention_lib.condensate_attention(q, k_new, v_new, spec, scale=scale,
-                                            implementation="xla")
+  return spec_prefill(q, k_new, v_new, spec, scale=scale)
 
 
 def cache_length(n: int, attention) -> int:

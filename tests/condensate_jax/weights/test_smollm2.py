@@ -29,12 +29,11 @@ TEXTS = [
     "\u00a0non-breaking\u200bzero-width\r\nwindows line",
     "",
 ]
-# one prompt per kind (prose, code, question, chat): each costs ~30 s of CI (a PyTorch
-# greedy reference of 32 tokens and teacher-forced logits)
+# code and chat: each prompt costs ~30 s of CI (a PyTorch greedy reference of 32 tokens
+# and teacher-forced logits); prose and a question were checked the same way before
+# (README) and left out to keep CI time
 PLAIN_PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Once upon a time, in a village at the edge of a vast forest,",
-    "Q: What is 17 + 25?\nA:",
 ]
 CHAT_PROMPTS = [
     "Write a haiku about condensed matter physics.",
