@@ -5,7 +5,8 @@ Public API (DESIGN.md §3):
   selection mode; `summaries=` takes precomputed BlockSummaries), AttentionStats,
   load_model / LanguageModel, KVCache, block summaries (build/append/empty), the key
   index of selection="indexed" (KeyIndex, build_index, append_index; `index=`;
-  PackedIndex / pack_index: the layout the timed step `fast.indexed_decode_step` reads).
+  PackedIndex / pack_index / append_packed: the layout the timed step
+  `fast.indexed_decode_step` reads), `distributed` (the same calls over a device mesh).
 The timed fast paths live in `condensate_jax.fast` (imported on demand: it loads the
 Pallas kernels).
 """
@@ -15,8 +16,9 @@ from condensate_jax.attention import (BITWISE_DENSE, IMPLEMENTATIONS, attend,
                                       dense_attention, register_implementation)
 from condensate_jax.lm import LanguageModel
 from condensate_jax.models.kv_cache import KVCache
+from condensate_jax import distributed
 from condensate_jax.selection.index import (KeyIndex, PackedIndex, append_index,
-                                            build_index, pack_index)
+                                            append_packed, build_index, pack_index)
 from condensate_jax.selection.summaries import (BlockSummaries, append_summaries,
                                                 build_summaries, empty_summaries)
 from condensate_jax.softmax import AttentionStats
@@ -37,6 +39,7 @@ __all__ = [
     "LanguageModel",
     "PackedIndex",
     "append_index",
+    "append_packed",
     "append_summaries",
     "attend",
     "build_index",
@@ -44,6 +47,7 @@ __all__ = [
     "condensate_attention",
     "condensate_mask",
     "dense_attention",
+    "distributed",
     "empty_summaries",
     "load_model",
     "pack_index",

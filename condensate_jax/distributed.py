@@ -1,0 +1,247 @@
+"""Condensate attention over a device mesh (issue #17): K/V sharded along the sequence
+and/or the KV heads, the exact global top-k, partial softmaxes merged by log-sum-exp.
+
+  cj.distributed.condensate_attention(q, k, v, spec, *, mesh, seq_axis=None,
+      head_axis=None, causal=True, q_positions=None, kv_lengths=None,
+      sliding_window=None, scale=None, return_stats=False)
+  cj.distributed.dense_attention(q, k, v, *, mesh, seq_axis=None, head_axis=None, ...)
+
+The same arguments, outputs and statistics as `cj.condensate_attention` /
+`cj.dense_attention`, plus the mesh. Layout (`jax.shard_map`):
+  k, v [B, S, Hkv, D]   S split over `seq_axis` (S_local = S / n_seq; shard i holds the
+                        keys i * S_local .. (i + 1) * S_local - 1), Hkv over `head_axis`;
+  q [B, T, Hq, D]       Hq over `head_axis` (contiguous blocks: query head h reads KV head
+                        h // G, so the blocks line up), replicated over `seq_axis`;
+  q_positions, kv_lengths  replicated (global positions).
+Outputs come back as q's head layout (out [B, T, Hq, D] and stats [B, Hq, T] split over
+`head_axis`, replicated over `seq_axis`).
+
+selection="exact" across shards: each shard takes its local top-k' (k' = min(top_k,
+S_local)) of its middle keys; the global top-k lies in the union of those (a shard can
+hold at most top_k of it, and they are its best); the candidates' scores are gathered in
+shard order and the global top-k taken over them with `lax.top_k`, whose stable order puts
+equal scores in gather order: shard by shard, then by local position, i.e. by global
+position -- the tie rule of the single-device call (DESIGN.md §1). Each shard then
+attends its own part of the set; (max, sum, weighted values) merge with one pmax and two
+psums. Statistics merge the same way (masses from a shared max, counts by psum; the
+certificate from the global k-th score and the global count of dropped middle keys).
+Equal to the single-device call to float32 rounding (the summation order differs); the
+set, set sizes and counts exactly (tested on 8 CPU devices, ties across shard borders).
+
+Communication per call (seq_axis of n devices; per head shard): the candidates' scores and
+validity, n * k' * T * Hq * 5 bytes gathered (decode, T = 1, top_k 1024, 32 heads, 8
+devices: 1.3 MB), and the merge: pmax of [B, Hq, T] and psum of [B, Hq, T] + [B, T, Hq, D]
+float32 (decode, Hq = 32, D = 128: 16 KB). head_axis alone needs none.
+
+Limits: selection="exact" only (the block and indexed modes are not distributed yet);
+queries are replicated over seq_axis (each shard scores T x S_local: prefill at long T
+is memory-bound by that); no top_k_capacity (static sizes).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from condensate_jax import finite, geometry, softmax, validation
+from condensate_jax.selection import exact
+from condensate_jax.softmax import HIGHEST, NEG_INF, AttentionStats
+from condensate_jax.spec import CondensateSpec, check_spec
+
+
+def _check_mesh(mesh, seq_axis, head_axis, k, q):
+  """(n_seq, n_head) of a mesh and its axes for these shapes; ValueError otherwise."""
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"mesh={mesh!r}: expected a jax.sharding.Mesh.")
+  names = tuple(mesh.axis_names)
+  for arg, axis in (("seq_axis", seq_axis), ("head_axis", head_axis)):
+    if axis is not None and axis not in names:
+      raise ValueError(f"{arg}={axis!r}: not an axis of the mesh; expected None or one of "
+                       f"{names}.")
+  if seq_axis is not None and seq_axis == head_axis:
+    raise ValueError(f"seq_axis={seq_axis!r}, head_axis={head_axis!r}: expected two "
+                     "different mesh axes (or None for one of them).")
+  n_seq = mesh.shape[seq_axis] if seq_axis is not None else 1
+  n_head = mesh.shape[head_axis] if head_axis is not None else 1
+  s_len, hkv = k.shape[1], k.shape[2]
+  if s_len % n_seq:
+    raise ValueError(f"k.shape[1]={s_len}: the sequence is split over seq_axis="
+                     f"{seq_axis!r} of {n_seq} devices; expected a multiple of {n_seq} "
+                     "(pad the cache).")
+  if hkv % n_head:
+    raise ValueError(f"k.shape[2]={hkv} KV heads: split over head_axis={head_axis!r} of "
+                     f"{n_head} devices; expected a multiple of {n_head}.")
+  return n_seq, n_head
+
+
+def condensate_attention(q, k, v, spec: CondensateSpec, *, mesh, seq_axis=None,
+                         head_axis=None, causal: bool = True, q_positions=None,
+                         kv_lengths=None, sliding_window: Optional[int] = None,
+                         scale: Optional[float] = None, return_stats: bool = False):
+  """`cj.condensate_attention` over `mesh` (module docstring)."""
+  check_spec(spec)
+  if spec.selection != "exact":
+    raise ValueError(f"spec.selection={spec.selection!r}: the distributed call implements "
+                     "selection='exact' (the block and indexed modes are not distributed "
+                     "yet).")
+  if spec.top_k_capacity:
+    raise ValueError(f"spec.top_k_capacity={spec.top_k_capacity}: the distributed call "
+                     "takes static sizes (a spec without top_k_capacity).")
+  return _call(q, k, v, spec, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis,
+               causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
+               sliding_window=sliding_window, scale=scale, return_stats=return_stats)
+
+
+def dense_attention(q, k, v, *, mesh, seq_axis=None, head_axis=None, causal: bool = True,
+                    q_positions=None, kv_lengths=None, sliding_window: Optional[int] = None,
+                    scale: Optional[float] = None):
+  """`cj.dense_attention` over `mesh`: every visible key (the same merge)."""
+  return _call(q, k, v, None, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis,
+               causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
+               sliding_window=sliding_window, scale=scale, return_stats=False)
+
+
+def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_lengths,
+          sliding_window, scale, return_stats):
+  return_stats = validation.check_bool("return_stats", return_stats)
+  kv_lengths, q_positions, scale = validation.prepare(
+      q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
+      sliding_window=sliding_window, scale=scale)
+  n_seq, _ = _check_mesh(mesh, seq_axis, head_axis, k, q)
+  window = validation.static_window(sliding_window, k.shape[1])
+  bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
+                               sliding_window=window)
+  out = _sharded(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v), q_positions,
+                 kv_lengths, spec=spec, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis,
+                 n_seq=n_seq, causal=bool(causal), sliding_window=window, scale=scale,
+                 return_stats=return_stats)
+  if not return_stats:
+    return finite.poison(out, bad)
+  out, stats = out
+  out = finite.poison(out, bad)
+  bad_out = ~jnp.all(jnp.isfinite(out), axis=-1)
+  return out, finite.poison_stats(stats, bad_out.transpose(0, 2, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "mesh", "seq_axis", "head_axis",
+                                             "n_seq", "causal", "sliding_window", "scale",
+                                             "return_stats"))
+def _sharded(q, k, v, q_positions, kv_lengths, *, spec, mesh, seq_axis, head_axis, n_seq,
+             causal, sliding_window, scale, return_stats):
+  s_len = k.shape[1]
+  local = functools.partial(_local, spec=spec, seq_axis=seq_axis, n_seq=n_seq,
+                            s_len=s_len, causal=causal, sliding_window=sliding_window,
+                            scale=scale, return_stats=return_stats)
+  qs, kvs = P(None, None, head_axis, None), P(None, seq_axis, head_axis, None)
+  out_specs = (qs, AttentionStats(*[P(None, head_axis, None)] * 6)) if return_stats else qs
+  return jax.shard_map(local, mesh=mesh, in_specs=(qs, kvs, kvs, P(), P()),
+                       out_specs=out_specs, check_vma=False)(q, k, v, q_positions,
+                                                            kv_lengths)
+
+
+def _psum(x, axis):
+  return x if axis is None else jax.lax.psum(x, axis)
+
+
+def _pmax(x, axis):
+  return x if axis is None else jax.lax.pmax(x, axis)
+
+
+def _local(q, k, v, q_positions, kv_lengths, *, spec, seq_axis, n_seq, s_len, causal,
+           sliding_window, scale, return_stats):
+  """One shard: its keys' part of every query's set, attended and merged."""
+  s_loc = k.shape[1]
+  offset = 0 if seq_axis is None else jax.lax.axis_index(seq_axis) * s_loc
+  lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
+                                  sliding_window=sliding_window)
+  scores = softmax.scores(q, k, scale)                                  # [B,K,G,T,S_l]
+  if spec is None:
+    masks = geometry.static_masks(lo - offset, hi - offset, s_loc,
+                                  CondensateSpec(anchor=0, window=0, top_k=0))
+    in_set = jnp.broadcast_to(masks.visible, scores.shape)
+    topk = None
+  else:
+    masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
+    in_set, topk = _global_set(scores, masks, spec, seq_axis, n_seq, s_len)
+  # the set's softmax, merged: one shared max, then sums of exp(s - m) and of their values
+  s = jnp.where(in_set, scores, NEG_INF)
+  m = _pmax(jnp.max(s, axis=-1), seq_axis)                              # [B,K,G,T]
+  m = jnp.where(jnp.isneginf(m), 0.0, m)
+  p = jnp.where(in_set, jnp.exp(s - m[..., None]), 0.0)
+  l = _psum(jnp.sum(p, axis=-1), seq_axis)
+  o = _psum(jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32), precision=HIGHEST),
+            seq_axis)
+  o = o / jnp.where(l > 0, l, 1.0)[..., None]
+  b, hkv, g, t, d = o.shape
+  out = o.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d).astype(q.dtype)
+  if not return_stats:
+    return out
+  return out, _stats(scores, masks, in_set, topk, m, l, seq_axis)
+
+
+def _global_set(scores, masks, spec, seq_axis, n_seq, s_len):
+  """(in_set [B,K,G,T,S_l], (tau, n_dropped)) of the exact global top-k (module
+  docstring)."""
+  middle = jnp.broadcast_to(masks.middle, scores.shape)
+  n_mid = _psum(jnp.sum(masks.middle, axis=-1, dtype=jnp.int32), seq_axis)   # [B,1,1,T]
+  n_dropped = jnp.maximum(n_mid - spec.top_k, 0)
+  static = masks.anchor | masks.window
+  if spec.top_k >= max(s_len - spec.anchor - spec.window, 0):
+    # every middle key of every query is selected (as the single-device shortcut)
+    return jnp.broadcast_to(masks.visible, scores.shape), (None, n_dropped)
+  s_loc = scores.shape[-1]
+  kk = min(spec.top_k, s_loc)
+  if kk == 0:
+    tau = _pmax(jnp.max(jnp.where(middle, scores, NEG_INF), axis=-1), seq_axis)
+    return jnp.broadcast_to(static, scores.shape), (tau, n_dropped)
+  values, idx = jax.lax.top_k(jnp.where(middle, scores, NEG_INF), kk)
+  valid = jnp.take_along_axis(middle, idx, axis=-1)
+  if seq_axis is None or n_seq == 1:
+    chosen, tau = valid, jnp.min(values, axis=-1)
+  else:
+    # every shard's candidates in shard order (= global position order among equal
+    # scores): the global top-k is the top-k of these, ties to the lower position
+    all_values = jax.lax.all_gather(values, seq_axis, axis=values.ndim - 1, tiled=True)
+    all_valid = jax.lax.all_gather(valid, seq_axis, axis=valid.ndim - 1, tiled=True)
+    kg = min(spec.top_k, s_len)
+    top_values, pick = jax.lax.top_k(all_values, kg)
+    picked = jnp.take_along_axis(all_valid, pick, axis=-1)
+    flags = jnp.put_along_axis(jnp.zeros(all_valid.shape, bool), pick, picked, axis=-1,
+                               inplace=False)
+    me = jax.lax.axis_index(seq_axis)
+    chosen = jax.lax.dynamic_slice_in_dim(flags, me * kk, kk, axis=flags.ndim - 1)
+    tau = jnp.min(top_values, axis=-1)
+  picked_mask = exact.topk_mask(exact.TopK(idx, chosen, tau, n_dropped), s_loc)
+  return static | (picked_mask & middle), (tau, n_dropped)
+
+
+def _stats(scores, masks, in_set, topk, m_c, z_c, seq_axis) -> AttentionStats:
+  """AttentionStats [B, Hq, T] of the merged set (`exact.certificate`, across shards)."""
+  visible = jnp.broadcast_to(masks.visible, scores.shape)
+  m_vis = _pmax(jnp.max(jnp.where(visible, scores, NEG_INF), axis=-1), seq_axis)
+  m_vis = jnp.where(jnp.isneginf(m_vis), 0.0, m_vis)
+  e = jnp.where(visible, jnp.exp(jnp.minimum(scores - m_vis[..., None], 0.0)), 0.0)
+  z_set = _psum(jnp.sum(jnp.where(in_set, e, 0.0), -1), seq_axis)
+  z_drop = _psum(jnp.sum(jnp.where(in_set, 0.0, e), -1), seq_axis)
+  z_all = z_set + z_drop
+  safe = jnp.where(z_all > 0, z_all, 1.0)
+  captured = jnp.where(z_all > 0, z_set / safe, 1.0)
+  dropped = jnp.where(z_all > 0, z_drop / safe, 0.0)
+  n_visible = _psum(jnp.sum(visible, axis=-1, dtype=jnp.int32), seq_axis)
+  set_size = _psum(jnp.sum(in_set, axis=-1, dtype=jnp.int32), seq_axis)
+  bound = jnp.zeros_like(captured)
+  if topk is not None:
+    tau, n_dropped = topk
+    n_drop = n_dropped.astype(jnp.float32)
+    if tau is not None:
+      log_delta = jnp.where(n_drop > 0, jnp.log(n_drop) + (tau - m_c), NEG_INF)
+      bound = jax.nn.sigmoid(log_delta - jnp.log(jnp.where(z_c > 0, z_c, 1.0)))
+      bound = jnp.where(z_c > 0, bound, 1.0)
+      bound = jnp.where(n_drop > 0, bound, 0.0)
+  fields = (captured, dropped, bound, set_size, n_visible, n_visible)
+  shape = captured.shape
+  return AttentionStats(*[softmax.heads_last(jnp.broadcast_to(x, shape)) for x in fields])
