@@ -41,16 +41,63 @@ is memory-bound by that); no top_k_capacity (static sizes).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from condensate_jax import finite, geometry, softmax, validation
 from condensate_jax.selection import exact
 from condensate_jax.softmax import HIGHEST, NEG_INF, AttentionStats
 from condensate_jax.spec import CondensateSpec, check_spec
+
+
+class Placement(NamedTuple):
+  """Where a model's attention runs: `implementation=cj.distributed.Placement(mesh,
+  seq_axis=..., head_axis=...)` in `lm.logits / hidden / generate / step / prefill`
+  sends every layer's attention through this module, the KV cache sharded the same way
+  (hashable: a static argument of the compiled programs)."""
+  mesh: Mesh
+  seq_axis: Optional[str] = None
+  head_axis: Optional[str] = None
+
+  @property
+  def seq_devices(self) -> int:
+    return self.mesh.shape[self.seq_axis] if self.seq_axis is not None else 1
+
+  def kv_sharding(self):
+    """The NamedSharding of a [B, S, Hkv, D] cache buffer."""
+    return NamedSharding(self.mesh, P(None, self.seq_axis, self.head_axis, None))
+
+
+def check_placement(placement, attention=None, num_kv_heads=None):
+  """ValueError unless `placement` is a Placement whose axes fit `mesh` (and the model's
+  KV heads) and `attention` (None or a spec) is one the mesh call implements."""
+  if not isinstance(placement, Placement):
+    raise ValueError(f"implementation={placement!r}: expected a str or a "
+                     "cj.distributed.Placement.")
+  if not isinstance(placement.mesh, Mesh):
+    raise ValueError(f"Placement.mesh={placement.mesh!r}: expected a jax.sharding.Mesh.")
+  names = tuple(placement.mesh.axis_names)
+  for arg in ("seq_axis", "head_axis"):
+    axis = getattr(placement, arg)
+    if axis is not None and axis not in names:
+      raise ValueError(f"Placement.{arg}={axis!r}: not an axis of the mesh; expected None "
+                       f"or one of {names}.")
+  if placement.seq_axis is not None and placement.seq_axis == placement.head_axis:
+    raise ValueError(f"Placement seq_axis = head_axis = {placement.seq_axis!r}: expected "
+                     "two different mesh axes.")
+  n_head = placement.mesh.shape[placement.head_axis] if placement.head_axis else 1
+  if num_kv_heads is not None and num_kv_heads % n_head:
+    raise ValueError(f"Placement.head_axis={placement.head_axis!r} of {n_head} devices: the "
+                     f"model has {num_kv_heads} KV heads; expected a multiple of {n_head}.")
+  if attention is not None:
+    if attention.selection != "exact" or attention.top_k_capacity:
+      raise ValueError(f"attention.selection={attention.selection!r}, top_k_capacity="
+                       f"{attention.top_k_capacity} with a distributed Placement: the mesh "
+                       "call implements selection='exact' with static sizes.")
+  return placement
 
 
 def _check_mesh(mesh, seq_axis, head_axis, k, q):
@@ -245,3 +292,20 @@ def _stats(scores, masks, in_set, topk, m_c, z_c, seq_axis) -> AttentionStats:
   fields = (captured, dropped, bound, set_size, n_visible, n_visible)
   shape = captured.shape
   return AttentionStats(*[softmax.heads_last(jnp.broadcast_to(x, shape)) for x in fields])
+
+
+def model_attend(placement: Placement, q, k, v, spec, *, q_positions, kv_lengths,
+                 sliding_window, scale, return_stats):
+  """A model layer's attention over the placement's mesh: k, v padded (with invisible
+  keys, past every row's kv_length) to a multiple of the sequence shards. Returns out, or
+  (out, stats) with return_stats (a dense layer's stats: everything captured)."""
+  pad = -k.shape[1] % placement.seq_devices
+  if pad:
+    widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
+    k, v = jnp.pad(k, widths), jnp.pad(v, widths)
+  kw = dict(mesh=placement.mesh, seq_axis=placement.seq_axis,
+            head_axis=placement.head_axis, q_positions=q_positions, kv_lengths=kv_lengths,
+            sliding_window=sliding_window, scale=scale)
+  if spec is None:
+    return dense_attention(q, k, v, **kw)
+  return condensate_attention(q, k, v, spec, return_stats=return_stats, **kw)

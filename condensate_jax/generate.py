@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from condensate_jax import metrics
+from condensate_jax import distributed, metrics
 from condensate_jax.models import fast_path
 from condensate_jax.models.kv_cache import KVCache
 
@@ -83,6 +83,13 @@ def prefill(graphdef, state, tokens, cache, lengths, sizes=None, *, attention,
                   attention=attention, implementation=implementation)
 
 
+def shard_cache(cache: KVCache, placement) -> KVCache:
+  """The cache's K/V buffers laid out as the placement's mesh call reads them."""
+  sharding = placement.kv_sharding()
+  put = lambda xs: tuple(jax.lax.with_sharding_constraint(x, sharding) for x in xs)
+  return cache._replace(k=put(cache.k), v=put(cache.v))
+
+
 def init_cache(cfg, batch: int, max_len: int, dtype) -> KVCache:
   return KVCache.zeros(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim,
                        dtype)
@@ -128,8 +135,13 @@ def decode(graphdef, state, tokens, prompt_lengths, keys, temperature, top_p, si
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
   fast = implementation == fast_path.NAME
-  cache = init_cache(cfg, b, fast_path.cache_length(t + max_new_tokens, attention) if fast
-                     else t + max_new_tokens, dtype)
+  size = t + max_new_tokens
+  if fast:
+    size = fast_path.cache_length(size, attention)
+  cache = init_cache(cfg, b, size, dtype)
+  if isinstance(implementation, distributed.Placement):
+    cache = shard_cache(init_cache(cfg, b, -(-size // implementation.seq_devices)
+                                   * implementation.seq_devices, dtype), implementation)
   run = functools.partial(model, attention=attention, implementation=implementation,
                           sizes=sizes)
   pick = functools.partial(choose, keys=keys, sample=sample, temperature=temperature,

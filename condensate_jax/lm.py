@@ -28,13 +28,14 @@ from flax import nnx
 
 from condensate_jax import attention as attention_lib
 from condensate_jax import generate as gen
-from condensate_jax import metrics, validation
+from condensate_jax import distributed, metrics, validation
 from condensate_jax.models import fast_path, layers
 from condensate_jax.models.kv_cache import KVCache
 from condensate_jax.spec import CondensateSpec
 
 
-def _check_attention(attention, implementation, num_layers: int, fast: bool = False):
+def _check_attention(attention, implementation, num_layers: int, fast: bool = False,
+                     kv_heads: Optional[int] = None):
   """attention: None or a CondensateSpec whose dense_layers exist in the model;
   implementation: a name `condensate_attention` takes for it (checked also when the run
   is dense, so a typo never passes silently), or "fast" where `fast` (generate, step:
@@ -42,7 +43,10 @@ def _check_attention(attention, implementation, num_layers: int, fast: bool = Fa
   if attention is not None and not isinstance(attention, CondensateSpec):
     raise ValueError(f"attention={attention!r}: expected None (dense) or a "
                      "condensate_jax.CondensateSpec.")
-  if implementation == fast_path.NAME:
+  placed = isinstance(implementation, distributed.Placement)
+  if placed:
+    distributed.check_placement(implementation, attention, kv_heads)
+  elif implementation == fast_path.NAME:
     if not fast:
       raise ValueError("implementation='fast': the timed kernels serve cached decoding "
                        "(lm.generate, lm.step); teacher-forced calls take one of "
@@ -61,7 +65,7 @@ def _check_attention(attention, implementation, num_layers: int, fast: bool = Fa
     raise ValueError(f"attention.dense_layers={attention.dense_layers!r}: layers {beyond} "
                      f"do not exist; expected indices in [0, {num_layers - 1}] "
                      f"(the model has {num_layers} layers).")
-  if implementation != fast_path.NAME:
+  if implementation != fast_path.NAME and not placed:
     attention_lib.resolve_implementation(implementation, attention)
   return attention
 
@@ -207,7 +211,8 @@ class LanguageModel:
              implementation: str = "xla", return_stats: bool = False):
     """Teacher-forced logits [B,T,V] float32; optionally the stacked AttentionStats."""
     tokens = self._tokens(tokens)
-    program, sizes = _program(_check_attention(attention, implementation, self.num_layers))
+    program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
+                                               kv_heads=self.config.num_kv_heads))
     return gen.forward(self.graphdef, self.state, tokens, sizes, attention=program,
                        implementation=implementation,
                        return_stats=validation.check_bool("return_stats", return_stats))
@@ -218,7 +223,8 @@ class LanguageModel:
     head: `lm.head(h)` gives `lm.logits`' numbers for any rows of it, so a measurement
     at a large vocabulary holds [T, D] instead of [T, V] (`hidden_parity`)."""
     tokens = self._tokens(tokens)
-    program, sizes = _program(_check_attention(attention, implementation, self.num_layers))
+    program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
+                                               kv_heads=self.config.num_kv_heads))
     return gen.forward(self.graphdef, self.state, tokens, sizes, attention=program,
                        implementation=implementation,
                        return_stats=validation.check_bool("return_stats", return_stats),
@@ -279,7 +285,7 @@ class LanguageModel:
     top_p = _check_float("top_p", top_p, 0.0, 1.0, "a float in (0, 1]", open_lo=True)
     keys = _row_keys(seed, b)
     program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
-                                               fast=True))
+                                               fast=True, kv_heads=self.config.num_kv_heads))
     return gen.decode(self.graphdef, self.state, tokens, lengths, keys,
                       jnp.float32(max(temperature, 1e-30)), jnp.float32(top_p), sizes,
                       max_new_tokens=max_new_tokens, attention=program,
@@ -322,7 +328,7 @@ class LanguageModel:
     self._check_cache(cache, tokens.shape)
     lengths = _check_lengths(prompt_lengths, *tokens.shape)
     program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
-                                               fast=True))
+                                               fast=True, kv_heads=self.config.num_kv_heads))
     implementation = self._fast_prefill(implementation, cache)
     return gen.prefill(self.graphdef, self.state, tokens, cache, lengths, sizes,
                        attention=program, implementation=implementation)
@@ -346,7 +352,7 @@ class LanguageModel:
     tokens = self._tokens(tokens)
     self._check_cache(cache, tokens.shape)
     program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
-                                               fast=True))
+                                               fast=True, kv_heads=self.config.num_kv_heads))
     implementation = self._fast_prefill(implementation, cache)
     return gen.step(self.graphdef, self.state, tokens, cache, sizes, attention=program,
                     implementation=implementation)

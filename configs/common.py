@@ -10,6 +10,9 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
   attention.anchor      tuple of anchor sizes
   attention.dense_layers  layers kept dense in every condensate point ("pillars"), a tuple
   attention.implementation  "xla" (default), "xla_gathered", "pallas", ...
+  attention.mesh        "" (one device) or "seq=4,heads=2": every model call (dense
+                        reference included) through cj.distributed over that mesh of the
+                        first devices (selection "exact"; the gate then allows rounding)
   attention.block_rank  "bound" (default) or "centre": how "blocks" points rank blocks
   attention.query_blocks  True: "blocks" points select per block of prompt rows (the
                         timed prefill's lists); False (default): per query
@@ -91,6 +94,7 @@ def parity_config(*, name: str, model: str, top_k: Sequence[int], window: Sequen
   config.attention.anchor = tuple(anchor)
   config.attention.dense_layers = ()
   config.attention.implementation = "xla"
+  config.attention.mesh = ""
   # Block-summary selection (DESIGN.md §4): "exact" (default), "bounded", "blocks",
   # "certified"; the covers-everything gate point always uses "exact".
   config.attention.selection = _scalar_or_tuple(selection)

@@ -75,6 +75,7 @@ JOBS = {
     "kernel_bench": "experiments.bench.kernel_bench",
     "retrieval": "experiments.bench.retrieval",
     "model_bench": "experiments.bench.model_bench",
+    "mesh_bench": "experiments.bench.mesh_bench",
 }
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import numpy as np
+
 import condensate_jax as cj
 from experiments.errors import ConfigError
 
@@ -193,6 +195,13 @@ def check_config(config) -> None:
       cj.attention.resolve_implementation(config.attention.implementation, spec)
     except ValueError as err:
       raise ConfigError(f"config.attention.implementation: {err}") from None
+  if mesh_axes(config):
+    placement = model_implementation(config)
+    for spec in specs:
+      try:
+        cj.distributed.check_placement(placement, spec)
+      except ValueError as err:
+        raise ConfigError(f"config.attention.mesh={config.attention.mesh!r}: {err}") from None
   if tuple(config.attention.dense_layers):
     _int_tuple(config.attention.dense_layers, "attention.dense_layers", 0)
   _int_tuple(config.prompts.lengths, "prompts.lengths", 1)
@@ -291,4 +300,54 @@ def keys(config, model_id: str, prompt, point: Optional[GridPoint]) -> str:
   elif not point.exact:  # the same string as before block grids for scalar settings
     layers += (f"|{point.selection}-P{point.block_size}-M{point.top_blocks}"
                f"-e{point.epsilon!r}{_block_options(config, point)}")
-  return f"{base}|{a.implementation}|dl[{layers}]|{point.budget_key}"
+  return f"{base}|{implementation_label(config)}|dl[{layers}]|{point.budget_key}"
+
+
+MESH_AXES = ("seq", "heads")
+
+
+def mesh_axes(config) -> dict[str, int]:
+  """config.attention.mesh ("" or e.g. "seq=4,heads=2") as {axis: size}; ConfigError
+  for anything else."""
+  text = str(config.attention.get("mesh", "") or "").strip()
+  if not text:
+    return {}
+  axes = {}
+  for part in text.split(","):
+    name, sep, size = part.strip().partition("=")
+    if (not sep or name not in MESH_AXES or name in axes or not size.isdigit()
+        or int(size) < 1):
+      raise ConfigError(f"config.attention.mesh={text!r}: expected comma-separated "
+                        f"axis=size with axes from {MESH_AXES} (each once, size >= 1), "
+                        "e.g. 'seq=4,heads=2', or '' for one device.")
+    axes[name] = int(size)
+  return axes
+
+
+def model_implementation(config, dense: bool = False):
+  """What the runner passes as the models' `implementation=`: config.attention.
+  implementation, or with config.attention.mesh a `cj.distributed.Placement` over the
+  first seq * heads devices (the dense reference then runs over the same mesh)."""
+  axes = mesh_axes(config)
+  if not axes:
+    return "xla" if dense else config.attention.implementation
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+  n = int(np.prod(list(axes.values())))
+  devices = jax.devices()
+  if n > len(devices):
+    raise ConfigError(f"config.attention.mesh={config.attention.mesh!r}: {n} devices "
+                      f"asked, {len(devices)} present.")
+  mesh = Mesh(np.array(devices[:n]).reshape(tuple(axes.values())), tuple(axes))
+  return cj.distributed.Placement(mesh, seq_axis="seq" if "seq" in axes else None,
+                                  head_axis="heads" if "heads" in axes else None)
+
+
+def implementation_label(config) -> str:
+  """The implementation as rows and keys name it: config.attention.implementation, with
+  "@mesh(seq=4,heads=2)" where the run is distributed."""
+  axes = mesh_axes(config)
+  name = config.attention.implementation
+  if not axes:
+    return name
+  return f"{name}@mesh(" + ",".join(f"{k}={v}" for k, v in axes.items()) + ")"

@@ -50,6 +50,9 @@ def git_info() -> dict[str, Any]:
 
 # Config keys that do not change any row (how a run reports, not what it measures).
 NON_RESULT_KEYS = ("resume", "plots", "gate", "name")
+# keys added to the configs after workdirs were written, with the default that an earlier
+# config (which lacks them) ran with: a workdir of that config still resumes
+ADDED_KEYS = {"attention.mesh": ""}
 RESUME_MODES = ("match", "extend")
 
 
@@ -102,7 +105,7 @@ def check_resume(workdir: pathlib.Path, config_dict: dict[str, Any], has_rows: b
   def differences(old):
     old = _flat(_json(old))
     return sorted(k for k in set(new) | set(old) if k.split(".")[0] not in NON_RESULT_KEYS
-                  and new.get(k, "<absent>") != old.get(k, "<absent>"))
+                  and new.get(k, "<absent>") != old.get(k, ADDED_KEYS.get(k, "<absent>")))
 
   diffs = [differences(old) for old in earlier]
   if all(diffs):      # matches none of the configs whose rows the workdir holds

@@ -106,15 +106,17 @@ def host_logits(lm, hidden, start: int, stop: int) -> np.ndarray:
   return np.asarray(lm.head(hidden[start:stop]), np.float32)
 
 
-def dense_reference(lm, prompt, new_tokens: int, sampling=None) -> DenseReference:
+def dense_reference(lm, prompt, new_tokens: int, sampling=None,
+                    implementation="xla") -> DenseReference:
   """The dense side of a prompt: decoded tokens (greedy, or sampled with `sampling`, the
-  lm.generate keyword arguments of `grid.decoding`) and teacher-forced logits."""
+  lm.generate keyword arguments of `grid.decoding`) and teacher-forced logits
+  (`implementation`: "xla", or the mesh placement of `grid.model_implementation`)."""
   start = time.perf_counter()
   tokens = np.asarray(prompt.tokens, np.int32)[None]
-  generated = np.asarray(lm.generate(tokens, new_tokens, **(sampling or {})),
-                         np.int32).reshape(-1)
+  generated = np.asarray(lm.generate(tokens, new_tokens, implementation=implementation,
+                                     **(sampling or {})), np.int32).reshape(-1)
   full = np.concatenate([tokens, generated[None]], axis=1)
-  hidden = lm.hidden(full)[0]
+  hidden = lm.hidden(full, implementation=implementation)[0]
   return DenseReference(tokens, full, generated, jax.block_until_ready(hidden),
                         time.perf_counter() - start)
 
@@ -152,7 +154,8 @@ def shared_capacity(points, config) -> int:
   forced program per prompt length, the sets and outputs bit for bit the static ones'),
   or 0 where the implementation has no runtime sizes. The covers-everything point keeps
   its static spec (its top_k spans the whole context)."""
-  if config.attention.implementation not in SHARED_PROGRAM_IMPLEMENTATIONS:
+  if (config.attention.implementation not in SHARED_PROGRAM_IMPLEMENTATIONS
+      or grid.mesh_axes(config)):      # the mesh call takes static sizes
     return 0
   return max([p.top_k for p in points if p.exact and not p.covering] or [0])
 
@@ -168,7 +171,7 @@ def row_spec(point: grid.GridPoint, config, capacity: int) -> cj.CondensateSpec:
 def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config,
                    capacity: int = 0) -> dict[str, Any]:
   spec = row_spec(point, config, capacity)
-  impl = config.attention.implementation
+  impl = grid.model_implementation(config)
   sampling = grid.decoding(config)
   start = time.perf_counter()
   generated = np.asarray(
@@ -202,7 +205,8 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config,
     row["eps_met_frac"] = float(np.mean(np.asarray(stats.dropped_mass_bound)
                                         <= spec.epsilon))
   row["covers"] = point.budget >= ref.full.shape[1]
-  row["exact"] = gate_passes(row, greedy, impl, config.model.dtype,
+  row["exact"] = gate_passes(row, greedy, grid.implementation_label(config),
+                             config.model.dtype,
                              parity["dense_max_abs_logit"])
   row["top_k_capacity"] = spec.top_k_capacity   # 0: a program of its own
   return row
@@ -285,7 +289,8 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
       if not todo and dense_key in store:
         continue
       bar.set_postfix_str(f"{prompt.id} dense")
-      ref = dense_reference(lm, prompt, new_tokens, grid.decoding(config))
+      ref = dense_reference(lm, prompt, new_tokens, grid.decoding(config),
+                            grid.model_implementation(config, dense=True))
       common = {"model": model_id, "dtype": config.model.dtype,
                 "prompt": {"id": prompt.id, "source": prompt.source,
                            "length": prompt.length, "sha": prompt.sha},
@@ -320,7 +325,7 @@ def run(config, workdir, *, load_model: Optional[Callable] = None,
         row = condensate_row(lm, ref, point, config, capacity)
         spec = grid.point_spec(point, config)
         row.update({"key": key, **common, "point_key": point.key,
-                    "implementation": config.attention.implementation,
+                    "implementation": grid.implementation_label(config),
                     "selection": spec.selection, "bounds": spec.bounds,
                     "block_rank": spec.block_rank,
                     "query_blocks": spec.query_blocks,

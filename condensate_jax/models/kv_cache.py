@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from condensate_jax import attention as attention_lib
+from condensate_jax import distributed
 from condensate_jax import geometry
 from condensate_jax.models import fast_path
 from condensate_jax.models.layers import einsum
@@ -165,6 +166,18 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
     new = (keys, values, summaries)
   kwargs = dict(q_positions=ctx.positions, kv_lengths=kv_lengths,
                 sliding_window=sliding_window, scale=scale)
+  if isinstance(ctx.implementation, distributed.Placement):
+    res = distributed.model_attend(ctx.implementation, q, keys, values, spec,
+                                   return_stats=ctx.return_stats and spec is not None,
+                                   **kwargs)
+    out, stats = res if (ctx.return_stats and spec is not None) else (res, None)
+    if ctx.return_stats and spec is None:
+      stats = dense_stats(ctx.positions, kv_lengths, q.shape[2], sliding_window)
+    if new is not None:
+      sharding = ctx.implementation.kv_sharding()
+      new = (jax.lax.with_sharding_constraint(new[0], sharding),
+             jax.lax.with_sharding_constraint(new[1], sharding), new[2])
+    return out, new, stats
   if fast:
     out = fast_path.attend(ctx, spec, q, k, v, keys, values, summaries, scale=scale,
                            sliding_window=sliding_window)

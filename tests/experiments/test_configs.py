@@ -81,7 +81,7 @@ def test_unknown_job_is_a_clear_error(smoke_config):
   smoke_config.job = "no_such_job"
   with pytest.raises(ConfigError, match="no module experiments.no_such_job"):
     cli.job_module(smoke_config.job)
-  with pytest.raises(ConfigError, match="fast_bench, kernel_bench, model_bench, parity"):
+  with pytest.raises(ConfigError, match="fast_bench, kernel_bench, mesh_bench, model_bench, parity"):
     cli.job_module(smoke_config.job)
 
 

@@ -127,3 +127,88 @@ def test_bad_mesh_or_axes_are_clear_errors():
     dist.condensate_attention(q, k, v, spec, mesh="mesh", seq_axis="seq")
   with pytest.raises(ValueError, match="implements selection='exact'"):
     dist.condensate_attention(q, k, v, spec.replace(selection="indexed"), mesh=MESH)
+
+
+# ------------------------------------------------------------------ models over a mesh
+
+from condensate_jax.weights import tiny  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["llamalike", "gemma3"])
+def test_models_over_a_mesh_equal_one_device(family):
+  """Teacher-forced logits and stats, ragged greedy decoding with the cache sharded along
+  the sequence (and heads where the model has several KV heads); Gemma 3's local layers
+  (window 16) through the same call (its decoding: the spec only, to keep CI time)."""
+  lm = tiny.tiny_random(family)
+  heads = "heads" if lm.config.num_kv_heads % 2 == 0 else None
+  placement = dist.Placement(MESH, seq_axis="seq", head_axis=heads)
+  rng = np.random.default_rng(7)
+  tokens = rng.integers(0, lm.vocab_size, (2, 45)).astype(np.int32)     # 45: padded to 48
+  spec = cj.CondensateSpec(anchor=2, window=4, top_k=6)
+  want, want_stats = lm.logits(tokens, attention=spec, return_stats=True)
+  got, got_stats = lm.logits(tokens, attention=spec, implementation=placement,
+                             return_stats=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(got_stats.set_size),
+                                np.asarray(want_stats.set_size))
+  lengths = np.array([45, 30])
+  for attention in ((None, spec) if family == "llamalike" else (spec,)):
+    want = lm.generate(tokens, 5, attention, prompt_lengths=lengths)
+    got = lm.generate(tokens, 5, attention, implementation=placement, prompt_lengths=lengths)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_model_placement_errors():
+  lm = tiny.tiny_random("llamalike")
+  tokens = np.zeros((1, 8), np.int32)
+  with pytest.raises(ValueError, match="implements selection='exact'"):
+    lm.logits(tokens, attention=cj.CondensateSpec(anchor=1, window=1, top_k=2,
+                                                  selection="indexed"),
+              implementation=dist.Placement(MESH, seq_axis="seq"))
+  with pytest.raises(ValueError, match=r"Placement.seq_axis='rows': not an axis"):
+    lm.logits(tokens, implementation=dist.Placement(MESH, seq_axis="rows"))
+  with pytest.raises(ValueError, match="expected a multiple of 8"):
+    lm.logits(tokens, implementation=dist.Placement(MESH_8, head_axis="seq"))
+
+
+def test_parity_runner_over_a_mesh(tmp_path):
+  """The smoke parity grid with config.attention.mesh: the dense reference and every row
+  through the mesh, the covers-everything gate passing within rounding."""
+  from experiments import cli, parity  # pylint: disable=import-outside-toplevel
+  config = cli.load_config("smoke.py")
+  config.attention.mesh = "seq=4,heads=2"
+  config.attention.top_k = (4,)
+  config.attention.window = (8,)
+  config.prompts.num = 1
+  config.generate.new_tokens = 6
+  config.plots = False
+  import json  # pylint: disable=import-outside-toplevel
+  parity.run(config, tmp_path, progress=False)
+  rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+  cond = [r for r in rows if r["kind"] == "condensate"]
+  assert len(cond) == 2 and all(r["implementation"] == "xla@mesh(seq=4,heads=2)"
+                                for r in cond)
+  covering = [r for r in cond if r["covers"]]
+  assert len(covering) == 1 and covering[0]["exact"]
+  assert covering[0]["max_abs_logit_diff"] <= 1e-4 * covering[0]["dense_max_abs_logit"]
+  with pytest.raises(Exception, match="config.attention.mesh='seq=3,rows=2'"):
+    config.attention.mesh = "seq=3,rows=2"
+    parity.run(config, tmp_path / "bad", progress=False)
+
+
+def test_mesh_bench_job(tmp_path):
+  """The multi-device benchmark's wiring: rows for 1 and 4 devices, each equal to the
+  one-device call, with the collectives' bytes of its shapes."""
+  from experiments import cli  # pylint: disable=import-outside-toplevel
+  from experiments.bench import mesh_bench  # pylint: disable=import-outside-toplevel
+  config = cli.load_config("mesh_bench.py:size=smoke")
+  config.devices, config.lengths, config.batches = (1, 4), (1024,), (1,)
+  result = mesh_bench.run(config, tmp_path, progress=False)
+  one, four = result["rows"]
+  assert (one["devices"], four["devices"]) == (1, 4)
+  assert one["gather_bytes"] == 0 and four["gather_bytes"] == 4 * 64 * 1 * 4 * 5
+  for r in (one, four):
+    assert r["dense_s"] > 0 and r["condensate_s"] > 0
+    assert r["dense_max_abs_vs_one_device"] <= 1e-6
+    assert r["condensate_max_abs_vs_one_device"] <= 1e-6
+  assert "| 4 | 1K | 1 |" in result["table"]
