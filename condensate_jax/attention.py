@@ -212,13 +212,7 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
   result = fn(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v), q_positions,
               kv_lengths, spec=spec, causal=bool(causal), sliding_window=window,
               scale=scale, return_stats=return_stats, **kwargs)
-  if not return_stats:
-    return finite.poison(result, bad)
-  out, stats = result
-  out = finite.poison(out, bad)
-  # also where the output overflowed (finite inputs, scores or sums beyond float range)
-  bad_out = ~jnp.all(jnp.isfinite(out), axis=-1)
-  return out, finite.poison_stats(stats, bad_out.transpose(0, 2, 1))
+  return finite.poison_result(result, bad, return_stats)
 
 
 def _split_sizes(spec: CondensateSpec, sizes):

@@ -166,12 +166,7 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
                  kv_lengths, spec=spec, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis,
                  n_seq=n_seq, causal=bool(causal), sliding_window=window, scale=scale,
                  return_stats=return_stats)
-  if not return_stats:
-    return finite.poison(out, bad)
-  out, stats = out
-  out = finite.poison(out, bad)
-  bad_out = ~jnp.all(jnp.isfinite(out), axis=-1)
-  return out, finite.poison_stats(stats, bad_out.transpose(0, 2, 1))
+  return finite.poison_result(out, bad, return_stats)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "mesh", "seq_axis", "head_axis",

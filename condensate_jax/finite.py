@@ -107,6 +107,18 @@ def poison(out: jax.Array, bad: jax.Array) -> jax.Array:
   return jnp.where(bad[..., None], jnp.array(jnp.nan, out.dtype), out)
 
 
+def poison_result(result, bad: jax.Array, return_stats: bool):
+  """An attention call's result (out, or (out, stats)) with the queries that read a
+  non-finite value (`bad`) poisoned, and the stats also where the output overflowed
+  (finite inputs, scores or sums beyond float range)."""
+  if not return_stats:
+    return poison(result, bad)
+  out, stats = result
+  out = poison(out, bad)
+  bad_out = ~jnp.all(jnp.isfinite(out), axis=-1)
+  return out, poison_stats(stats, bad_out.transpose(0, 2, 1))
+
+
 def poison_decode(q, out, lse, eps):
   """A decode step's (out [B, 1, Hq, D], lse, eps [B, Hq]) made NaN together where any of
   them reads a non-finite value: a non-finite q row, a NaN or +inf lse, a NaN eps, a

@@ -140,16 +140,22 @@ def _encode(kf, mu, sigma, bits):
 def append_index(index: KeyIndex, k_new, positions) -> KeyIndex:
   """Writes k_new [B, T, Hkv, D] at positions [B, T] (-1: skip) with the index's own
   mu and sigma."""
-  if not isinstance(index, KeyIndex):
-    raise ValueError(f"index: expected a KeyIndex, got {type(index).__name__}.")
-  validation.check_keys(k_new, "k_new")
-  b, t = k_new.shape[:2]
-  if k_new.shape[0] != index.codes.shape[0] or k_new.shape[2:] != index.codes.shape[2:]:
-    raise ValueError(f"k_new.shape={tuple(k_new.shape)}: expected [B, T, Hkv, D] with "
-                     f"B, Hkv, D = {index.codes.shape[0]}, {index.codes.shape[2:]}.")
-  positions = validation.check_int_array("positions", positions, (b, t), -1,
-                                         index.num_keys - 1)
+  positions = _check_append(index, KeyIndex, k_new, positions)
   return _append(index, k_new, positions)
+
+
+def _check_append(index, kind, k_new, positions):
+  """Validates an append's inputs (ValueError naming the argument); returns positions."""
+  if not isinstance(index, kind):
+    raise ValueError(f"index: expected a {kind.__name__}, got {type(index).__name__}.")
+  validation.check_keys(k_new, "k_new")
+  bhd = ((index.codes.shape[0],) + tuple(index.codes.shape[2:]) if kind is KeyIndex
+         else (index.packed.shape[0], index.packed.shape[1], index.mu.shape[-1]))
+  if (k_new.shape[0], k_new.shape[2], k_new.shape[3]) != tuple(bhd):
+    raise ValueError(f"k_new.shape={tuple(k_new.shape)}: expected [B, T, Hkv, D] with "
+                     f"B, Hkv, D = {tuple(bhd)}.")
+  return validation.check_int_array("positions", positions, k_new.shape[:2], -1,
+                                    index.num_keys - 1)
 
 
 @jax.jit
@@ -251,16 +257,7 @@ def append_packed(index: PackedIndex, k_new, positions) -> PackedIndex:
   """`append_index` in the packed layout: k_new [B, T, Hkv, D] encoded with the index's
   own mu and sigma and written at positions [B, T] (-1: skip); equal to packing the
   appended `KeyIndex` (tested). What a decode cache that feeds the timed step keeps."""
-  if not isinstance(index, PackedIndex):
-    raise ValueError(f"index: expected a PackedIndex, got {type(index).__name__}.")
-  validation.check_keys(k_new, "k_new")
-  b, t = k_new.shape[:2]
-  want = (index.packed.shape[0], index.packed.shape[1], index.mu.shape[-1])
-  if (k_new.shape[0], k_new.shape[2], k_new.shape[3]) != want:
-    raise ValueError(f"k_new.shape={tuple(k_new.shape)}: expected [B, T, Hkv, D] with "
-                     f"B, Hkv, D = {want}.")
-  positions = validation.check_int_array("positions", positions, (b, t), -1,
-                                         index.num_keys - 1)
+  positions = _check_append(index, PackedIndex, k_new, positions)
   return _append_packed(index, k_new, positions)
 
 
