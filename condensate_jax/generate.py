@@ -122,9 +122,10 @@ def choose(logits, keys, step, *, sample: bool, temperature, top_p):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + (
-    "max_new_tokens", "cfg", "dtype", "sample", "eos_id"))
+    "max_new_tokens", "cfg", "dtype", "sample", "eos_id", "fast_prefill"))
 def decode(graphdef, state, tokens, prompt_lengths, keys, temperature, top_p, sizes=None,
-           *, max_new_tokens, attention, implementation, cfg, dtype, sample, eos_id):
+           *, max_new_tokens, attention, implementation, cfg, dtype, sample, eos_id,
+           fast_prefill=True):
   """Prefill the (right-padded) prompts, then up to max_new_tokens - 1 cached steps.
 
   tokens [B, T] with row b's prompt in tokens[b, :prompt_lengths[b]]; keys [B] PRNG keys
@@ -148,7 +149,8 @@ def decode(graphdef, state, tokens, prompt_lengths, keys, temperature, top_p, si
                            top_p=top_p)
   # the cache is empty: the fast path's prefill call attends to its own keys
   last, cache = _prefill(model, tokens, cache, prompt_lengths, sizes, attention=attention,
-                         implementation=fast_path.PREFILL if fast else implementation)
+                         implementation=fast_path.PREFILL if fast and fast_prefill
+                         else implementation)
   first = pick(last, step=0)
   stop = jnp.int32(-1 if eos_id is None else eos_id)
   out = jnp.full((b, max_new_tokens), jnp.maximum(stop, 0), jnp.int32).at[:, 0].set(first)

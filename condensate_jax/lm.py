@@ -290,7 +290,8 @@ class LanguageModel:
                       jnp.float32(max(temperature, 1e-30)), jnp.float32(top_p), sizes,
                       max_new_tokens=max_new_tokens, attention=program,
                       implementation=implementation, cfg=self.config, dtype=self.dtype,
-                      sample=temperature > 0, eos_id=eos_id)
+                      sample=temperature > 0, eos_id=eos_id,
+                      fast_prefill=fast_path.prefill_kernels_apply(program, lengths, t))
 
   def init_cache(self, batch: int, max_len: int):
     batch = _check_count("batch", batch, 1)
@@ -329,7 +330,10 @@ class LanguageModel:
     lengths = _check_lengths(prompt_lengths, *tokens.shape)
     program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
                                                fast=True, kv_heads=self.config.num_kv_heads))
-    implementation = self._fast_prefill(implementation, cache)
+    if implementation == fast_path.NAME:
+      fast_path.check_cache_length(program, cache.k[0].shape[1])
+    if fast_path.prefill_kernels_apply(program, lengths, tokens.shape[1]):
+      implementation = self._fast_prefill(implementation, cache)
     return gen.prefill(self.graphdef, self.state, tokens, cache, lengths, sizes,
                        attention=program, implementation=implementation)
 
@@ -353,6 +357,8 @@ class LanguageModel:
     self._check_cache(cache, tokens.shape)
     program, sizes = _program(_check_attention(attention, implementation, self.num_layers,
                                                fast=True, kv_heads=self.config.num_kv_heads))
+    if implementation == fast_path.NAME:
+      fast_path.check_cache_length(program, cache.k[0].shape[1])
     implementation = self._fast_prefill(implementation, cache)
     return gen.step(self.graphdef, self.state, tokens, cache, sizes, attention=program,
                     implementation=implementation)

@@ -196,6 +196,11 @@ def check_config(config) -> None:
     except ValueError as err:
       raise ConfigError(f"config.attention.implementation: {err}") from None
   if mesh_axes(config):
+    if config.attention.implementation not in ("xla", "xla_masked"):
+      raise ConfigError(f"config.attention.implementation="
+                        f"{config.attention.implementation!r} with config.attention.mesh="
+                        f"{config.attention.mesh!r}: the mesh call is the XLA one; expected "
+                        "'xla' (or no mesh).")
     placement = model_implementation(config)
     for spec in specs:
       try:

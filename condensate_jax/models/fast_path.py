@@ -13,7 +13,9 @@ A model called with implementation="fast" (`lm.generate`, `lm.step`) runs, per l
   prefill (the first call of `lm.generate`, on an empty cache):
     dense:   `dense_prefill` (cuDNN causal on a GPU in bf16 / fp16, else XLA) over the
              call's own keys;
-    blocks:  `fast.prefill_step` (the timed block-sparse prefill: per-query-block lists);
+    blocks:  `fast.prefill_step` (the timed block-sparse prefill: per-query-block lists)
+             when every row fills the call (its lists read the whole rows: a padded row
+             would rank with its padding), else the XLA specification (`lm` picks);
     indexed, exact: the XLA specification over the call's own keys (no prefill kernel
              yet for "indexed": issue #13).
   Any other call with T > 1 tokens runs the XLA specification over the cache.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from condensate_jax import attention as attention_lib
 from condensate_jax.impl import xla_masked
@@ -65,22 +68,34 @@ def check_fast(attention, return_stats: bool = False, sizes=None):
 
 
 def _cudnn_ok(q) -> bool:
-  return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  return dense_kernel(q.dtype, q.shape[-1]) == "cudnn"
 
 
-def dense_kernel(dtype) -> str:
-  """The dense kernel `dense_decode` / `dense_prefill` run for this dtype here."""
-  ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+def dense_kernel(dtype, head_dim: int = 128) -> str:
+  """The dense kernel `dense_decode` / `dense_prefill` run for this dtype and head dim
+  here: "cudnn" on an Ampere-or-later GPU in bf16 / fp16 (head dim <= 128, or <= 256 on
+  Hopper and later: JAX's cuDNN attention limits), else "xla"."""
+  if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return "xla"
+  try:
+    cc = float(jax.devices()[0].compute_capability)
+  except (AttributeError, TypeError, ValueError):
+    return "xla"
+  ok = cc >= 8.0 and (head_dim <= 128 or (cc >= 9.0 and head_dim <= 256))
   return "cudnn" if ok else "xla"
 
 
 def covers_window(spec, sliding_window) -> bool:
-  """True when the spec's set is every key a query sees in a window of that size."""
+  """True when the spec's set is every key a query sees in a window of that size: the
+  middle of a window (at most w - anchor - window keys) fits top_k, or for "blocks" the
+  blocks it can touch (ceil(m / P) + 1: a run of keys straddles block borders) fit
+  top_blocks."""
   if spec is None:
     return True
-  budget = spec.anchor + spec.window + (
-      spec.top_blocks * spec.block_size if spec.selection == "blocks" else spec.top_k)
-  return budget >= sliding_window
+  middle = max(sliding_window - spec.anchor - spec.window, 0)
+  if spec.selection == "blocks":
+    return middle == 0 or spec.top_blocks >= -(-middle // spec.block_size) + 1
+  return spec.top_k >= middle
 
 
 def _window_slice(k, v, kv_lengths, w):
@@ -98,10 +113,13 @@ def dense_decode(q, k, v, kv_lengths, *, scale, sliding_window=None):
     k, v, kv_lengths = _window_slice(k, v, kv_lengths, sliding_window)
   if _cudnn_ok(q):
     b = q.shape[0]
-    return jax.nn.dot_product_attention(
-        q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, is_causal=False,
-        query_seq_lengths=jnp.ones((b,), jnp.int32), key_value_seq_lengths=kv_lengths,
-        implementation="cudnn")
+    try:
+      return jax.nn.dot_product_attention(
+          q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, is_causal=False,
+          query_seq_lengths=jnp.ones((b,), jnp.int32), key_value_seq_lengths=kv_lengths,
+          implementation="cudnn")
+    except NotImplementedError:    # a shape this cuDNN does not take: XLA below
+      pass
   pos = (kv_lengths - 1)[:, None]
   return xla_masked.dense(q, k, v, pos, kv_lengths, causal=True, sliding_window=None,
                           scale=scale)
@@ -132,24 +150,28 @@ def dense_prefill(q, k, v, *, scale, sliding_window=None):
   b, t = q.shape[:2]
   if _cudnn_ok(q):
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
-                                        is_causal=True, local_window_size=window,
-                                        implementation="cudnn")
+    try:
+      return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                          scale=scale, is_causal=True,
+                                          local_window_size=window, implementation="cudnn")
+    except NotImplementedError:    # a shape this cuDNN does not take: XLA below
+      pass
   lengths = jnp.full((b,), t, jnp.int32)
   return chunked_prefill(lambda qc, pos: xla_masked.dense(
       qc, k, v, pos, lengths, causal=True, sliding_window=sliding_window, scale=scale), q)
 
 
-def spec_prefill(q, k, v, spec, *, scale):
-  """The XLA specification's causal prefill over the call's own keys, in query chunks
-  (a "indexed" spec's key index built once, from all T keys, as an unchunked call does)."""
+def spec_prefill(q, k, v, spec, kv_lengths, *, scale):
+  """The XLA specification's causal prefill over the call's own keys (the first
+  kv_lengths[b] real in row b), in query chunks; an "indexed" spec's key index built once,
+  from each row's real keys, as the cache's is."""
   from condensate_jax.selection import index as index_lib  # pylint: disable=import-outside-toplevel
-  b, t = q.shape[:2]
   extra = {}
   if spec.uses_index:
-    extra["index"] = index_lib.build(k, jnp.full((b,), t, jnp.int32), spec.index_bits)
+    extra["index"] = index_lib.build(k, kv_lengths, spec.index_bits)
   return chunked_prefill(lambda qc, pos: attention_lib.condensate_attention(
-      qc, k, v, spec, q_positions=pos, scale=scale, implementation="xla", **extra), q)
+      qc, k, v, spec, q_positions=pos, kv_lengths=kv_lengths, scale=scale,
+      implementation="xla", **extra), q)
 
 
 def attend(ctx, spec, q, k_new, v_new, keys, values, structure, *, scale, sliding_window):
@@ -183,7 +205,7 @@ def attend(ctx, spec, q, k_new, v_new, keys, values, structure, *, scale, slidin
     out, _ = fast.prefill_step(q, k_new.astype(q.dtype), v_new.astype(q.dtype), spec=spec,
                                scale=scale)
     return out
-  return spec_prefill(q, k_new, v_new, spec, scale=scale)
+  return spec_prefill(q, k_new, v_new, spec, kv_lengths, scale=scale)
 
 
 def cache_length(n: int, attention) -> int:
@@ -193,3 +215,23 @@ def cache_length(n: int, attention) -> int:
   if attention is not None and attention.selection == "blocks":
     unit = attention.block_size * (-(-128 // attention.block_size))
   return -(-n // unit) * unit
+
+
+def prefill_kernels_apply(attention, lengths, width: int) -> bool:
+  """May a prefill of prompts right-padded to `width` (host lengths [B]) run the fast
+  prefill kernels? Not "blocks" with a padded row: its per-query-block lists would rank
+  that row with its padding (the XLA specification then runs, the set of the row alone)."""
+  if attention is None or attention.selection != "blocks":
+    return True
+  return bool(np.all(np.asarray(lengths) >= width))
+
+
+def check_cache_length(attention, length: int) -> None:
+  """"blocks" on the fast path reads whole blocks: a cache of `length` positions must hold
+  a whole number of them (ValueError naming the size to ask for)."""
+  if attention is not None and attention.selection == "blocks" and (
+      length % attention.block_size):
+    raise ValueError(f"cache of {length} positions with implementation='fast' and "
+                     f"block_size={attention.block_size}: the timed decode step reads whole "
+                     f"blocks; expected a multiple of {attention.block_size} (e.g. "
+                     f"{cache_length(length, attention)}: models.fast_path.cache_length).")

@@ -73,18 +73,27 @@ def run_row(config, n, s, b, spec):
     try:
       row[f"{name}_s"], _ = timing.time_loop(fn, q, (k, v), config.iterations,
                                              config.repeats)
-      if s <= config.check_max_keys:
+    except Exception as err:  # pylint: disable=broad-except
+      _out_of_memory_or_raise(err)
+      row[f"{name}_s"], row[f"{name}_error"] = None, "out of memory"
+      continue
+    if s <= config.check_max_keys:
+      try:    # the one-device reference may not fit where the sharded call does
         got = jax.jit(fn)(q, k, v)
-        want = (cj.dense_attention(*(jax.device_get(x) for x in (q, k, v))) if name == "dense"
-                else cj.condensate_attention(*(jax.device_get(x) for x in (q, k, v)), spec))
+        host = [jax.device_get(x) for x in (q, k, v)]
+        want = (cj.dense_attention(*host) if name == "dense"
+                else cj.condensate_attention(*host, spec))
         row[f"{name}_max_abs_vs_one_device"] = float(jnp.max(jnp.abs(
             jnp.asarray(jax.device_get(got), jnp.float32) - jnp.asarray(want, jnp.float32))))
-    except Exception as err:  # pylint: disable=broad-except
-      if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
-        raise
-      row[f"{name}_s"] = None
-      row[f"{name}_error"] = "out of memory"
+      except Exception as err:  # pylint: disable=broad-except
+        _out_of_memory_or_raise(err)
+        row[f"{name}_check_error"] = "out of memory"
   return row
+
+
+def _out_of_memory_or_raise(err):
+  if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
+    raise err
 
 
 def table(rows) -> str:
@@ -111,6 +120,7 @@ def run(config, workdir, progress: bool = True):
   plan = [(n, s, b) for n in device_counts(config) for s in config.lengths
           for b in config.batches]
   rows = []
+  before = len(store.rows)
   with tqdm(total=len(plan), disable=not progress, desc=config.name, unit="row") as bar:
     for n, s, b in plan:
       key = f"{config.name}|n{n}|S{s}|B{b}|{spec!r}|{config.dtype}"
@@ -123,4 +133,5 @@ def run(config, workdir, progress: bool = True):
   text = table(rows)
   device = manifest_lib.device_info()
   (workdir / "summary.md").write_text(f"# {config.name}\n\n{device}\n\n{text}\n")
-  return {"table": text, "computed": len(plan), "skipped": 0, "rows": rows}
+  computed = len(store.rows) - before
+  return {"table": text, "computed": computed, "skipped": len(plan) - computed, "rows": rows}

@@ -19,7 +19,9 @@ N = 5
 SPECS = {
     "dense": None,
     "exact": CondensateSpec(anchor=4, window=16, top_k=24),
-    "indexed": CondensateSpec(anchor=4, window=16, top_k=24, selection="indexed"),
+    # 30 candidates of up to 95 middle keys: the index ranks, not every key is scored
+    "indexed": CondensateSpec(anchor=4, window=16, top_k=24, selection="indexed",
+                              candidates=30),
 }
 
 
@@ -68,7 +70,7 @@ def test_fast_blocks_decode_uses_the_prefill_lists_sets():
 def test_sliding_window_layer_not_covered_runs_the_specification():
   """A budget below Gemma 3's local window (16): those layers take the XLA path."""
   lm = _lm("gemma3")
-  spec = CondensateSpec(anchor=1, window=4, top_k=6, selection="indexed")
+  spec = CondensateSpec(anchor=1, window=4, top_k=6, selection="indexed", candidates=8)
   assert not fast_path.covers_window(spec, lm.config.sliding_window)
   tokens, lengths = _prompts(lm, [80, 61], seed=2)
   want = lm.generate(tokens, N, spec, prompt_lengths=lengths)
@@ -140,3 +142,42 @@ def test_dense_kernel_name():
   assert fast_path.dense_kernel(jnp.float32) == "xla"
   want = "cudnn" if jax.default_backend() == "gpu" else "xla"
   assert fast_path.dense_kernel(jnp.bfloat16) == want
+
+
+def test_covers_window_counts_the_blocks_a_window_straddles():
+  blocks = lambda m: CondensateSpec(anchor=0, window=0, selection="blocks", block_size=4,
+                                    top_blocks=m)
+  assert not fast_path.covers_window(blocks(2), 8)      # 8 keys can touch 3 blocks of 4
+  assert fast_path.covers_window(blocks(3), 8)
+  assert fast_path.covers_window(SPECS["exact"], 16 + 4 + 24)
+  assert not fast_path.covers_window(SPECS["exact"], 16 + 4 + 25)
+
+
+def test_fast_prefill_of_a_padded_row():
+  """"indexed": the prefill's key index from the real keys only, so a padded row equals
+  the row alone. "blocks": a padded batch runs the specification's per-query selection
+  (the prefill kernel's per-query-block lists would rank the row with its padding), the
+  same numbers as implementation="xla"; a full row gets the kernel's lists (README)."""
+  lm = _lm("llamalike")
+  row = np.random.default_rng(4).integers(0, lm.vocab_size, 40).astype(np.int32)
+  padded = np.concatenate([row, np.full(24, 5, np.int32)])[None]
+  spec = SPECS["indexed"]
+  alone, _ = lm.prefill(row[None], lm.init_cache(1, 128), spec, implementation="fast")
+  got, _ = lm.prefill(padded, lm.init_cache(1, 128), spec, implementation="fast",
+                      prompt_lengths=[40])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(alone), rtol=1e-5, atol=1e-5)
+  spec = CondensateSpec(anchor=2, window=4, selection="blocks", block_size=16,
+                        top_blocks=1)
+  want, _ = lm.prefill(padded, lm.init_cache(1, 128), spec, prompt_lengths=[40])
+  got, _ = lm.prefill(padded, lm.init_cache(1, 128), spec, implementation="fast",
+                      prompt_lengths=[40])
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_fast_blocks_needs_a_whole_block_cache():
+  lm = _lm("llamalike")
+  spec = CondensateSpec(anchor=1, window=2, selection="blocks", block_size=16,
+                        top_blocks=1)
+  with pytest.raises(ValueError, match=r"expected a multiple of 16 \(e.g. 128"):
+    lm.prefill(np.zeros((1, 8), np.int32), lm.init_cache(1, 100), spec,
+               implementation="fast")

@@ -31,10 +31,11 @@ def test_model_bench_runs_and_resumes(tmp_path):
     assert np.isfinite(r["mean_kl"]) and r["mean_kl"] >= 0.0 and r["max_kl"] >= r["mean_kl"]
     assert r["prefill_s"] > 0 and r["step_s"] >= 0
   assert "| tiny-llama | 80 | 1 | indexed |" in result["table"]
-  assert (tmp_path / "summary.md").exists()
+  assert (tmp_path / "summary.md").exists() and result["computed"] == 2
   lines = (tmp_path / "results.jsonl").read_text().splitlines()
   again = model_bench.run(config, tmp_path, progress=False)
   assert (tmp_path / "results.jsonl").read_text().splitlines() == lines   # nothing redone
+  assert again["computed"] == 0 and again["skipped"] == 2
   assert [r["key"] for r in again["rows"]] == [r["key"] for r in result["rows"]]
 
 
