@@ -148,19 +148,26 @@ def run_case(lm, config, model_name, length, batch, spec_name, spec, dense_token
 
 
 def table(rows) -> str:
+  # stored rows hold non-finite floats as strings ("nan": a step too short to time)
+  f = lambda r, key: float(r[key]) if r.get(key) is not None else None
   dense = {(r["model"], r["length"], r["batch"]): r for r in rows if r["spec"] == "dense"}
   body = []
   for r in rows:
     d = dense.get((r["model"], r["length"], r["batch"]))
-    gain = lambda key, inv=False: ("—" if d is None or not r[key] or not d[key] else
-                                   f"{(d[key] / r[key]) if inv else (r[key] / d[key]):.2f}x")
-    share = r.get("context_share")
+
+    def gain(key, inv=False):
+      x, y = f(r, key), (None if d is None else f(d, key))
+      if not x or not y or not (np.isfinite(x) and np.isfinite(y)):
+        return "—"
+      return f"{(y / x) if inv else (x / y):.2f}x"
+
+    share = f(r, "context_share")
     body.append([r["model"], str(r["length"]), str(r["batch"]), r["spec"],
-                 f"{r['tokens_per_s']:.1f}", gain("tokens_per_s"),
-                 f"{1e3 * r['step_s']:.2f}", "—" if share is None else f"{100 * share:.0f}%",
-                 f"{r['prefill_s']:.3f}", gain("prefill_s", inv=True),
-                 f"{r['greedy_match']:.3f}", str(r["first_divergence"]),
-                 tables.fmt_num(r["mean_kl"]), tables.fmt_num(r["max_kl"])])
+                 f"{f(r, 'tokens_per_s'):.1f}", gain("tokens_per_s"),
+                 f"{1e3 * f(r, 'step_s'):.2f}", "—" if share is None else f"{100 * share:.0f}%",
+                 f"{f(r, 'prefill_s'):.3f}", gain("prefill_s", inv=True),
+                 f"{f(r, 'greedy_match'):.3f}", str(r["first_divergence"]),
+                 tables.fmt_num(f(r, "mean_kl")), tables.fmt_num(f(r, "max_kl"))])
   return tables.markdown(["model", "tokens", "B", "spec", "decode tok/s", "vs dense",
                           "step ms", "context share", "prefill s", "prefill vs dense",
                           "greedy match", "first divergence", "mean KL", "max KL"], body)
@@ -177,8 +184,8 @@ def plot(rows, path):
   x = np.arange(len(cases))
   width = 0.8 / len(specs)
   for i, s in enumerate(specs):
-    tps = [by.get(c + (s,), {}).get("tokens_per_s", np.nan) for c in cases]
-    kl = [by.get(c + (s,), {}).get("mean_kl", np.nan) for c in cases]
+    tps = [float(by.get(c + (s,), {}).get("tokens_per_s", np.nan)) for c in cases]
+    kl = [float(by.get(c + (s,), {}).get("mean_kl", np.nan)) for c in cases]
     axes[0].bar(x + i * width, tps, width, label=s)
     axes[1].bar(x + i * width, np.maximum(np.asarray(kl, float), 1e-12), width, label=s)
   labels = [f"{m}\n{n} tok, B={b}" for m, n, b in cases]

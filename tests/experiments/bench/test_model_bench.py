@@ -33,6 +33,8 @@ def test_model_bench_runs_and_resumes(tmp_path):
   assert "| tiny-llama | 80 | 1 | indexed |" in result["table"]
   assert (tmp_path / "summary.md").exists() and result["computed"] == 2
   lines = (tmp_path / "results.jsonl").read_text().splitlines()
+  # a resumed table reads the stored rows (non-finite floats stored as strings)
+  assert model_bench.table([dict(rows["dense"], tokens_per_s="nan")]).count("nan") == 1
   again = model_bench.run(config, tmp_path, progress=False)
   assert (tmp_path / "results.jsonl").read_text().splitlines() == lines   # nothing redone
   assert again["computed"] == 0 and again["skipped"] == 2
