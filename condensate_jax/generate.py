@@ -137,12 +137,14 @@ def decode(graphdef, state, tokens, prompt_lengths, keys, temperature, top_p, si
   b, t = tokens.shape
   fast = implementation == fast_path.NAME
   size = t + max_new_tokens
+  placed = isinstance(implementation, distributed.Placement)
   if fast:
     size = fast_path.cache_length(size, attention)
+  if placed:      # whole sequence shards
+    size = -(-size // implementation.seq_devices) * implementation.seq_devices
   cache = init_cache(cfg, b, size, dtype)
-  if isinstance(implementation, distributed.Placement):
-    cache = shard_cache(init_cache(cfg, b, -(-size // implementation.seq_devices)
-                                   * implementation.seq_devices, dtype), implementation)
+  if placed:
+    cache = shard_cache(cache, implementation)
   run = functools.partial(model, attention=attention, implementation=implementation,
                           sizes=sizes)
   pick = functools.partial(choose, keys=keys, sample=sample, temperature=temperature,
