@@ -76,6 +76,8 @@ JOBS = {
     "retrieval": "experiments.bench.retrieval",
     "model_bench": "experiments.bench.model_bench",
     "mesh_bench": "experiments.bench.mesh_bench",
+    "distill": "experiments.train.distill",
+    "pretrain": "experiments.train.pretrain",
 }
 
 

@@ -1,0 +1,150 @@
+"""What the training jobs share: the corpus of a workdir, the optimizer of a config, the
+parity evaluation and the training-curve plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from condensate_jax import CondensateSpec, metrics
+from condensate_jax.train import corpus as corpus_lib
+from condensate_jax.train import functional, trainer
+from experiments.errors import ConfigError
+
+
+def make_spec(attention) -> CondensateSpec:
+  try:
+    return CondensateSpec(**dict(attention))
+  except (TypeError, ValueError) as err:
+    raise ConfigError(f"config.attention={dict(attention)!r}: {err}") from None
+
+
+def optim_config(config) -> trainer.OptimConfig:
+  try:
+    return trainer.OptimConfig(**dict(config.optim))
+  except (TypeError, ValueError) as err:
+    raise ConfigError(f"config.optim: {err}") from None
+
+
+def load_corpus(data, lm, workdir: pathlib.Path) -> corpus_lib.Corpus:
+  """The tokenised corpus of this workdir: built on the first run and saved there
+  (corpus.npz, atomically), loaded from it on a resume, so a resumed run trains on the
+  very same tokens even where another Python would build other text."""
+  path = workdir / "corpus.npz"
+  if path.exists():
+    with np.load(path) as f:
+      meta = json.loads(str(f["meta"]))
+      return corpus_lib.Corpus(train=f["train"], heldout=f["heldout"], digest=meta["digest"],
+                               documents=tuple(meta["documents"]), chars=meta["chars"])
+  if lm.tokenizer is None:
+    raise ConfigError(f"model {lm.name}: no tokenizer, so the text corpus cannot be "
+                      "tokenised; use a model directory with tokenizer files.")
+  try:
+    built = corpus_lib.build_corpus(lm.encode, corpus_lib.eos_id(lm.tokenizer),
+                                    sources=tuple(data.sources),
+                                    max_chars=data.max_chars or None, holdout=data.holdout)
+  except ValueError as err:
+    raise ConfigError(f"config.data: {err}") from None
+  meta = json.dumps({"digest": built.digest, "documents": list(built.documents),
+                     "chars": built.chars})
+  tmp = workdir / "corpus.tmp.npz"
+  np.savez(tmp, train=built.train, heldout=built.heldout, meta=np.asarray(meta))
+  os.replace(tmp, path)
+  return built
+
+
+def batch_fn(tokens: np.ndarray, data, seed: int):
+  """step -> [accumulate, batch, seq_len + 1] int32 windows (a function of the step)."""
+  shape = (data.accumulate, data.batch)
+
+  def fn(step):
+    flat = corpus_lib.sample_windows(tokens, step, batch=shape[0] * shape[1],
+                                     length=data.seq_len, seed=seed)
+    return jnp.asarray(flat.reshape(shape + (data.seq_len + 1,)))
+
+  corpus_lib.check_windows(tokens, data.seq_len, "train tokens")
+  return fn
+
+
+def heldout_nll(fn: functional.Functional, params, windows, spec, batch: int) -> float:
+  """Mean next-token NLL of held-out windows [N, T + 1] (nats per token), `batch`
+  windows per call."""
+  total = sum(float(fn.nll_sum(params, jnp.asarray(windows[i:i + batch]), spec))
+              for i in range(0, windows.shape[0], batch))
+  return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+def parity(ref_lm, ref_spec, cond_lm, cond_spec, prompts: np.ndarray, new_tokens: int,
+           ref_tokens: Optional[np.ndarray] = None) -> dict:
+  """The runner's parity levels of cond_lm under cond_spec against ref_lm under ref_spec
+  (None: dense) on prompts [P, L]: greedy tokens (match fraction, earliest and mean first
+  divergence over prompts), and with both fed the reference's greedy tokens, KL(ref ||
+  cond) and top-1 agreement of the next-token distributions at the new positions.
+  ref_tokens: the reference's greedy tokens, when known (a frozen teacher)."""
+  p, length = prompts.shape
+  if ref_tokens is None:
+    ref_tokens = np.asarray(ref_lm.generate(prompts, new_tokens, ref_spec))
+  cond_tokens = np.asarray(cond_lm.generate(prompts, new_tokens, cond_spec))
+  same = ref_tokens == cond_tokens
+  first = [int(np.argmin(r)) if not r.all() else r.size for r in same]
+  seq = np.concatenate([prompts, ref_tokens[:, :-1]], axis=1)
+  h_ref = ref_lm.hidden(seq, ref_spec)[:, length - 1:]
+  h_cond = cond_lm.hidden(seq, cond_spec)[:, length - 1:]
+  par = metrics.logit_parity_on_device(ref_lm.head(h_ref), cond_lm.head(h_cond))
+  return {"greedy_match": float(same.mean()), "first_divergence_min": int(min(first)),
+          "first_divergence_mean": float(np.mean(first)),
+          "greedy_exact": float(np.mean([f == new_tokens for f in first])),
+          "kl": par["mean_kl"], "top1": par["top1_agreement"]}, ref_tokens
+
+
+def attention_stats(lm, windows: np.ndarray, spec) -> dict:
+  """`metrics.attention_summary` of lm under spec on held-out windows [N, T] (captured
+  mass of the set, certified eps, keys read)."""
+  _, stats = lm.logits(windows, spec, return_stats=True)
+  s = metrics.attention_summary(stats)
+  eps = np.asarray(stats.dropped_mass_bound, np.float64)
+  s["certified_eps_mean"] = float(np.mean(eps))
+  return s
+
+
+def plot_curves(rows, path, panels, title: str = ""):
+  """One panel per (key, label, log-scale) of `panels`; a line per group of rows (the
+  "arm" field, or one line), eval rows (kind "eval") or train rows (kind "train") as the
+  key's prefix says ("train:" or "eval:")."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  arms = list(dict.fromkeys(r.get("arm", "") for r in rows))
+  cols = min(3, len(panels))
+  nrows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+  for ax, (key, label, log) in zip(axes.ravel(), panels):
+    kind, _, field = key.partition(":")
+    for arm in arms:
+      pts = sorted((r["step"], float(r[field])) for r in rows
+                   if r.get("kind") == kind and r.get("arm", "") == arm and field in r
+                   and r[field] is not None)
+      if pts:
+        x, y = zip(*pts)
+        ax.plot(x, y, marker="o" if kind == "eval" else None, ms=3, lw=1.2,
+                label=arm or None)
+    ax.set_title(label, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    if log:
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if arms != [""]:
+      ax.legend(fontsize=7)
+  for ax in axes.ravel()[len(panels):]:
+    ax.axis("off")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
