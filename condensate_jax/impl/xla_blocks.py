@@ -357,9 +357,44 @@ def condensate_xla_blocks(q, k, v, q_positions, kv_lengths, *, spec, causal,
     check_query_blocks(causal, sliding_window)
     return query_block_prefill(q, k, v, q_positions, kv_lengths, lo, hi, summaries,
                                spec, scale, return_stats)
-  out, lse, bset = select_attend(q, k, v, summaries, lo, hi, spec, scale)
+  sg = jax.lax.stop_gradient
+  out, lse, bset = select_attend(sg(q), sg(k), sg(v), sg(summaries), lo, hi, spec, scale)
   out = softmax.heads_to_tokens(out).astype(q.dtype)
+  out = _over_fixed_set(q, k, v, out, (bset.order, bset.r, bset.topv, bset.topp, lo, hi),
+                        spec, scale)
   if not return_stats:
     return out
   eps = softmax.log_delta_to_eps(bset.log_delta, lse)
-  return out, block_stats(q, k, lo, hi, spec, scale, bset, eps)
+  return out, block_stats(sg(q), sg(k), lo, hi, spec, scale, bset, eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _over_fixed_set(q, k, v, out, chosen, spec, scale):
+  """`out` (the selection loops' attention, whose while loops reverse-mode autodiff
+  cannot transpose) with the gradient of attention over the set it chose, held fixed:
+  softmax.masked_softmax over `set_mask` of the chosen blocks (or top-k). The selection
+  passes no gradient, as for any top-k; the mask [B, K, G, T, S] exists only in the
+  backward pass."""
+  del q, k, v, chosen, spec, scale
+  return out
+
+
+def _fixed_set_fwd(q, k, v, out, chosen, spec, scale):
+  del spec, scale
+  return out, (q, k, v, chosen)
+
+
+def _fixed_set_bwd(spec, scale, res, g):
+  q, k, v, (order, r, topv, topp, lo, hi) = res
+  bset = BlockSet(order, r, None, None, None, None, topv, topp)
+
+  def masked(q, k, v):
+    scores = softmax.scores(q, k, scale)
+    in_set, _ = set_mask(bset, lo, hi, spec, k.shape[1], scores.shape)
+    return softmax.masked_softmax(scores, in_set, v, q.dtype)
+
+  _, vjp = jax.vjp(masked, q, k, v)
+  return (*vjp(g), None, None)
+
+
+_over_fixed_set.defvjp(_fixed_set_fwd, _fixed_set_bwd)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import sysconfig
@@ -36,11 +37,13 @@ _SKIPPED = frozenset({"test", "tests", "site-packages", "idlelib", "lib2to3", "t
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 
 
+@functools.lru_cache(maxsize=None)
 def _pydoc_topics() -> dict[str, str]:
   from pydoc_data import topics  # pylint: disable=import-outside-toplevel
   return {f"pydoc/{name}": text for name, text in sorted(topics.topics.items())}
 
 
+@functools.lru_cache(maxsize=None)
 def _stdlib_docstrings() -> dict[str, str]:
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   out = {}
@@ -76,7 +79,7 @@ def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
 def offline_texts(sources: Sequence[str] = SOURCES,
                   max_chars: Optional[int] = None) -> dict[str, str]:
   """name -> text of the sources' documents, in name order; max_chars keeps the first
-  documents (in that order) up to about that many characters."""
+  documents (in that order) up to that many characters (the last one cut)."""
   texts = {}
   for source in check_sources(sources):
     texts.update(_BUILDERS[source]())

@@ -22,6 +22,7 @@ alone (`batch_fn(step)`), so a resumed run repeats an uninterrupted one bitwise.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
 from typing import Any, Callable, Optional
 
@@ -128,7 +129,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m), batch)
     grads = jax.tree.map(lambda g: g / num, grads)
     metrics = jax.tree.map(lambda m: m / num, metrics)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     if lr_schedule is not None:
       metrics["lr"] = jnp.asarray(lr_schedule(_count(opt_state)), jnp.float32)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -161,7 +162,7 @@ def fit(*, workdir, params, optimizer, step_fn: Callable, batch_fn: Callable[[in
   _check("steps", steps, (int, np.integer), 1)
   _check("checkpoint_every", checkpoint_every, (int, np.integer), 1)
   _check("eval_every", eval_every, (int, np.integer), 0)
-  ckpt_dir = workdir / "checkpoints"
+  ckpt_dir = pathlib.Path(workdir) / "checkpoints"
   opt_state = optimizer.init(params)
   start = 0
   found = checkpoint.latest(ckpt_dir)
