@@ -167,3 +167,21 @@ def sweep_of(config: ml_collections.ConfigDict) -> list[dict[str, int]]:
             for v in grid.selection_variants(config)]
   return [dict(anchor=x, window=w, top_k=k) for x in a.anchor for w in a.window
           for k in a.top_k]
+
+
+def training_data(smoke: bool, *, seq_len: int, batch: int, accumulate: int = 1) -> dict:
+  """config.data of the training jobs (distill, pretrain): the offline corpus
+  (condensate_jax.train.corpus; 60K characters in smoke runs, all of it otherwise), 10%
+  of its documents held out, windows of seq_len tokens, batch x accumulate per step."""
+  return dict(sources=("pydoc_topics", "stdlib_docstrings"),
+              max_chars=60_000 if smoke else 0, holdout=0.1, seq_len=seq_len, batch=batch,
+              accumulate=accumulate)
+
+
+def adamw(*, learning_rate: float, steps: int, warmup_steps: int,
+          weight_decay: float) -> dict:
+  """config.optim of the training jobs (condensate_jax.train.OptimConfig's fields)."""
+  return dict(learning_rate=learning_rate, steps=steps, warmup_steps=warmup_steps,
+              min_lr_ratio=0.1, weight_decay=weight_decay, clip_norm=1.0, b1=0.9, b2=0.95,
+              eps=1e-8)
+

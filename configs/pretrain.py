@@ -8,13 +8,14 @@ experiments/train/pretrain.py.
 
 Sizes:
   gpu    GPT-2 family, width 256, 4 layers, 4 heads (head dim 64), MLP 1024, byte-level
-         tokens (~3.3M parameters), 512-token windows, batch 32, 2000 steps per arm,
-         spec anchor 4 + window 64 + top-k 32 (one H200: minutes per arm);
+         tokens (3.5M parameters), 512-token windows, batch 32, 2000 steps per arm,
+         spec anchor 4 + window 64 + top-k 32 (one H200: ~2 min per arm);
   smoke  width 32, 2 layers, 96-token windows, 12 steps per arm on a CPU (seconds): the
          loss falls; a rerun resumes each arm from its checkpoint.
-Expected: the dense-trained model's captured mass and its greedy parity under the spec
-move as it learns; the condensate-trained arm fits its own attention (its NLL under the
-spec below the dense arm's) — whatever the numbers are, the table and plot show them.
+Expected (measured on an H200, README "Learned condensate"; 4.4 min for both arms): the
+set's captured mass 0.61 -> 0.99 within 500 steps in both arms, certified eps 0.49 ->
+~0.05; greedy parity under the spec 45-71% after that; the condensate arm's NLL under its
+own spec (1.30) no better than the dense arm's under it (1.25).
 """
 
 import ml_collections
@@ -37,12 +38,11 @@ def get_config(arg=None):
   c.arms = ("dense", "condensate")
   c.attention = (dict(anchor=2, window=8, top_k=8) if smoke
                  else dict(anchor=4, window=64, top_k=32))
-  c.data = dict(sources=("pydoc_topics", "stdlib_docstrings"),
-                max_chars=60_000 if smoke else 0, holdout=0.1,
-                seq_len=96 if smoke else 512, batch=4 if smoke else 32, accumulate=1)
-  c.optim = dict(learning_rate=3e-3 if smoke else 1e-3, steps=12 if smoke else 2000,
-                 warmup_steps=2 if smoke else 100, min_lr_ratio=0.1, weight_decay=0.1,
-                 clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8)
+  c.data = common.training_data(smoke, seq_len=96 if smoke else 512,
+                                batch=4 if smoke else 32)
+  c.optim = common.adamw(learning_rate=3e-3 if smoke else 1e-3,
+                         steps=12 if smoke else 2000, warmup_steps=2 if smoke else 100,
+                         weight_decay=0.1)
   c.eval = dict(every=6 if smoke else 250, prompts=2 if smoke else 8,
                 prompt_len=48 if smoke else 384, new_tokens=6 if smoke else 32,
                 windows=2 if smoke else 8, batch=2 if smoke else 8)

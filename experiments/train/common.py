@@ -8,14 +8,15 @@ import os
 import pathlib
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from condensate_jax import CondensateSpec, metrics
 from condensate_jax.train import corpus as corpus_lib
 from condensate_jax.train import functional, trainer
+from experiments import manifest as manifest_lib
 from experiments.errors import ConfigError
+from experiments.results import ResultsStore
 
 
 def make_spec(attention) -> CondensateSpec:
@@ -30,6 +31,39 @@ def optim_config(config) -> trainer.OptimConfig:
     return trainer.OptimConfig(**dict(config.optim))
   except (TypeError, ValueError) as err:
     raise ConfigError(f"config.optim: {err}") from None
+
+
+def open_run(config, workdir):
+  """(workdir, its metrics store) of a training job, refusing another config's workdir."""
+  workdir = manifest_lib.prepare_workdir(workdir)
+  store = ResultsStore(workdir / "metrics.jsonl")
+  manifest_lib.check_resume(workdir, config.to_dict(), has_rows=bool(store.rows))
+  return workdir, store
+
+
+def eval_data(data: corpus_lib.Corpus, config):
+  """(prompts [P, L], windows [N, seq_len + 1]) of the held-out tokens."""
+  prompts = corpus_lib.spaced_windows(data.heldout, config.eval.prompts,
+                                      config.eval.prompt_len)[:, :config.eval.prompt_len]
+  windows = corpus_lib.spaced_windows(data.heldout, config.eval.windows,
+                                      config.data.seq_len)
+  return prompts, windows
+
+
+def finish(config, workdir, store, before: int, *, table, panels, plot_name, spec,
+           header: str = ""):
+  """summary.md (device, spec, header, the table of `table(rows)`) and the plot; the job's
+  result dict."""
+  rows = list(store)
+  text = table(rows)
+  (workdir / "summary.md").write_text(
+      f"# {config.name}\n\n{manifest_lib.device_info()}\n\n{header}spec: {spec!r}\n\n"
+      f"{text}\n")
+  if config.plots:
+    plot_curves(rows, workdir / plot_name, panels,
+                title=f"{config.name}: {spec_label(spec)}")
+  return {"table": text, "computed": len(store.rows) - before, "skipped": before,
+          "rows": rows}
 
 
 def load_corpus(data, lm, workdir: pathlib.Path) -> corpus_lib.Corpus:
@@ -113,6 +147,19 @@ def attention_stats(lm, windows: np.ndarray, spec) -> dict:
   return s
 
 
+def spec_label(spec: CondensateSpec) -> str:
+  """A short name of a spec for titles: its sizes and the mode's own knobs."""
+  parts = [f"anchor {spec.anchor}", f"window {spec.window}"]
+  if spec.selection in ("exact", "indexed", "bounded"):
+    parts.append(f"top-k {spec.top_k}")
+  if spec.selection in ("blocks", "bounded", "certified"):
+    parts.append(f"P {spec.block_size}" + (f" M {spec.top_blocks}"
+                                           if spec.selection == "blocks" else ""))
+  if spec.dense_layers:
+    parts.append(f"dense layers {list(spec.dense_layers)}")
+  return f"{spec.selection}: " + ", ".join(parts)
+
+
 def plot_curves(rows, path, panels, title: str = ""):
   """One panel per (key, label, log-scale) of `panels`; a line per group of rows (the
   "arm" field, or one line), eval rows (kind "eval") or train rows (kind "train") as the
@@ -130,6 +177,8 @@ def plot_curves(rows, path, panels, title: str = ""):
       pts = sorted((r["step"], float(r[field])) for r in rows
                    if r.get("kind") == kind and r.get("arm", "") == arm and field in r
                    and r[field] is not None)
+      if log:   # a zero (e.g. the KL of the untouched weights) has no place on a log axis
+        pts = [(x, y) for x, y in pts if y > 0]
       if pts:
         x, y = zip(*pts)
         ax.plot(x, y, marker="o" if kind == "eval" else None, ms=3, lw=1.2,

@@ -26,13 +26,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from condensate_jax.train import corpus as corpus_lib
 from condensate_jax.train import functional, trainer
 from experiments import manifest as manifest_lib
 from experiments.bench import tables
-from experiments.results import ResultsStore
 from experiments.train import common
 
 PANELS = [("train:kl", "train KL(teacher || student)", True),
@@ -98,9 +95,7 @@ def table(rows) -> str:
 
 
 def run(config, workdir, progress: bool = True, stop_at=None):
-  workdir = manifest_lib.prepare_workdir(workdir)
-  store = ResultsStore(workdir / "metrics.jsonl")
-  manifest_lib.check_resume(workdir, config.to_dict(), has_rows=bool(store.rows))
+  workdir, store = common.open_run(config, workdir)
   spec = common.make_spec(config.attention)
   optim = common.optim_config(config)
   lm = _load(config)
@@ -108,9 +103,7 @@ def run(config, workdir, progress: bool = True, stop_at=None):
   data = common.load_corpus(config.data, lm, workdir)
   manifest_lib.write_manifest(workdir, config.to_dict(),
                               {"job": "distill", "corpus": data.describe()})
-  prompts = corpus_lib.spaced_windows(data.heldout, config.eval.prompts,
-                                      config.eval.prompt_len)[:, :config.eval.prompt_len]
-  windows = corpus_lib.spaced_windows(data.heldout, config.eval.windows, config.data.seq_len)
+  prompts, windows = common.eval_data(data, config)
   optimizer = trainer.make_optimizer(optim)
   step_fn = trainer.make_train_step(make_loss(fn, spec, config.loss), optimizer,
                                     trainer.schedule(optim))
@@ -122,12 +115,6 @@ def run(config, workdir, progress: bool = True, stop_at=None):
               eval_fn=make_eval(fn, spec, prompts, windows, config),
               extra=(fn.compute(fn.params),), progress=progress, desc=config.name,
               metadata={"spec": repr(spec), "corpus": data.digest}, stop_at=stop_at)
-  rows = list(store)
-  text = table(rows)
-  (workdir / "summary.md").write_text(
-      f"# {config.name}\n\n{manifest_lib.device_info()}\n\nspec: {spec!r}\n\n"
-      f"corpus: {data.describe()}\n\n{text}\n")
-  if config.plots:
-    common.plot_curves(rows, workdir / "distill.png", PANELS, title=f"{config.name}: {spec}")
-  return {"table": text, "computed": len(store.rows) - before, "skipped": before,
-          "rows": rows}
+  return common.finish(config, workdir, store, before, table=table, panels=PANELS,
+                       plot_name="distill.png", spec=spec,
+                       header=f"corpus: {data.describe()}\n\n")

@@ -26,13 +26,11 @@ from flax import nnx
 
 from condensate_jax import models
 from condensate_jax.lm import LanguageModel
-from condensate_jax.train import corpus as corpus_lib
 from condensate_jax.train import functional, trainer
 from condensate_jax.weights.tiny import byte_tokenizer
 from experiments import manifest as manifest_lib
 from experiments.bench import tables
 from experiments.errors import ConfigError
-from experiments.results import ResultsStore
 from experiments.train import common
 
 ARMS = ("dense", "condensate")
@@ -95,9 +93,7 @@ def table(rows) -> str:
 
 
 def run(config, workdir, progress: bool = True, stop_at=None):
-  workdir = manifest_lib.prepare_workdir(workdir)
-  store = ResultsStore(workdir / "metrics.jsonl")
-  manifest_lib.check_resume(workdir, config.to_dict(), has_rows=bool(store.rows))
+  workdir, store = common.open_run(config, workdir)
   arms = tuple(config.arms)
   if not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
     raise ConfigError(f"config.arms={arms!r}: expected distinct names from {ARMS}.")
@@ -107,9 +103,7 @@ def run(config, workdir, progress: bool = True, stop_at=None):
   data = common.load_corpus(config.data, lm, workdir)
   manifest_lib.write_manifest(workdir, config.to_dict(),
                               {"job": "pretrain", "corpus": data.describe()})
-  prompts = corpus_lib.spaced_windows(data.heldout, config.eval.prompts,
-                                      config.eval.prompt_len)[:, :config.eval.prompt_len]
-  windows = corpus_lib.spaced_windows(data.heldout, config.eval.windows, config.data.seq_len)
+  prompts, windows = common.eval_data(data, config)
   fn = functional.Functional(lm, config.model.dtype)
   optimizer = trainer.make_optimizer(optim)
   before = len(store.rows)
@@ -137,12 +131,6 @@ def run(config, workdir, progress: bool = True, stop_at=None):
                 progress=progress, desc=f"{config.name} {arm}",
                 metadata={"spec": repr(spec), "corpus": data.digest, "arm": arm},
                 stop_at=stop_at)
-  rows = list(store)
-  text = table(rows)
-  (workdir / "summary.md").write_text(
-      f"# {config.name}\n\n{manifest_lib.device_info()}\n\nmodel: {lm.config}\n\n"
-      f"spec: {spec!r}\n\ncorpus: {data.describe()}\n\n{text}\n")
-  if config.plots:
-    common.plot_curves(rows, workdir / "pretrain.png", PANELS, title=f"{config.name}: {spec}")
-  return {"table": text, "computed": len(store.rows) - before, "skipped": before,
-          "rows": rows}
+  return common.finish(config, workdir, store, before, table=table, panels=PANELS,
+                       plot_name="pretrain.png", spec=spec,
+                       header=f"model: {lm.config}\n\ncorpus: {data.describe()}\n\n")

@@ -22,7 +22,7 @@ PACKAGE_RANK = {"configs": 3, "experiments": 2, "condensate_jax": 1, "pallas_ker
 CORE_RANK = {
     "spec": 0, "glossary": 0, "validation": 1, "geometry": 1, "softmax": 1, "finite": 2,
     "selection": 2, "impl": 3, "fast": 4, "attention": 5, "metrics": 5, "distributed": 5, "models": 6,
-    "generate": 7, "lm": 8, "weights": 9, "__init__": 10,
+    "generate": 7, "lm": 8, "weights": 9, "train": 9, "__init__": 10,
 }
 MAX_LINES = 400
 # Kernel files may hold one long kernel; their limit is the kernel package's.
