@@ -33,9 +33,19 @@ validity, n * k' * T * Hq * 5 bytes gathered (decode, T = 1, top_k 1024, 32 head
 devices: 1.3 MB), and the merge: pmax of [B, Hq, T] and psum of [B, Hq, T] + [B, T, Hq, D]
 float32 (decode, Hq = 32, D = 128: 16 KB). head_axis alone needs none.
 
-Limits: selection="exact" only (the block and indexed modes are not distributed yet);
-queries are replicated over seq_axis (each shard scores T x S_local: prefill at long T
-is memory-bound by that); no top_k_capacity (static sizes).
+selection="indexed" across shards (`impl.xla_indexed.select`'s set): the key index
+(`index=`, a `KeyIndex` of k sharded like it, mu and sigma per KV head; None: built from
+the sharded k, its mu and sigma reduced across shards) gives every shard its keys'
+estimates; the global top num_candidates by estimate and then the global exact top_k of
+those candidates are each taken as above (per-shard top-k', gathered in shard order, one
+`lax.top_k`); the certificate's delta (unselected candidates by their exact score, other
+middle keys by the index's upper bound) merges by one pmax and one psum. The same set and
+counts as one device with the same index; the certificate to rounding. Per decode call it
+gathers twice (estimates of n * min(C, S_local) candidates, then their exact scores).
+
+Limits: selection "exact" and "indexed" (the block modes and "certified" are not
+distributed yet); queries are replicated over seq_axis (each shard scores T x S_local:
+prefill at long T is memory-bound by that); no top_k_capacity (static sizes).
 """
 
 from __future__ import annotations
@@ -48,7 +58,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from condensate_jax import finite, geometry, softmax, validation
-from condensate_jax.selection import exact
+from condensate_jax.impl.xla_indexed import LOG_MARGIN
+from condensate_jax.selection import index as index_lib
 from condensate_jax.softmax import HIGHEST, NEG_INF, AttentionStats
 from condensate_jax.spec import CondensateSpec, check_spec
 
@@ -93,10 +104,7 @@ def check_placement(placement, attention=None, num_kv_heads=None):
     raise ValueError(f"Placement.head_axis={placement.head_axis!r} of {n_head} devices: the "
                      f"model has {num_kv_heads} KV heads; expected a multiple of {n_head}.")
   if attention is not None:
-    if attention.selection != "exact" or attention.top_k_capacity:
-      raise ValueError(f"attention.selection={attention.selection!r}, top_k_capacity="
-                       f"{attention.top_k_capacity} with a distributed Placement: the mesh "
-                       "call implements selection='exact' with static sizes.")
+    _check_selection(attention, "attention")
   return placement
 
 
@@ -128,19 +136,43 @@ def _check_mesh(mesh, seq_axis, head_axis, k, q):
 def condensate_attention(q, k, v, spec: CondensateSpec, *, mesh, seq_axis=None,
                          head_axis=None, causal: bool = True, q_positions=None,
                          kv_lengths=None, sliding_window: Optional[int] = None,
-                         scale: Optional[float] = None, return_stats: bool = False):
-  """`cj.condensate_attention` over `mesh` (module docstring)."""
+                         scale: Optional[float] = None, return_stats: bool = False,
+                         index=None):
+  """`cj.condensate_attention` over `mesh` (module docstring); selection="indexed" takes
+  the `selection.index.KeyIndex` of k as `index=` (None: built from k)."""
   check_spec(spec)
-  if spec.selection != "exact":
-    raise ValueError(f"spec.selection={spec.selection!r}: the distributed call implements "
-                     "selection='exact' (the block and indexed modes are not distributed "
-                     "yet).")
-  if spec.top_k_capacity:
-    raise ValueError(f"spec.top_k_capacity={spec.top_k_capacity}: the distributed call "
-                     "takes static sizes (a spec without top_k_capacity).")
+  _check_selection(spec, "spec")
+  if index is not None and spec.selection != "indexed":
+    raise ValueError(f"index: given with spec.selection={spec.selection!r}; a key index "
+                     "serves selection='indexed'.")
+  if index is not None:
+    index = _check_index(index, k, spec)
   return _call(q, k, v, spec, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis,
                causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
-               sliding_window=sliding_window, scale=scale, return_stats=return_stats)
+               sliding_window=sliding_window, scale=scale, return_stats=return_stats,
+               index=index)
+
+
+SELECTIONS = ("exact", "indexed")
+
+
+def _check_selection(spec, name):
+  if spec.selection not in SELECTIONS or spec.top_k_capacity:
+    raise ValueError(f"{name}.selection={spec.selection!r}, top_k_capacity="
+                     f"{spec.top_k_capacity}: the distributed call implements selection in "
+                     f"{SELECTIONS} with static sizes (the block modes and 'certified' are "
+                     "not distributed yet; a spec without top_k_capacity).")
+
+
+def _check_index(index, k, spec):
+  if not isinstance(index, index_lib.KeyIndex):
+    raise ValueError(f"index: expected a selection.index.KeyIndex of k (build_index), got "
+                     f"{type(index).__name__}.")
+  if index.bits != spec.index_bits or tuple(index.codes.shape) != tuple(k.shape):
+    raise ValueError(f"index: {index.bits}-bit codes of shape {tuple(index.codes.shape)}; "
+                     f"expected spec.index_bits={spec.index_bits} and k's shape "
+                     f"{tuple(k.shape)}.")
+  return index
 
 
 def dense_attention(q, k, v, *, mesh, seq_axis=None, head_axis=None, causal: bool = True,
@@ -153,7 +185,7 @@ def dense_attention(q, k, v, *, mesh, seq_axis=None, head_axis=None, causal: boo
 
 
 def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_lengths,
-          sliding_window, scale, return_stats):
+          sliding_window, scale, return_stats, index=None):
   return_stats = validation.check_bool("return_stats", return_stats)
   kv_lengths, q_positions, scale = validation.prepare(
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
@@ -162,8 +194,11 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
   window = validation.static_window(sliding_window, k.shape[1])
   bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
                                sliding_window=window)
+  if spec is not None and spec.selection == "indexed" and index is None:
+    index = index_lib.build(k, kv_lengths, spec.index_bits)   # partitioned by XLA
   out = _sharded(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v), q_positions,
-                 kv_lengths, spec=spec, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis,
+                 kv_lengths, index, spec=spec, mesh=mesh, seq_axis=seq_axis,
+                 head_axis=head_axis,
                  n_seq=n_seq, causal=bool(causal), sliding_window=window, scale=scale,
                  return_stats=return_stats)
   return finite.poison_result(out, bad, return_stats)
@@ -172,17 +207,20 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
 @functools.partial(jax.jit, static_argnames=("spec", "mesh", "seq_axis", "head_axis",
                                              "n_seq", "causal", "sliding_window", "scale",
                                              "return_stats"))
-def _sharded(q, k, v, q_positions, kv_lengths, *, spec, mesh, seq_axis, head_axis, n_seq,
-             causal, sliding_window, scale, return_stats):
+def _sharded(q, k, v, q_positions, kv_lengths, index, *, spec, mesh, seq_axis, head_axis,
+             n_seq, causal, sliding_window, scale, return_stats):
   s_len = k.shape[1]
   local = functools.partial(_local, spec=spec, seq_axis=seq_axis, n_seq=n_seq,
                             s_len=s_len, causal=causal, sliding_window=sliding_window,
                             scale=scale, return_stats=return_stats)
   qs, kvs = P(None, None, head_axis, None), P(None, seq_axis, head_axis, None)
   out_specs = (qs, AttentionStats(*[P(None, head_axis, None)] * 6)) if return_stats else qs
-  return jax.shard_map(local, mesh=mesh, in_specs=(qs, kvs, kvs, P(), P()),
+  ixs = None if index is None else index_lib.KeyIndex(
+      kvs, P(None, seq_axis, head_axis), P(None, seq_axis, head_axis),
+      P(None, head_axis, None), P(None, head_axis, None), index.bits)
+  return jax.shard_map(local, mesh=mesh, in_specs=(qs, kvs, kvs, P(), P(), ixs),
                        out_specs=out_specs, check_vma=False)(q, k, v, q_positions,
-                                                            kv_lengths)
+                                                            kv_lengths, index)
 
 
 def _psum(x, axis):
@@ -193,8 +231,8 @@ def _pmax(x, axis):
   return x if axis is None else jax.lax.pmax(x, axis)
 
 
-def _local(q, k, v, q_positions, kv_lengths, *, spec, seq_axis, n_seq, s_len, causal,
-           sliding_window, scale, return_stats):
+def _local(q, k, v, q_positions, kv_lengths, index, *, spec, seq_axis, n_seq, s_len,
+           causal, sliding_window, scale, return_stats):
   """One shard: its keys' part of every query's set, attended and merged."""
   s_loc = k.shape[1]
   offset = 0 if seq_axis is None else jax.lax.axis_index(seq_axis) * s_loc
@@ -206,6 +244,10 @@ def _local(q, k, v, q_positions, kv_lengths, *, spec, seq_axis, n_seq, s_len, ca
                                   CondensateSpec(anchor=0, window=0, top_k=0))
     in_set = jnp.broadcast_to(masks.visible, scores.shape)
     topk = None
+  elif spec.selection == "indexed":
+    masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
+    in_set, topk = _indexed_set(scores, q, index, masks, spec, scale, seq_axis, n_seq,
+                                s_len)
   else:
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = _global_set(scores, masks, spec, seq_axis, n_seq, s_len)
@@ -235,30 +277,67 @@ def _global_set(scores, masks, spec, seq_axis, n_seq, s_len):
   if spec.top_k >= max(s_len - spec.anchor - spec.window, 0):
     # every middle key of every query is selected (as the single-device shortcut)
     return jnp.broadcast_to(masks.visible, scores.shape), (None, n_dropped)
-  s_loc = scores.shape[-1]
-  kk = min(spec.top_k, s_loc)
+  picked, tau = _global_top(scores, middle, spec.top_k, seq_axis, n_seq, s_len)
+  return static | picked, (tau, n_dropped)
+
+
+def _global_top(values, pool, k: int, seq_axis, n_seq, s_len):
+  """(mask [..., S_l] of this shard's part of the global top-k of `values` over the keys in
+  `pool`, ties to the lower global position; the k-th value, -inf-padded: tau)."""
+  s_loc = values.shape[-1]
+  masked = jnp.where(pool, values, NEG_INF)
+  kk = min(k, s_loc)
   if kk == 0:
-    tau = _pmax(jnp.max(jnp.where(middle, scores, NEG_INF), axis=-1), seq_axis)
-    return jnp.broadcast_to(static, scores.shape), (tau, n_dropped)
-  values, idx = jax.lax.top_k(jnp.where(middle, scores, NEG_INF), kk)
-  valid = jnp.take_along_axis(middle, idx, axis=-1)
+    return jnp.zeros(values.shape, bool), _pmax(jnp.max(masked, axis=-1), seq_axis)
+  top_values, idx = jax.lax.top_k(masked, kk)
+  valid = jnp.take_along_axis(pool, idx, axis=-1)
   if seq_axis is None or n_seq == 1:
-    chosen, tau = valid, jnp.min(values, axis=-1)
+    chosen, tau = valid, jnp.min(top_values, axis=-1)
   else:
     # every shard's candidates in shard order (= global position order among equal
-    # scores): the global top-k is the top-k of these, ties to the lower position
-    all_values = jax.lax.all_gather(values, seq_axis, axis=values.ndim - 1, tiled=True)
-    all_valid = jax.lax.all_gather(valid, seq_axis, axis=valid.ndim - 1, tiled=True)
-    kg = min(spec.top_k, s_len)
-    top_values, pick = jax.lax.top_k(all_values, kg)
+    # values): the global top-k is the top-k of these, ties to the lower position
+    all_values = jax.lax.all_gather(top_values, seq_axis, axis=values.ndim - 1, tiled=True)
+    all_valid = jax.lax.all_gather(valid, seq_axis, axis=values.ndim - 1, tiled=True)
+    best, pick = jax.lax.top_k(all_values, min(k, s_len))
     picked = jnp.take_along_axis(all_valid, pick, axis=-1)
     flags = jnp.put_along_axis(jnp.zeros(all_valid.shape, bool), pick, picked, axis=-1,
                                inplace=False)
     me = jax.lax.axis_index(seq_axis)
     chosen = jax.lax.dynamic_slice_in_dim(flags, me * kk, kk, axis=flags.ndim - 1)
-    tau = jnp.min(top_values, axis=-1)
-  picked_mask = exact.topk_mask(exact.TopK(idx, chosen, tau, n_dropped), s_loc)
-  return static | (picked_mask & middle), (tau, n_dropped)
+    tau = jnp.min(best, axis=-1)
+  mask = jnp.put_along_axis(jnp.zeros(values.shape, bool), idx, chosen, axis=-1,
+                            inplace=False)
+  return mask & pool, tau
+
+
+def _indexed_set(scores, q, index, masks, spec, scale, seq_axis, n_seq, s_len):
+  """(in_set, ("indexed", log delta, keys scored)) of selection="indexed" over the shards:
+  the global top num_candidates middle keys by the index's estimate, the global exact
+  top_k of those (`impl.xla_indexed.select`, across shards), and the certificate's delta
+  over every shard's unselected middle keys (their exact score if a candidate, else the
+  index's upper bound), merged by log-sum-exp."""
+  middle = jnp.broadcast_to(masks.middle, scores.shape)
+  est, slack = index_lib.index_bounds(q, index, scale)
+  candidates, _ = _global_top(est, middle, spec.num_candidates, seq_axis, n_seq, s_len)
+  chosen, _ = _global_top(scores, candidates, spec.top_k, seq_axis, n_seq, s_len)
+  static = masks.anchor | masks.window
+  in_set = static | chosen
+  bound = jnp.where(middle & ~in_set, jnp.where(candidates, scores, est + slack), NEG_INF)
+  m_b = _pmax(jnp.max(bound, axis=-1), seq_axis)
+  m_s = jnp.where(jnp.isfinite(m_b), m_b, 0.0)
+  z_b = _psum(jnp.sum(jnp.exp(bound - m_s[..., None]), axis=-1), seq_axis)
+  log_delta = jnp.where(jnp.isneginf(m_b), NEG_INF,
+                        m_s + jnp.log(z_b) + jnp.float32(LOG_MARGIN))
+  log_delta = jnp.where(jnp.isnan(m_b), jnp.nan, log_delta)
+  scored = _psum(jnp.sum(jnp.broadcast_to(static, scores.shape) & jnp.broadcast_to(
+      masks.visible, scores.shape), -1, dtype=jnp.int32) + jnp.sum(
+          candidates, -1, dtype=jnp.int32), seq_axis)
+  return in_set, _IndexedCertificate(log_delta, scored)
+
+
+class _IndexedCertificate(NamedTuple):
+  log_delta: jax.Array   # [B, K, G, T] log of the certificate's delta, all shards
+  scored: jax.Array      # [B, K, G, T] int32 anchor + window + candidates, all shards
 
 
 def _stats(scores, masks, in_set, topk, m_c, z_c, seq_axis) -> AttentionStats:
@@ -276,7 +355,11 @@ def _stats(scores, masks, in_set, topk, m_c, z_c, seq_axis) -> AttentionStats:
   n_visible = _psum(jnp.sum(visible, axis=-1, dtype=jnp.int32), seq_axis)
   set_size = _psum(jnp.sum(in_set, axis=-1, dtype=jnp.int32), seq_axis)
   bound = jnp.zeros_like(captured)
-  if topk is not None:
+  scored = n_visible
+  if isinstance(topk, _IndexedCertificate):
+    lse = jnp.where(z_c > 0, m_c + jnp.log(jnp.where(z_c > 0, z_c, 1.0)), NEG_INF)
+    bound, scored = softmax.log_delta_to_eps(topk.log_delta, lse), topk.scored
+  elif topk is not None:
     tau, n_dropped = topk
     n_drop = n_dropped.astype(jnp.float32)
     if tau is not None:
@@ -284,23 +367,30 @@ def _stats(scores, masks, in_set, topk, m_c, z_c, seq_axis) -> AttentionStats:
       bound = jax.nn.sigmoid(log_delta - jnp.log(jnp.where(z_c > 0, z_c, 1.0)))
       bound = jnp.where(z_c > 0, bound, 1.0)
       bound = jnp.where(n_drop > 0, bound, 0.0)
-  fields = (captured, dropped, bound, set_size, n_visible, n_visible)
+  fields = (captured, dropped, bound, set_size, n_visible, scored)
   shape = captured.shape
   return AttentionStats(*[softmax.heads_last(jnp.broadcast_to(x, shape)) for x in fields])
 
 
 def model_attend(placement: Placement, q, k, v, spec, *, q_positions, kv_lengths,
-                 sliding_window, scale, return_stats):
+                 sliding_window, scale, return_stats, index=None):
   """A model layer's attention over the placement's mesh: k, v padded (with invisible
-  keys, past every row's kv_length) to a multiple of the sequence shards. Returns out, or
+  keys, past every row's kv_length) to a multiple of the sequence shards (and the cache's
+  key index of selection="indexed" with them). Returns out, or
   (out, stats) with return_stats (a dense layer's stats: everything captured)."""
   pad = -k.shape[1] % placement.seq_devices
   if pad:
     widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
     k, v = jnp.pad(k, widths), jnp.pad(v, widths)
+    if index is not None:   # empty entries, like the never-written positions of a cache
+      index = index_lib.KeyIndex(jnp.pad(index.codes, widths), jnp.pad(index.step, widths[:3]),
+                                 jnp.pad(index.err, widths[:3]), index.mu, index.sigma,
+                                 index.bits)
   kw = dict(mesh=placement.mesh, seq_axis=placement.seq_axis,
             head_axis=placement.head_axis, q_positions=q_positions, kv_lengths=kv_lengths,
             sliding_window=sliding_window, scale=scale)
   if spec is None:
     return dense_attention(q, k, v, **kw)
-  return condensate_attention(q, k, v, spec, return_stats=return_stats, **kw)
+  if spec.selection != "indexed":
+    index = None
+  return condensate_attention(q, k, v, spec, return_stats=return_stats, index=index, **kw)

@@ -169,7 +169,9 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
   if isinstance(ctx.implementation, distributed.Placement):
     res = distributed.model_attend(ctx.implementation, q, keys, values, spec,
                                    return_stats=ctx.return_stats and spec is not None,
-                                   **kwargs)
+                                   index=(summaries if isinstance(summaries,
+                                                                  index_lib.KeyIndex)
+                                          else None), **kwargs)
     out, stats = res if (ctx.return_stats and spec is not None) else (res, None)
     if ctx.return_stats and spec is None:
       stats = dense_stats(ctx.positions, kv_lengths, q.shape[2], sliding_window)

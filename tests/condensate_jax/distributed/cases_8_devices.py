@@ -125,8 +125,46 @@ def test_bad_mesh_or_axes_are_clear_errors():
         2, 4), ("seq", "heads")), head_axis="heads")
   with pytest.raises(ValueError, match="expected a jax.sharding.Mesh"):
     dist.condensate_attention(q, k, v, spec, mesh="mesh", seq_axis="seq")
-  with pytest.raises(ValueError, match="implements selection='exact'"):
-    dist.condensate_attention(q, k, v, spec.replace(selection="indexed"), mesh=MESH)
+  with pytest.raises(ValueError, match="implements selection in"):
+    dist.condensate_attention(q, k, v, cj.CondensateSpec(
+        anchor=1, window=1, selection="blocks", block_size=8, top_blocks=2), mesh=MESH)
+  with pytest.raises(ValueError, match="a key index serves selection='indexed'"):
+    dist.condensate_attention(q, k, v, spec, mesh=MESH, index=build_index(k))
+  with pytest.raises(ValueError, match="expected spec.index_bits=4"):
+    dist.condensate_attention(q, k, v, INDEXED, mesh=MESH, index=build_index(k, bits=8))
+
+
+# ------------------------------------------------------------------ selection="indexed"
+
+from condensate_jax.selection.index import build_index  # noqa: E402
+
+# few candidates (9 for top_k 4): the candidate cut and the exact cut both bind
+INDEXED = cj.CondensateSpec(anchor=2, window=4, top_k=4, selection="indexed", candidates=9)
+
+
+@pytest.mark.parametrize("axes", AXES, ids=str)
+def test_indexed_equals_single_device(axes):
+  """The same index on both sides: the same candidates, set and counts; the certificate
+  to rounding. Ragged lengths, GQA, a sliding window, prefill rows and decode."""
+  for t, seed in ((5, 10), (1, 11)):
+    q, k, v = _inputs(seed, t=t)
+    kw = dict(kv_lengths=jnp.array([64, 41]), sliding_window=30, return_stats=True)
+    index = build_index(k, 4, kw["kv_lengths"])
+    want = cj.condensate_attention(q, k, v, INDEXED, index=index, **kw)
+    got = dist.condensate_attention(q, k, v, INDEXED, mesh=MESH, seq_axis=axes[0],
+                                    head_axis=axes[1], index=index, **kw)
+    _compare(want, got)
+    assert np.asarray(want[1].keys_scored).max() < np.asarray(want[1].visible).max()
+
+
+def test_indexed_builds_its_index_over_the_shards():
+  """index=None: built from the sharded k (mu and sigma summed across shards, so equal
+  to the single-device index up to summation order): same set sizes, outputs close."""
+  q, k, v = _inputs(12)
+  want = cj.condensate_attention(q, k, v, INDEXED, return_stats=True)
+  got = dist.condensate_attention(q, k, v, INDEXED, mesh=MESH_8, seq_axis="seq",
+                                  return_stats=True)
+  _compare(want, got, atol=1e-5)
 
 
 # ------------------------------------------------------------------ models over a mesh
@@ -152,7 +190,9 @@ def test_models_over_a_mesh_equal_one_device(family):
   np.testing.assert_array_equal(np.asarray(got_stats.set_size),
                                 np.asarray(want_stats.set_size))
   lengths = np.array([45, 30])
-  for attention in ((None, spec) if family == "llamalike" else (spec,)):
+  indexed = cj.CondensateSpec(anchor=2, window=4, top_k=4, selection="indexed",
+                              candidates=8)
+  for attention in ((None, spec, indexed) if family == "llamalike" else (spec,)):
     want = lm.generate(tokens, 5, attention, prompt_lengths=lengths)
     got = lm.generate(tokens, 5, attention, implementation=placement, prompt_lengths=lengths)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -161,9 +201,9 @@ def test_models_over_a_mesh_equal_one_device(family):
 def test_model_placement_errors():
   lm = tiny.tiny_random("llamalike")
   tokens = np.zeros((1, 8), np.int32)
-  with pytest.raises(ValueError, match="implements selection='exact'"):
-    lm.logits(tokens, attention=cj.CondensateSpec(anchor=1, window=1, top_k=2,
-                                                  selection="indexed"),
+  with pytest.raises(ValueError, match="implements selection in"):
+    lm.logits(tokens, attention=cj.CondensateSpec(anchor=1, window=1, selection="blocks",
+                                                  block_size=8, top_blocks=1),
               implementation=dist.Placement(MESH, seq_axis="seq"))
   with pytest.raises(ValueError, match=r"Placement.seq_axis='rows': not an axis"):
     lm.logits(tokens, implementation=dist.Placement(MESH, seq_axis="rows"))
