@@ -12,7 +12,7 @@ Keys users override most (`--config.KEY=VALUE`; tuples as `--config.attention.to
   attention.implementation  "xla" (default), "xla_gathered", "pallas", ...
   attention.mesh        "" (one device) or "seq=4,heads=2": every model call (dense
                         reference included) through cj.distributed over that mesh of the
-                        first devices (selection "exact" or "indexed"; the gate then
+                        first devices (selection "exact", "indexed" or "blocks"; the gate then
                         allows rounding)
   attention.block_rank  "bound" (default) or "centre": how "blocks" points rank blocks
   attention.query_blocks  True: "blocks" points select per block of prompt rows (the

@@ -127,7 +127,7 @@ def test_bad_mesh_or_axes_are_clear_errors():
     dist.condensate_attention(q, k, v, spec, mesh="mesh", seq_axis="seq")
   with pytest.raises(ValueError, match="implements selection in"):
     dist.condensate_attention(q, k, v, cj.CondensateSpec(
-        anchor=1, window=1, selection="blocks", block_size=8, top_blocks=2), mesh=MESH)
+        anchor=1, window=1, selection="bounded", block_size=8, top_k=2), mesh=MESH)
   with pytest.raises(ValueError, match="a key index serves selection='indexed'"):
     dist.condensate_attention(q, k, v, spec, mesh=MESH, index=build_index(k))
   with pytest.raises(ValueError, match="expected spec.index_bits=4"):
@@ -155,6 +155,36 @@ def test_indexed_equals_single_device(axes):
                                     head_axis=axes[1], index=index, **kw)
     _compare(want, got)
     assert np.asarray(want[1].keys_scored).max() < np.asarray(want[1].visible).max()
+
+
+BLOCKS = {
+    "blocks": cj.CondensateSpec(anchor=2, window=4, selection="blocks", block_size=4,
+                                top_blocks=3),
+    "centre ranked": cj.CondensateSpec(anchor=1, window=3, selection="blocks",
+                                       block_size=8, top_blocks=2, block_rank="centre"),
+}
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+@pytest.mark.parametrize("axes", AXES, ids=str)
+def test_blocks_equals_single_device(name, axes):
+  """selection="blocks": the same blocks (set sizes, keys scored), outputs and the
+  certificate to rounding; prefill rows and decode, ragged, GQA, a sliding window."""
+  for t, seed in ((5, 13), (1, 14)):
+    q, k, v = _inputs(seed, t=t)
+    kw = dict(kv_lengths=jnp.array([64, 41]), sliding_window=30, return_stats=True)
+    want = cj.condensate_attention(q, k, v, BLOCKS[name], **kw)
+    got = dist.condensate_attention(q, k, v, BLOCKS[name], mesh=MESH, seq_axis=axes[0],
+                                    head_axis=axes[1], **kw)
+    _compare(want, got)
+    assert np.asarray(want[1].set_size).min() < np.asarray(want[1].visible).max()
+
+
+def test_blocks_need_whole_blocks_per_shard():
+  q, k, v = _inputs(15)
+  with pytest.raises(ValueError, match="not whole blocks of spec.block_size=16"):
+    dist.condensate_attention(q, k, v, BLOCKS["blocks"].replace(block_size=16),
+                              mesh=MESH_8, seq_axis="seq")
 
 
 def test_indexed_builds_its_index_over_the_shards():
@@ -192,7 +222,9 @@ def test_models_over_a_mesh_equal_one_device(family):
   lengths = np.array([45, 30])
   indexed = cj.CondensateSpec(anchor=2, window=4, top_k=4, selection="indexed",
                               candidates=8)
-  for attention in ((None, spec, indexed) if family == "llamalike" else (spec,)):
+  blocks = cj.CondensateSpec(anchor=2, window=4, selection="blocks", block_size=4,
+                             top_blocks=2)
+  for attention in ((None, spec, indexed, blocks) if family == "llamalike" else (spec,)):
     want = lm.generate(tokens, 5, attention, prompt_lengths=lengths)
     got = lm.generate(tokens, 5, attention, implementation=placement, prompt_lengths=lengths)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -202,8 +234,8 @@ def test_model_placement_errors():
   lm = tiny.tiny_random("llamalike")
   tokens = np.zeros((1, 8), np.int32)
   with pytest.raises(ValueError, match="implements selection in"):
-    lm.logits(tokens, attention=cj.CondensateSpec(anchor=1, window=1, selection="blocks",
-                                                  block_size=8, top_blocks=1),
+    lm.logits(tokens, attention=cj.CondensateSpec(anchor=1, window=1, selection="certified",
+                                                  block_size=8),
               implementation=dist.Placement(MESH, seq_axis="seq"))
   with pytest.raises(ValueError, match=r"Placement.seq_axis='rows': not an axis"):
     lm.logits(tokens, implementation=dist.Placement(MESH, seq_axis="rows"))

@@ -43,8 +43,17 @@ middle keys by the index's upper bound) merges by one pmax and one psum. The sam
 counts as one device with the same index; the certificate to rounding. Per decode call it
 gathers twice (estimates of n * min(C, S_local) candidates, then their exact scores).
 
-Limits: selection "exact" and "indexed" (the block modes and "certified" are not
-distributed yet); queries are replicated over seq_axis (each shard scores T x S_local:
+selection="blocks" across shards (`impl.xla_blocks`'s set): each shard summarises its
+own blocks (S / n_seq a multiple of spec.block_size), every GQA group takes the global
+top_blocks blocks by `order.group_score` (bounds relative to each head's best block over
+all shards, ties to the lower block) among those holding middle keys, and the certificate
+sums n_b e^{U_b} over the other blocks of every shard. The summaries are built from the
+shard's keys in every call (a cache's summaries are not taken). Sets, set sizes and keys
+scored as one device's; outputs and the certificate to rounding. (`distributed.sets`
+holds the three sets and the merged statistics.)
+
+Limits: selection "exact", "indexed" and "blocks" ("bounded", "certified" and
+query_blocks are not distributed yet); queries are replicated over seq_axis (each shard scores T x S_local:
 prefill at long T is memory-bound by that); no top_k_capacity (static sizes).
 """
 
@@ -58,7 +67,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from condensate_jax import finite, geometry, softmax, validation
-from condensate_jax.impl.xla_indexed import LOG_MARGIN
+from condensate_jax.distributed import sets
 from condensate_jax.selection import index as index_lib
 from condensate_jax.softmax import HIGHEST, NEG_INF, AttentionStats
 from condensate_jax.spec import CondensateSpec, check_spec
@@ -153,15 +162,16 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, mesh, seq_axis=None,
                index=index)
 
 
-SELECTIONS = ("exact", "indexed")
+SELECTIONS = ("exact", "indexed", "blocks")
 
 
 def _check_selection(spec, name):
-  if spec.selection not in SELECTIONS or spec.top_k_capacity:
+  if spec.selection not in SELECTIONS or spec.top_k_capacity or spec.query_blocks:
     raise ValueError(f"{name}.selection={spec.selection!r}, top_k_capacity="
                      f"{spec.top_k_capacity}: the distributed call implements selection in "
-                     f"{SELECTIONS} with static sizes (the block modes and 'certified' are "
-                     "not distributed yet; a spec without top_k_capacity).")
+                     f"{SELECTIONS} with static sizes ('bounded' and 'certified' are not "
+                     "distributed yet; query_blocks neither; a spec without "
+                     "top_k_capacity).")
 
 
 def _check_index(index, k, spec):
@@ -191,6 +201,12 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
   n_seq, _ = _check_mesh(mesh, seq_axis, head_axis, k, q)
+  if spec is not None and spec.selection == "blocks" and (k.shape[1] // n_seq) % (
+      spec.block_size):
+    raise ValueError(f"k.shape[1]={k.shape[1]} over {n_seq} sequence shards: "
+                     f"{k.shape[1] // n_seq} keys per shard, not whole blocks of "
+                     f"spec.block_size={spec.block_size}; expected S a multiple of "
+                     f"{n_seq * spec.block_size}.")
   window = validation.static_window(sliding_window, k.shape[1])
   bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
                                sliding_window=window)
@@ -223,14 +239,6 @@ def _sharded(q, k, v, q_positions, kv_lengths, index, *, spec, mesh, seq_axis, h
                                                             kv_lengths, index)
 
 
-def _psum(x, axis):
-  return x if axis is None else jax.lax.psum(x, axis)
-
-
-def _pmax(x, axis):
-  return x if axis is None else jax.lax.pmax(x, axis)
-
-
 def _local(q, k, v, q_positions, kv_lengths, index, *, spec, seq_axis, n_seq, s_len,
            causal, sliding_window, scale, return_stats):
   """One shard: its keys' part of every query's set, attended and merged."""
@@ -246,139 +254,41 @@ def _local(q, k, v, q_positions, kv_lengths, index, *, spec, seq_axis, n_seq, s_
     topk = None
   elif spec.selection == "indexed":
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
-    in_set, topk = _indexed_set(scores, q, index, masks, spec, scale, seq_axis, n_seq,
-                                s_len)
+    in_set, topk = sets.indexed_set(scores, q, index, masks, spec, scale, seq_axis,
+                                    n_seq, s_len)
+  elif spec.selection == "blocks":
+    masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
+    in_set, topk = sets.blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
+                                   spec, scale, seq_axis, n_seq)
   else:
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
-    in_set, topk = _global_set(scores, masks, spec, seq_axis, n_seq, s_len)
+    in_set, topk = sets.exact_set(scores, masks, spec, seq_axis, n_seq, s_len)
   # the set's softmax, merged: one shared max, then sums of exp(s - m) and of their values
   s = jnp.where(in_set, scores, NEG_INF)
-  m = _pmax(jnp.max(s, axis=-1), seq_axis)                              # [B,K,G,T]
+  m = sets.pmax(jnp.max(s, axis=-1), seq_axis)                          # [B,K,G,T]
   m = jnp.where(jnp.isneginf(m), 0.0, m)
   p = jnp.where(in_set, jnp.exp(s - m[..., None]), 0.0)
-  l = _psum(jnp.sum(p, axis=-1), seq_axis)
-  o = _psum(jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32), precision=HIGHEST),
-            seq_axis)
+  l = sets.psum(jnp.sum(p, axis=-1), seq_axis)
+  o = sets.psum(jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32),
+                           precision=HIGHEST), seq_axis)
   o = o / jnp.where(l > 0, l, 1.0)[..., None]
   b, hkv, g, t, d = o.shape
   out = o.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d).astype(q.dtype)
   if not return_stats:
     return out
-  return out, _stats(scores, masks, in_set, topk, m, l, seq_axis)
-
-
-def _global_set(scores, masks, spec, seq_axis, n_seq, s_len):
-  """(in_set [B,K,G,T,S_l], (tau, n_dropped)) of the exact global top-k (module
-  docstring)."""
-  middle = jnp.broadcast_to(masks.middle, scores.shape)
-  n_mid = _psum(jnp.sum(masks.middle, axis=-1, dtype=jnp.int32), seq_axis)   # [B,1,1,T]
-  n_dropped = jnp.maximum(n_mid - spec.top_k, 0)
-  static = masks.anchor | masks.window
-  if spec.top_k >= max(s_len - spec.anchor - spec.window, 0):
-    # every middle key of every query is selected (as the single-device shortcut)
-    return jnp.broadcast_to(masks.visible, scores.shape), (None, n_dropped)
-  picked, tau = _global_top(scores, middle, spec.top_k, seq_axis, n_seq, s_len)
-  return static | picked, (tau, n_dropped)
-
-
-def _global_top(values, pool, k: int, seq_axis, n_seq, s_len):
-  """(mask [..., S_l] of this shard's part of the global top-k of `values` over the keys in
-  `pool`, ties to the lower global position; the k-th value, -inf-padded: tau)."""
-  s_loc = values.shape[-1]
-  masked = jnp.where(pool, values, NEG_INF)
-  kk = min(k, s_loc)
-  if kk == 0:
-    return jnp.zeros(values.shape, bool), _pmax(jnp.max(masked, axis=-1), seq_axis)
-  top_values, idx = jax.lax.top_k(masked, kk)
-  valid = jnp.take_along_axis(pool, idx, axis=-1)
-  if seq_axis is None or n_seq == 1:
-    chosen, tau = valid, jnp.min(top_values, axis=-1)
-  else:
-    # every shard's candidates in shard order (= global position order among equal
-    # values): the global top-k is the top-k of these, ties to the lower position
-    all_values = jax.lax.all_gather(top_values, seq_axis, axis=values.ndim - 1, tiled=True)
-    all_valid = jax.lax.all_gather(valid, seq_axis, axis=values.ndim - 1, tiled=True)
-    best, pick = jax.lax.top_k(all_values, min(k, s_len))
-    picked = jnp.take_along_axis(all_valid, pick, axis=-1)
-    flags = jnp.put_along_axis(jnp.zeros(all_valid.shape, bool), pick, picked, axis=-1,
-                               inplace=False)
-    me = jax.lax.axis_index(seq_axis)
-    chosen = jax.lax.dynamic_slice_in_dim(flags, me * kk, kk, axis=flags.ndim - 1)
-    tau = jnp.min(best, axis=-1)
-  mask = jnp.put_along_axis(jnp.zeros(values.shape, bool), idx, chosen, axis=-1,
-                            inplace=False)
-  return mask & pool, tau
-
-
-def _indexed_set(scores, q, index, masks, spec, scale, seq_axis, n_seq, s_len):
-  """(in_set, ("indexed", log delta, keys scored)) of selection="indexed" over the shards:
-  the global top num_candidates middle keys by the index's estimate, the global exact
-  top_k of those (`impl.xla_indexed.select`, across shards), and the certificate's delta
-  over every shard's unselected middle keys (their exact score if a candidate, else the
-  index's upper bound), merged by log-sum-exp."""
-  middle = jnp.broadcast_to(masks.middle, scores.shape)
-  est, slack = index_lib.index_bounds(q, index, scale)
-  candidates, _ = _global_top(est, middle, spec.num_candidates, seq_axis, n_seq, s_len)
-  chosen, _ = _global_top(scores, candidates, spec.top_k, seq_axis, n_seq, s_len)
-  static = masks.anchor | masks.window
-  in_set = static | chosen
-  bound = jnp.where(middle & ~in_set, jnp.where(candidates, scores, est + slack), NEG_INF)
-  m_b = _pmax(jnp.max(bound, axis=-1), seq_axis)
-  m_s = jnp.where(jnp.isfinite(m_b), m_b, 0.0)
-  z_b = _psum(jnp.sum(jnp.exp(bound - m_s[..., None]), axis=-1), seq_axis)
-  log_delta = jnp.where(jnp.isneginf(m_b), NEG_INF,
-                        m_s + jnp.log(z_b) + jnp.float32(LOG_MARGIN))
-  log_delta = jnp.where(jnp.isnan(m_b), jnp.nan, log_delta)
-  scored = _psum(jnp.sum(jnp.broadcast_to(static, scores.shape) & jnp.broadcast_to(
-      masks.visible, scores.shape), -1, dtype=jnp.int32) + jnp.sum(
-          candidates, -1, dtype=jnp.int32), seq_axis)
-  return in_set, _IndexedCertificate(log_delta, scored)
-
-
-class _IndexedCertificate(NamedTuple):
-  log_delta: jax.Array   # [B, K, G, T] log of the certificate's delta, all shards
-  scored: jax.Array      # [B, K, G, T] int32 anchor + window + candidates, all shards
-
-
-def _stats(scores, masks, in_set, topk, m_c, z_c, seq_axis) -> AttentionStats:
-  """AttentionStats [B, Hq, T] of the merged set (`exact.certificate`, across shards)."""
-  visible = jnp.broadcast_to(masks.visible, scores.shape)
-  m_vis = _pmax(jnp.max(jnp.where(visible, scores, NEG_INF), axis=-1), seq_axis)
-  m_vis = jnp.where(jnp.isneginf(m_vis), 0.0, m_vis)
-  e = jnp.where(visible, jnp.exp(jnp.minimum(scores - m_vis[..., None], 0.0)), 0.0)
-  z_set = _psum(jnp.sum(jnp.where(in_set, e, 0.0), -1), seq_axis)
-  z_drop = _psum(jnp.sum(jnp.where(in_set, 0.0, e), -1), seq_axis)
-  z_all = z_set + z_drop
-  safe = jnp.where(z_all > 0, z_all, 1.0)
-  captured = jnp.where(z_all > 0, z_set / safe, 1.0)
-  dropped = jnp.where(z_all > 0, z_drop / safe, 0.0)
-  n_visible = _psum(jnp.sum(visible, axis=-1, dtype=jnp.int32), seq_axis)
-  set_size = _psum(jnp.sum(in_set, axis=-1, dtype=jnp.int32), seq_axis)
-  bound = jnp.zeros_like(captured)
-  scored = n_visible
-  if isinstance(topk, _IndexedCertificate):
-    lse = jnp.where(z_c > 0, m_c + jnp.log(jnp.where(z_c > 0, z_c, 1.0)), NEG_INF)
-    bound, scored = softmax.log_delta_to_eps(topk.log_delta, lse), topk.scored
-  elif topk is not None:
-    tau, n_dropped = topk
-    n_drop = n_dropped.astype(jnp.float32)
-    if tau is not None:
-      log_delta = jnp.where(n_drop > 0, jnp.log(n_drop) + (tau - m_c), NEG_INF)
-      bound = jax.nn.sigmoid(log_delta - jnp.log(jnp.where(z_c > 0, z_c, 1.0)))
-      bound = jnp.where(z_c > 0, bound, 1.0)
-      bound = jnp.where(n_drop > 0, bound, 0.0)
-  fields = (captured, dropped, bound, set_size, n_visible, scored)
-  shape = captured.shape
-  return AttentionStats(*[softmax.heads_last(jnp.broadcast_to(x, shape)) for x in fields])
+  return out, sets.stats(scores, masks, in_set, topk, m, l, seq_axis)
 
 
 def model_attend(placement: Placement, q, k, v, spec, *, q_positions, kv_lengths,
                  sliding_window, scale, return_stats, index=None):
   """A model layer's attention over the placement's mesh: k, v padded (with invisible
-  keys, past every row's kv_length) to a multiple of the sequence shards (and the cache's
+  keys, past every row's kv_length) to a multiple of the sequence shards (of whole blocks
+  per shard under selection="blocks"; the cache's
   key index of selection="indexed" with them). Returns out, or
   (out, stats) with return_stats (a dense layer's stats: everything captured)."""
-  pad = -k.shape[1] % placement.seq_devices
+  whole = placement.seq_devices * (spec.block_size if spec is not None
+                                   and spec.selection == "blocks" else 1)
+  pad = -k.shape[1] % whole
   if pad:
     widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
     k, v = jnp.pad(k, widths), jnp.pad(v, widths)
