@@ -66,6 +66,14 @@ def save(directory, step: int, tree, *, metadata: Optional[dict] = None,
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, final)
+  try:   # the rename itself durable
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+  except OSError:
+    pass
   for old in sorted(_steps(directory))[:-keep]:
     path_for(directory, old).unlink(missing_ok=True)
   return final

@@ -73,6 +73,13 @@ class OptimConfig:
     _check("optim.clip_norm", self.clip_norm, num, 0)
     _check("optim.b1", self.b1, num, 0, 1)
     _check("optim.b2", self.b2, num, 0, 1)
+    for name in ("b1", "b2"):
+      if getattr(self, name) >= 1:
+        raise ValueError(f"optim.{name}={getattr(self, name)!r}: expected a number in "
+                         "[0, 1) (1 never forgets: the moments stop moving).")
+    if self.warmup_steps >= self.steps:
+      raise ValueError(f"optim.warmup_steps={self.warmup_steps!r}: expected fewer than "
+                       f"optim.steps={self.steps} (the cosine decay needs steps after it).")
     _check("optim.eps", self.eps, num, 0, open_lo=True)
 
 
@@ -83,8 +90,19 @@ def schedule(cfg: OptimConfig):
       decay_steps=cfg.steps, end_value=cfg.learning_rate * cfg.min_lr_ratio)
 
 
+_NO_DECAY = ("bias", "scale", "norm")
+
+
+def decay_mask(params):
+  """True for the parameters weight decay applies to: matrices (ndim >= 2) whose path
+  names no bias, norm or scale (GPT-2's [N, H] attention biases are matrices by rank)."""
+  def decays(path, x):
+    name = jax.tree_util.keystr(path).lower()
+    return jnp.ndim(x) >= 2 and not any(w in name for w in _NO_DECAY)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
   adamw = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
   if cfg.clip_norm > 0:
@@ -149,6 +167,10 @@ def _count(opt_state):
   return jnp.zeros((), jnp.int32)
 
 
+class CheckpointMismatch(ValueError):
+  """The workdir's checkpoint was written by another setting (or is past the steps)."""
+
+
 def fit(*, workdir, params, optimizer, step_fn: Callable, batch_fn: Callable[[int], Any],
         steps: int, store, checkpoint_every: int, extra: tuple = (), eval_every: int = 0,
         eval_fn: Optional[Callable[[int, Any], dict]] = None, key_prefix: str = "",
@@ -173,7 +195,7 @@ def fit(*, workdir, params, optimizer, step_fn: Callable, batch_fn: Callable[[in
       differ = {k: (meta.get(k), v) for k, v in metadata.items()
                 if k in meta and json_safe(meta[k]) != json_safe(v)}
       if differ:
-        raise ValueError(f"checkpoint {found[1]} was written by another setting: "
+        raise CheckpointMismatch(f"checkpoint {found[1]} was written by another setting: "
                          f"{differ}. Use a fresh --workdir.")
 
   def evaluate(step):
@@ -181,8 +203,12 @@ def fit(*, workdir, params, optimizer, step_fn: Callable, batch_fn: Callable[[in
     if eval_fn is not None and key not in store:
       store.append({"key": key, "kind": "eval", "step": step, **eval_fn(step, params)})
 
-  if start == 0:
-    evaluate(0)
+  if start > steps:
+    raise CheckpointMismatch(f"checkpoint {found[1]} is at step {start}, past "
+                             f"steps={steps}; use "
+                     "a fresh --workdir (or the same steps).")
+  if start == 0 or (eval_every and start % eval_every == 0):
+    evaluate(start)     # skipped when its row exists
   end = steps if stop_at is None else min(steps, stop_at)
   with tqdm(total=steps, initial=start, disable=not progress, desc=desc,
             unit="step") as bar:
@@ -201,10 +227,12 @@ def fit(*, workdir, params, optimizer, step_fn: Callable, batch_fn: Callable[[in
                     **metrics})
       bar.update()
       bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-      if step % checkpoint_every == 0 or step == steps:
-        checkpoint.save(ckpt_dir, step, (params, opt_state), metadata=metadata)
+      # evaluate before saving: a run stopped in between redoes the steps since the last
+      # checkpoint, this evaluation included
       if eval_every and (step % eval_every == 0 or step == steps):
         evaluate(step)
+      if step % checkpoint_every == 0 or step == steps:
+        checkpoint.save(ckpt_dir, step, (params, opt_state), metadata=metadata)
   if end == steps and eval_fn is not None:
     evaluate(steps)
   return params, end

@@ -30,7 +30,8 @@ def optim_config(config) -> trainer.OptimConfig:
   try:
     return trainer.OptimConfig(**dict(config.optim))
   except (TypeError, ValueError) as err:
-    raise ConfigError(f"config.optim: {err}") from None
+    raise ConfigError(f"config.{err}" if str(err).startswith("optim.")
+                      else f"config.optim: {err}") from None
 
 
 def open_run(config, workdir):
@@ -66,14 +67,29 @@ def finish(config, workdir, store, before: int, *, table, panels, plot_name, spe
           "rows": rows}
 
 
+def corpus_settings(data, lm) -> dict:
+  """What the tokens of a corpus depend on: the data settings and the tokenizer (its
+  vocabulary size and the ids of a probe text)."""
+  probe = "Condensate attention: def f(x): return x ** 2  # ünïcode"
+  return {"sources": list(data.sources), "max_chars": int(data.max_chars or 0),
+          "holdout": float(data.holdout), "vocab_size": int(lm.vocab_size),
+          "probe_ids": list(lm.encode(probe)) if lm.tokenizer is not None else None}
+
+
 def load_corpus(data, lm, workdir: pathlib.Path) -> corpus_lib.Corpus:
   """The tokenised corpus of this workdir: built on the first run and saved there
   (corpus.npz, atomically), loaded from it on a resume, so a resumed run trains on the
-  very same tokens even where another Python would build other text."""
+  very same tokens even where another Python would build other text. A corpus.npz built
+  with other data settings or another tokenizer is refused (ConfigError)."""
   path = workdir / "corpus.npz"
+  settings = corpus_settings(data, lm)
   if path.exists():
     with np.load(path) as f:
       meta = json.loads(str(f["meta"]))
+      if meta.get("settings") != settings:
+        raise ConfigError(f"{path} was built with other data settings or another "
+                          f"tokenizer ({meta.get('settings')} here, {settings} asked); use "
+                          "a fresh --workdir.")
       return corpus_lib.Corpus(train=f["train"], heldout=f["heldout"], digest=meta["digest"],
                                documents=tuple(meta["documents"]), chars=meta["chars"])
   if lm.tokenizer is None:
@@ -86,11 +102,60 @@ def load_corpus(data, lm, workdir: pathlib.Path) -> corpus_lib.Corpus:
   except ValueError as err:
     raise ConfigError(f"config.data: {err}") from None
   meta = json.dumps({"digest": built.digest, "documents": list(built.documents),
-                     "chars": built.chars})
+                     "chars": built.chars, "settings": settings})
   tmp = workdir / "corpus.tmp.npz"
-  np.savez(tmp, train=built.train, heldout=built.heldout, meta=np.asarray(meta))
+  with open(tmp, "wb") as f:
+    np.savez(f, train=built.train, heldout=built.heldout, meta=np.asarray(meta))
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
   return built
+
+
+def _positive(config, key, lo=1):
+  section, _, name = key.partition(".")
+  value = config[section][name] if name else config[section]
+  if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    raise ConfigError(f"config.{key}={value!r}: expected an int >= {lo}.")
+  return value
+
+
+def check_training_config(config, max_length: int):
+  """ConfigError naming the key for a training config's bad data / eval / checkpoint
+  values (the optimizer's are `optim_config`'s), before anything is built."""
+  for key in ("data.batch", "data.accumulate", "eval.prompts", "eval.windows",
+              "eval.batch", "eval.prompt_len", "eval.new_tokens", "checkpoint_every"):
+    _positive(config, key)
+  _positive(config, "data.seq_len", 2)
+  _positive(config, "eval.every", 0)
+  if config.data.seq_len > max_length:
+    raise ConfigError(f"config.data.seq_len={config.data.seq_len}: the model's context is "
+                      f"{max_length} tokens; expected at most {max_length}.")
+  if config.eval.prompt_len + config.eval.new_tokens > max_length:
+    raise ConfigError(f"config.eval.prompt_len + new_tokens = {config.eval.prompt_len} + "
+                      f"{config.eval.new_tokens}: expected at most the model's context, "
+                      f"{max_length}.")
+  if config.model.dtype not in ("float32", "bfloat16", "float16"):
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected 'float32', "
+                      "'bfloat16' or 'float16' (the compute dtype; weights stay float32).")
+
+
+def fit(config, **kwargs):
+  """`trainer.fit` with the setting's digest in the checkpoint metadata; a checkpoint of
+  another setting is a ConfigError."""
+  kwargs["metadata"] = {**kwargs.get("metadata", {}), "setting": setting_digest(config)}
+  try:
+    return trainer.fit(**kwargs)
+  except trainer.CheckpointMismatch as err:
+    raise ConfigError(str(err)) from None
+
+
+def setting_digest(config) -> str:
+  """sha256 of the config keys that change a row (a checkpoint's setting)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  d = {k: v for k, v in config.to_dict().items()
+       if k not in manifest_lib.NON_RESULT_KEYS}
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def batch_fn(tokens: np.ndarray, data, seed: int):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from condensate_jax.train import functional, trainer
 from experiments import manifest as manifest_lib
 from experiments.bench import tables
+from experiments.errors import ConfigError
 from experiments.train import common
 
 PANELS = [("train:kl", "train KL(teacher || student)", True),
@@ -46,9 +47,13 @@ def _load(config):
 
 
 def make_loss(fn: functional.Functional, spec, weights):
-  w_kl, w_lm = float(weights.kl), float(weights.lm)
-  if w_kl < 0 or w_lm < 0 or w_kl + w_lm == 0:
-    raise ValueError(f"config.loss={dict(weights)!r}: expected kl, lm >= 0, not both 0.")
+  try:
+    w_kl, w_lm = float(weights.kl), float(weights.lm)
+  except (TypeError, ValueError):
+    w_kl = w_lm = -1.0
+  if not (w_kl >= 0 and w_lm >= 0 and w_kl + w_lm > 0):
+    raise ConfigError(f"config.loss={dict(weights)!r}: expected numbers kl, lm >= 0, not "
+                      "both 0.")
 
   def loss_fn(params, windows, teacher_params):
     tokens = windows[:, :-1]
@@ -99,6 +104,7 @@ def run(config, workdir, progress: bool = True, stop_at=None):
   spec = common.make_spec(config.attention)
   optim = common.optim_config(config)
   lm = _load(config)
+  common.check_training_config(config, lm.max_length)
   fn = functional.Functional(lm, config.model.dtype)
   data = common.load_corpus(config.data, lm, workdir)
   manifest_lib.write_manifest(workdir, config.to_dict(),
@@ -108,7 +114,7 @@ def run(config, workdir, progress: bool = True, stop_at=None):
   step_fn = trainer.make_train_step(make_loss(fn, spec, config.loss), optimizer,
                                     trainer.schedule(optim))
   before = len(store.rows)
-  trainer.fit(workdir=workdir, params=fn.params, optimizer=optimizer, step_fn=step_fn,
+  common.fit(config, workdir=workdir, params=fn.params, optimizer=optimizer, step_fn=step_fn,
               batch_fn=common.batch_fn(data.train, config.data, config.seed),
               steps=optim.steps, store=store, checkpoint_every=config.checkpoint_every,
               eval_every=config.eval.every,

@@ -100,6 +100,7 @@ def run(config, workdir, progress: bool = True, stop_at=None):
   spec = common.make_spec(config.attention)
   optim = common.optim_config(config)
   lm = build_model(config)
+  common.check_training_config(config, lm.max_length)
   data = common.load_corpus(config.data, lm, workdir)
   manifest_lib.write_manifest(workdir, config.to_dict(),
                               {"job": "pretrain", "corpus": data.describe()})
@@ -123,7 +124,7 @@ def run(config, workdir, progress: bool = True, stop_at=None):
     attention = spec if arm == "condensate" else None
     step_fn = trainer.make_train_step(make_loss(fn, attention), optimizer,
                                       trainer.schedule(optim))
-    trainer.fit(workdir=workdir / arm, params=fn.params, optimizer=optimizer,
+    common.fit(config, workdir=workdir / arm, params=fn.params, optimizer=optimizer,
                 step_fn=step_fn, batch_fn=common.batch_fn(data.train, config.data, config.seed),
                 steps=optim.steps, store=ArmStore(arm),
                 checkpoint_every=config.checkpoint_every, eval_every=config.eval.every,

@@ -81,3 +81,22 @@ def test_bad_training_configs_are_refused(tmp_path):
     cli.run_job(config, tmp_path / "b", progress=False)
   with pytest.raises(ValueError, match="budget"):
     cli.load_config("distill.py:budget=huge")
+  for key, value, match in (("data.batch", 0, "config.data.batch=0"),
+                            ("data.seq_len", 4096, "config.data.seq_len=4096"),
+                            ("eval.batch", 0, "config.eval.batch=0"),
+                            ("optim.b2", 1.0, "config.optim.b2=1.0"),
+                            ("loss.kl", 0.0, "config.loss")):
+    config = cli.load_config("distill.py:size=smoke")
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=match):
+      cli.run_job(config, tmp_path / key, progress=False)
+
+
+def test_a_corpus_of_other_settings_is_refused(distilled):
+  _, workdir = distilled
+  config = cli.load_config("distill.py:size=smoke")
+  config.data.holdout = 0.3
+  config.resume = "extend"          # past the config check: the corpus check still holds
+  with pytest.raises(ConfigError, match="corpus.npz was built with other data settings"):
+    cli.run_job(config, workdir, progress=False)

@@ -32,6 +32,21 @@ def test_split_is_disjoint_stable_and_independent_of_the_other_documents(texts):
   assert set(held2) == set(held) & set(some) and set(train2) == set(train) & set(some)
 
 
+def test_heldout_lines_found_in_training_documents_are_dropped():
+  train = {"a": "shared line of help text\nonly in train, long enough"}
+  held = {"b": "shared line of help text\nonly held out, long enough\nok",
+          "c": "shared line of help text"}
+  out = corpus.dedupe_heldout(train, held)
+  assert out == {"b": "only held out, long enough\nok"}    # short lines kept, c emptied
+  texts = corpus.offline_texts(max_chars=400_000)
+  tr, he = corpus.split_texts(texts, 0.1)
+  lines = {line.strip() for t in tr.values() for line in t.splitlines()
+           if len(line.strip()) >= 16}
+  kept = corpus.dedupe_heldout(tr, he)
+  assert not any(line.strip() in lines for t in kept.values() for line in t.splitlines()
+                 if len(line.strip()) >= 16)
+
+
 def test_tokens_end_documents_with_eos_and_build_is_reproducible():
   tok = byte_tokenizer()
   end = corpus.eos_id(tok)
@@ -42,8 +57,9 @@ def test_tokens_end_documents_with_eos_and_build_is_reproducible():
   a = corpus.build_corpus(encode, end, max_chars=30_000, holdout=0.2)
   b = corpus.build_corpus(encode, end, max_chars=30_000, holdout=0.2)
   assert a.digest == b.digest and np.array_equal(a.train, b.train)
-  # bytes: at least one id per character, plus one end id per document
-  assert a.train.size + a.heldout.size >= 30_000 + sum(a.documents)
+  # bytes: at least one id per character (held-out lines shared with training dropped)
+  assert a.train.size >= sum(map(len, corpus.split_texts(
+      corpus.offline_texts(max_chars=30_000), 0.2)[0].values()))
   assert corpus.eos_id(None) is None
 
 

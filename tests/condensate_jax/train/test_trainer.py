@@ -63,7 +63,10 @@ def test_a_learnable_task_is_learnt_under_condensate_attention():
     SPEC,
     cj.CondensateSpec(anchor=2, window=4, selection="blocks", block_size=8, top_blocks=2),
     cj.CondensateSpec(anchor=2, window=4, top_k=4, selection="indexed"),
-], ids=["exact", "blocks", "indexed"])
+    cj.CondensateSpec(anchor=2, window=4, top_k=4, selection="bounded", block_size=8),
+    cj.CondensateSpec(anchor=2, window=4, selection="certified", block_size=8,
+                      epsilon=0.05),
+], ids=["exact", "blocks", "indexed", "bounded", "certified"])
 def test_gradients_through_condensate_attention_match_finite_differences(spec):
   fn = functional.Functional(tiny_random("llamalike", seed=3))
   # sharper queries: score gaps far above the perturbation's, so that no key enters or
@@ -145,6 +148,33 @@ def test_a_resumed_run_repeats_an_uninterrupted_one_bitwise(tmp_path):
   assert len(evals) == calls
 
 
+def test_an_evaluation_interrupted_before_its_checkpoint_is_redone(tmp_path):
+  """A run stopped inside the evaluation of step 3 (due before that step's checkpoint)
+  redoes step 3 and its evaluation on resume: no evaluation row is lost."""
+  crash = {"armed": True}
+
+  def eval_fn(step, params):
+    if step == 3 and crash["armed"]:
+      crash["armed"] = False
+      raise KeyboardInterrupt
+    return {"step_seen": step}
+
+  with pytest.raises(KeyboardInterrupt):
+    _fit(tmp_path, eval_fn=eval_fn)
+  _, reached, store = _fit(tmp_path, eval_fn=eval_fn)
+  assert reached == 6
+  assert [store.rows[f"eval|{s}"]["step_seen"] for s in (0, 3, 6)] == [0, 3, 6]
+
+
+def test_weight_decay_spares_biases_and_norms():
+  fn = functional.Functional(_gpt2())
+  mask = {jax.tree_util.keystr(p): m for p, m in
+          jax.tree_util.tree_flatten_with_path(trainer.decay_mask(fn.params))[0]}
+  assert mask["['layers'][0]['q_dnh'].value"] and mask["['embed_vd'].value"]
+  assert not mask["['layers'][0]['q_bias_nh'].value"]            # 2-D, still a bias
+  assert not mask["['layers'][0]['ln_1']['scale_d'].value"]
+
+
 def test_a_checkpoint_of_another_setting_is_refused(tmp_path):
   _fit(tmp_path, stop_at=3)
   fn = functional.Functional(_gpt2())
@@ -161,6 +191,8 @@ def test_a_checkpoint_of_another_setting_is_refused(tmp_path):
     (dict(steps=0), "optim.steps"),
     (dict(steps=10, warmup_steps=11), "optim.warmup_steps"),
     (dict(b2=1.5), "optim.b2"),
+    (dict(b1=1.0), "optim.b1"),
+    (dict(steps=10, warmup_steps=10), "optim.warmup_steps"),
 ])
 def test_bad_optimizer_settings_name_the_key(kwargs, match):
   with pytest.raises(ValueError, match=match):
