@@ -12,10 +12,10 @@ Sizes:
          spec anchor 4 + window 64 + top-k 32 (one H200: ~2 min per arm);
   smoke  width 32, 2 layers, 96-token windows, 12 steps per arm on a CPU (seconds): the
          loss falls; a rerun resumes each arm from its checkpoint.
-Expected (measured on an H200, README "Learned condensate"; 4.4 min for both arms): the
+Expected (measured on an H200, README "Learned condensate"; 4.3 min for both arms): the
 set's captured mass 0.61 -> 0.99 within 500 steps in both arms, certified eps 0.49 ->
-~0.05; greedy parity under the spec 45-71% after that; the condensate arm's NLL under its
-own spec (1.30) no better than the dense arm's under it (1.25).
+~0.055; greedy parity under the spec 52-72% after that; the condensate arm's NLL under its
+own spec (1.40) no better than the dense arm's under it (1.37).
 """
 
 import ml_collections
