@@ -90,6 +90,20 @@ class Placement(NamedTuple):
     """The NamedSharding of a [B, S, Hkv, D] cache buffer."""
     return NamedSharding(self.mesh, P(None, self.seq_axis, self.head_axis, None))
 
+  def shard_index(self, structure):
+    """A cache's KeyIndex laid out as the cache (codes, step, err along the sequence and
+    KV heads; mu, sigma along the heads); anything else unchanged."""
+    if not isinstance(structure, index_lib.KeyIndex):
+      return structure
+    put = lambda x, *spec: jax.lax.with_sharding_constraint(
+        x, NamedSharding(self.mesh, P(*spec)))
+    seq, head = self.seq_axis, self.head_axis
+    return index_lib.KeyIndex(put(structure.codes, None, seq, head, None),
+                              put(structure.step, None, seq, head),
+                              put(structure.err, None, seq, head),
+                              put(structure.mu, None, head, None),
+                              put(structure.sigma, None, head, None), structure.bits)
+
 
 def check_placement(placement, attention=None, num_kv_heads=None):
   """ValueError unless `placement` is a Placement whose axes fit `mesh` (and the model's
@@ -155,7 +169,7 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, mesh, seq_axis=None,
     raise ValueError(f"index: given with spec.selection={spec.selection!r}; a key index "
                      "serves selection='indexed'.")
   if index is not None:
-    index = _check_index(index, k, spec)
+    index_lib.check_index(index, k, spec)
   return _call(q, k, v, spec, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis,
                causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
                sliding_window=sliding_window, scale=scale, return_stats=return_stats,
@@ -168,21 +182,11 @@ SELECTIONS = ("exact", "indexed", "blocks")
 def _check_selection(spec, name):
   if spec.selection not in SELECTIONS or spec.top_k_capacity or spec.query_blocks:
     raise ValueError(f"{name}.selection={spec.selection!r}, top_k_capacity="
-                     f"{spec.top_k_capacity}: the distributed call implements selection in "
+                     f"{spec.top_k_capacity}, query_blocks={spec.query_blocks}: the "
+                     f"distributed call implements selection in "
                      f"{SELECTIONS} with static sizes ('bounded' and 'certified' are not "
                      "distributed yet; query_blocks neither; a spec without "
                      "top_k_capacity).")
-
-
-def _check_index(index, k, spec):
-  if not isinstance(index, index_lib.KeyIndex):
-    raise ValueError(f"index: expected a selection.index.KeyIndex of k (build_index), got "
-                     f"{type(index).__name__}.")
-  if index.bits != spec.index_bits or tuple(index.codes.shape) != tuple(k.shape):
-    raise ValueError(f"index: {index.bits}-bit codes of shape {tuple(index.codes.shape)}; "
-                     f"expected spec.index_bits={spec.index_bits} and k's shape "
-                     f"{tuple(k.shape)}.")
-  return index
 
 
 def dense_attention(q, k, v, *, mesh, seq_axis=None, head_axis=None, causal: bool = True,
@@ -208,10 +212,14 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
                      f"spec.block_size={spec.block_size}; expected S a multiple of "
                      f"{n_seq * spec.block_size}.")
   window = validation.static_window(sliding_window, k.shape[1])
+  bad_keys = None
+  if index is not None:    # a broken entry poisons its readers, as on one device
+    bad_keys, index = finite.sanitize_index(index)
   bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
-                               sliding_window=window)
+                               sliding_window=window, bad_keys=bad_keys)
   if spec is not None and spec.selection == "indexed" and index is None:
-    index = index_lib.build(k, kv_lengths, spec.index_bits)   # partitioned by XLA
+    # from the sanitized keys, as the single-device call; partitioned by XLA
+    index = index_lib.build(finite.sanitize(k), kv_lengths, spec.index_bits)
   out = _sharded(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v), q_positions,
                  kv_lengths, index, spec=spec, mesh=mesh, seq_axis=seq_axis,
                  head_axis=head_axis,

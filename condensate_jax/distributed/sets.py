@@ -103,6 +103,9 @@ def blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks, spec, scale, seq
   u, rank = jnp.where(has, u, NEG_INF), jnp.where(has, rank, NEG_INF)
   best = pmax(jnp.max(rank, axis=-1, keepdims=True), seq_axis)
   ug = jnp.max(rank - jnp.where(jnp.isneginf(best), 0.0, best), axis=2)   # [B,K,T,nb]
+  # the single-device order is a stable argsort of -ug: NaN last, -0 == +0; lax.top_k
+  # would put NaN first and +0 before -0
+  ug = jnp.where(jnp.isnan(ug), NEG_INF, jnp.where(ug == 0, 0.0, ug))
   chosen, _ = global_top(ug, jnp.broadcast_to(has[:, :, 0], ug.shape), spec.top_blocks,
                           seq_axis, n_seq, n_seq * nb)
   keys = jnp.take(chosen, jnp.arange(s_loc) // p, axis=-1)[:, :, None]   # [B,K,1,T,S_l]
@@ -117,12 +120,14 @@ def blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks, spec, scale, seq
 
 def merged_logsumexp(x, seq_axis):
   """log sum exp over the last axis of every shard's x (-inf when all are; NaN when one
-  is)."""
+  is: the NaN flag merges on its own, pmax on a CPU skips NaN)."""
+  nan = pmax(jnp.any(jnp.isnan(x), axis=-1).astype(jnp.int32), seq_axis) > 0
+  x = jnp.where(jnp.isnan(x), NEG_INF, x)
   m = pmax(jnp.max(x, axis=-1), seq_axis)
   m_s = jnp.where(jnp.isfinite(m), m, 0.0)
   z = psum(jnp.sum(jnp.exp(x - m_s[..., None]), axis=-1), seq_axis)
   out = jnp.where(jnp.isneginf(m), NEG_INF, m_s + jnp.log(z))
-  return jnp.where(jnp.isnan(m), jnp.nan, out)
+  return jnp.where(nan, jnp.nan, out)
 
 
 def scored_keys(masks, extra, seq_axis):

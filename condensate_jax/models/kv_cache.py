@@ -178,7 +178,8 @@ def attend_layer(ctx: Context, layer: int, q, k, v, *, scale: float,
     if new is not None:
       sharding = ctx.implementation.kv_sharding()
       new = (jax.lax.with_sharding_constraint(new[0], sharding),
-             jax.lax.with_sharding_constraint(new[1], sharding), new[2])
+             jax.lax.with_sharding_constraint(new[1], sharding),
+             ctx.implementation.shard_index(new[2]))
     return out, new, stats
   if fast:
     out = fast_path.attend(ctx, spec, q, k, v, keys, values, summaries, scale=scale,

@@ -3,6 +3,8 @@ has 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 must precede j
 start, so these cannot share the suite's process). Every case compares the mesh call with
 the single-device `cj.condensate_attention` on the same inputs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,6 +187,47 @@ def test_blocks_need_whole_blocks_per_shard():
   with pytest.raises(ValueError, match="not whole blocks of spec.block_size=16"):
     dist.condensate_attention(q, k, v, BLOCKS["blocks"].replace(block_size=16),
                               mesh=MESH_8, seq_axis="seq")
+
+
+def _one_hot_case(seed, spec, index=None):
+  """Integer scores (ties at every cut, some across the 8 shard borders) and v one-hot per
+  position: each output row shows which keys the set holds."""
+  q, k, _ = _inputs(seed, b=1, t=3, s=64, hq=2, hkv=1, d=4, ints=True)
+  pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, 60)])
+  q, k = pad(q), pad(k)
+  v = jnp.eye(64, dtype=jnp.float32)[None, :, None, :]
+  kw = {} if index is None else {"index": index(k)}
+  want = cj.condensate_attention(q, k, v, spec, **kw)
+  got = dist.condensate_attention(q, k, v, spec, mesh=MESH_8, seq_axis="seq", **kw)
+  np.testing.assert_array_equal(np.asarray(got) > 0, np.asarray(want) > 0)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+  return np.asarray(want) > 0, (q, k, v)
+
+
+@pytest.mark.parametrize("seed", [20, 21])
+def test_indexed_and_blocks_sets_key_by_key_with_ties_across_shards(seed):
+  exact, (q, k, v) = _one_hot_case(seed, cj.CondensateSpec(anchor=1, window=2, top_k=6))
+  indexed, _ = _one_hot_case(seed, INDEXED.replace(anchor=1, window=2, top_k=6,
+                                                    candidates=8, index_bits=2),
+                             index=lambda k: build_index(k, 2))
+  assert (indexed != exact).any()          # the 2-bit candidate cut binds somewhere
+  _one_hot_case(seed, BLOCKS["blocks"])
+
+
+def test_broken_index_entries_and_nan_keys_reach_the_same_readers():
+  q, k, v = _inputs(16)
+  index = build_index(k)
+  index = dataclasses.replace(index, step=index.step.at[0, 20, 1].set(jnp.nan))
+  for spec, kw in ((INDEXED, {"index": index}), (INDEXED, {}), (BLOCKS["blocks"], {})):
+    kk = k if kw else k.at[0, 37, 1, 2].set(jnp.nan)
+    want = cj.condensate_attention(q, kk, v, spec, return_stats=True, **kw)
+    got = dist.condensate_attention(q, kk, v, spec, mesh=MESH, seq_axis="seq",
+                                    head_axis="heads", return_stats=True, **kw)
+    for a, b in ((got[0], want[0]), (got[1].dropped_mass_bound, want[1].dropped_mass_bound)):
+      np.testing.assert_array_equal(np.isnan(np.asarray(a)), np.isnan(np.asarray(b)))
+    assert np.isnan(np.asarray(got[0])).any()
+    ok = ~np.isnan(np.asarray(want[0]))
+    np.testing.assert_allclose(np.asarray(got[0])[ok], np.asarray(want[0])[ok], atol=2e-6)
 
 
 def test_indexed_builds_its_index_over_the_shards():
