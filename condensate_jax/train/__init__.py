@@ -11,8 +11,8 @@ The jobs built on it: `python -m experiments.run --config=distill.py` and
 
 from condensate_jax.train import checkpoint, corpus
 from condensate_jax.train.functional import Functional, kl_rows, nll_rows
-from condensate_jax.train.trainer import (OptimConfig, cast_tree, fit, make_optimizer,
+from condensate_jax.train.trainer import (OptimConfig, fit, make_optimizer,
                                           make_train_step, schedule)
 
 __all__ = ["checkpoint", "corpus", "Functional", "kl_rows", "nll_rows", "OptimConfig",
-           "cast_tree", "fit", "make_optimizer", "make_train_step", "schedule"]
+           "fit", "make_optimizer", "make_train_step", "schedule"]

@@ -39,9 +39,9 @@ class Functional:
     self.lm = lm
     self.dtype = layers.check_dtype(compute_dtype or lm.dtype)
     model = nnx.merge(lm.graphdef, lm.state)
-    self._master_graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+    master_graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     if self.dtype == jnp.float32:
-      self.graphdef = self._master_graphdef
+      self.graphdef = master_graphdef
       self._dtypes = jax.tree.map(lambda x: x.dtype, self.params)
     else:
       family = models.FAMILIES[models.family_of_config(lm.config)]

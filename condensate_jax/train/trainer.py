@@ -10,7 +10,7 @@ The model runs functionally: the caller splits it once (`nnx.split(model, nnx.Pa
 [A, ...] microbatches; the step scans them, averages the gradients and applies one
 update (the same update as one batch of A times the rows, to float32 summation order).
 Master parameters and optimizer state stay float32; a bfloat16 run casts a copy of the
-parameters inside loss_fn (`cast_tree`), so gradients arrive in float32.
+parameters inside loss_fn (`Functional.compute`), so gradients arrive in float32.
 
 `fit` checkpoints (`checkpoint.save`, atomic) every `checkpoint_every` steps and at the
 end, resumes from the newest checkpoint of the workdir, logs one row per step to
@@ -34,15 +34,15 @@ import optax
 from condensate_jax.train import checkpoint
 
 
-def _check(name, value, kind, lo=None, hi=None, open_lo=False):
+def _check(name, value, kind, lo=None, hi=None, open_lo=False, open_hi=False):
   ok = not isinstance(value, bool) and isinstance(value, kind)
   if ok and lo is not None:
     ok = value > lo if open_lo else value >= lo
   if ok and hi is not None:
-    ok = value <= hi
+    ok = value < hi if open_hi else value <= hi
   if not ok:
     rng = "" if lo is None else (f" > {lo}" if open_lo else f" >= {lo}")
-    rng += "" if hi is None else f" and <= {hi}"
+    rng += "" if hi is None else (f" and < {hi}" if open_hi else f" and <= {hi}")
     raise ValueError(f"{name}={value!r}: expected a {getattr(kind, '__name__', 'number')}"
                      f"{rng}.")
   return value
@@ -67,19 +67,13 @@ class OptimConfig:
     num = (int, float, np.floating)
     _check("optim.learning_rate", self.learning_rate, num, 0, open_lo=True)
     _check("optim.steps", self.steps, (int, np.integer), 1)
-    _check("optim.warmup_steps", self.warmup_steps, (int, np.integer), 0, self.steps)
+    _check("optim.warmup_steps", self.warmup_steps, (int, np.integer), 0, self.steps,
+           open_hi=True)     # the cosine decay needs steps after the warmup
     _check("optim.min_lr_ratio", self.min_lr_ratio, num, 0, 1)
     _check("optim.weight_decay", self.weight_decay, num, 0)
     _check("optim.clip_norm", self.clip_norm, num, 0)
-    _check("optim.b1", self.b1, num, 0, 1)
-    _check("optim.b2", self.b2, num, 0, 1)
-    for name in ("b1", "b2"):
-      if getattr(self, name) >= 1:
-        raise ValueError(f"optim.{name}={getattr(self, name)!r}: expected a number in "
-                         "[0, 1) (1 never forgets: the moments stop moving).")
-    if self.warmup_steps >= self.steps:
-      raise ValueError(f"optim.warmup_steps={self.warmup_steps!r}: expected fewer than "
-                       f"optim.steps={self.steps} (the cosine decay needs steps after it).")
+    _check("optim.b1", self.b1, num, 0, 1, open_hi=True)   # 1: the moments never move
+    _check("optim.b2", self.b2, num, 0, 1, open_hi=True)
     _check("optim.eps", self.eps, num, 0, open_lo=True)
 
 
@@ -108,12 +102,6 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   if cfg.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
   return adamw
-
-
-def cast_tree(tree, dtype):
-  """Floating leaves cast to dtype (integer leaves kept)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,

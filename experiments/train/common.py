@@ -186,19 +186,20 @@ def parity(ref_lm, ref_spec, cond_lm, cond_spec, prompts: np.ndarray, new_tokens
   divergence over prompts), and with both fed the reference's greedy tokens, KL(ref ||
   cond) and top-1 agreement of the next-token distributions at the new positions.
   ref_tokens: the reference's greedy tokens, when known (a frozen teacher)."""
-  p, length = prompts.shape
+  length = prompts.shape[1]
   if ref_tokens is None:
     ref_tokens = np.asarray(ref_lm.generate(prompts, new_tokens, ref_spec))
   cond_tokens = np.asarray(cond_lm.generate(prompts, new_tokens, cond_spec))
-  same = ref_tokens == cond_tokens
-  first = [int(np.argmin(r)) if not r.all() else r.size for r in same]
+  rows = [metrics.greedy_match(r, c) for r, c in zip(ref_tokens, cond_tokens)]
+  first = [row["prefix"] for row in rows]
   seq = np.concatenate([prompts, ref_tokens[:, :-1]], axis=1)
   h_ref = ref_lm.hidden(seq, ref_spec)[:, length - 1:]
   h_cond = cond_lm.hidden(seq, cond_spec)[:, length - 1:]
   par = metrics.logit_parity_on_device(ref_lm.head(h_ref), cond_lm.head(h_cond))
-  return {"greedy_match": float(same.mean()), "first_divergence_min": int(min(first)),
+  return {"greedy_match": float(np.mean(ref_tokens == cond_tokens)),
+          "first_divergence_min": int(min(first)),
           "first_divergence_mean": float(np.mean(first)),
-          "greedy_exact": float(np.mean([f == new_tokens for f in first])),
+          "greedy_exact": float(np.mean([row["exact"] for row in rows])),
           "kl": par["mean_kl"], "top1": par["top1_agreement"]}, ref_tokens
 
 
