@@ -5,10 +5,11 @@ window, and a certified eps.
 Per decode query head (the sets of the XLA specification, `impl/xla_indexed.py`):
   1. scan      `pallas_kernels.index_scan` reads the packed index (`PackedIndex`,
                bits * D / 8 + 8 bytes per key and K/V head) once: est_j for every middle key;
-  2. candidates the spec.num_candidates keys of highest est (`candidates`: exact, in two
-               levels beyond 16K keys);
+  2. candidates the spec.num_candidates keys of highest est (`candidates`: the set
+               lax.top_k picks, found without a sort by `pallas_kernels.top_select`,
+               in two levels beyond its 32K-entry rows), in position order;
   3. exact     their K rows gathered and scored exactly; the top_k of those (ties to the
-               lower position, as in "exact") join the set;
+               lower position, as in "exact"; the same selection) join the set;
   4. attend    `pallas_kernels.gather_attention` over anchor + window (read once per
                K/V group) and each head's top_k rows;
   5. eps       delta = sum over non-candidates (est_j <= tau, tau the C-th largest est)
@@ -39,11 +40,13 @@ from condensate_jax.softmax import HIGHEST, NEG_INF
 from pallas_kernels import util
 from pallas_kernels.gather_attention import api as gather_api
 from pallas_kernels.index_scan import api as scan_api
+from pallas_kernels.top_select import api as top_api
 
 SCANS = (None, "triton", "reference")
+SELECTS = (None, "triton", "reference", "xla")
 
 
-def check_indexed_inputs(q, k, v, index, kv_lengths, spec, scale, scan):
+def check_indexed_inputs(q, k, v, index, kv_lengths, spec, scale, scan, select=None):
   """Validates `indexed_decode_step`'s inputs (ValueError naming the argument); returns
   (kv_lengths int32 [B], scale)."""
   validation.check_spec(spec)
@@ -71,22 +74,26 @@ def check_indexed_inputs(q, k, v, index, kv_lengths, spec, scale, scan):
   scale = validation.check_scale(scale, d, optional=False)
   if scan not in SCANS:
     raise ValueError(f"scan={scan!r}: expected one of {list(SCANS)}.")
+  if select not in SELECTS:
+    raise ValueError(f"select={select!r}: expected one of {list(SELECTS)}.")
   return kv_lengths, scale
 
 
 def indexed_decode_step(q, k, v, index, kv_lengths, *, spec, scale, scan=None,
-                        return_ids=False):
+                        select=None, return_ids=False):
   """One decode step of selection="indexed" (module docstring).
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; index: the `PackedIndex` of k (kept beside the
   cache); kv_lengths [B] (the query sits at position len - 1, causal). scan: the index
   scan's implementation (None: the Triton kernel, interpreted on a CPU; "reference":
-  plain jnp). Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq]; with
+  plain jnp); select: the top-k selections' (None: `pallas_kernels.top_select`,
+  interpreted on a CPU; "reference"; "xla": lax.top_k and a sort). Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq]; with
   return_ids also the chosen middle keys ids [B, Hq, k'] (-1: none) and the number of
   keys scored exactly per head [B, Hq] (anchor + window + candidates)."""
-  kv_lengths, scale = check_indexed_inputs(q, k, v, index, kv_lengths, spec, scale, scan)
+  kv_lengths, scale = check_indexed_inputs(q, k, v, index, kv_lengths, spec, scale, scan,
+                                           select)
   return _step(q, k, v, index, kv_lengths, spec=spec, scale=scale, scan=scan,
-               return_ids=bool(return_ids))
+               select=select, return_ids=bool(return_ids))
 
 
 def _gather_keys(k, ids):
@@ -111,40 +118,60 @@ def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None):
                              window=spec.window, implementation=scan)[:, :, :g]
 
 
-# up to this many keys a single top_k; beyond, two levels (XLA's GPU top_k sorts each row:
-# measured on an H200 for 32 rows, any k: ~0.08 ms up to 16K keys, 0.32 ms at 64K,
-# 0.98 ms at 128K, 7.6 ms at 1M)
-_FLAT_TOP_K = 16384
+def _top_set(x, k, select):
+  """(ids ascending, tau) of lax.top_k(x, k)'s set: the Pallas selection where its row
+  fits, else lax.top_k and a sort of its ids."""
+  if select == "xla" or x.shape[-1] > top_api.MAX_ROW:
+    vals, ids = jax.lax.top_k(x, k)
+    return jnp.sort(ids, axis=-1), vals[..., -1]
+  return top_api.top_select(x, k, implementation=select)
 
 
-def candidates(est, num_candidates):
-  """Phase 2 alone: (top_est, ids) [B, K, G, C] of the C = min(num_candidates, S) highest
-  estimates (top_est descending, ids their positions; ties to the lower position, as
-  `lax.top_k`).
+def _two_level_chunk(s_len, c):
+  """The chunk T of the two-level candidates (`candidates`): T ~ sqrt(S / C) keeps both
+  rows near sqrt(S C); clamped so that both rows fit the Pallas selection (None: they
+  cannot both fit, or one level suffices)."""
+  t = util.next_pow2(max(1, int((s_len / c) ** 0.5)))
+  lo = util.next_pow2(-(-s_len // top_api.MAX_ROW))     # S / T <= MAX_ROW
+  hi = 1 << ((top_api.MAX_ROW // c).bit_length() - 1)   # C * T <= MAX_ROW
+  if lo > hi:
+    return None
+  return min(max(t, lo), hi)
 
-  Beyond _FLAT_TOP_K keys in two levels, the same result: the keys fall in chunks of T;
-  the top C keys lie in the C chunks of highest maximum (a chunk holding a top key has a
-  maximum at least the C-th value; of chunks tied at that value the lower ones hold the
-  lower positions), so top_k over the S / T chunk maxima, then over those chunks' C * T
-  keys in position order. T ~ sqrt(S / C) keeps both top_k rows near sqrt(S C)."""
+
+def candidates(est, num_candidates, select=None):
+  """Phase 2 alone: (vals, ids, tau): the C = min(num_candidates, S) keys of highest
+  estimate, the set `lax.top_k(est, C)` picks (total order, ties to the lower position),
+  ids [B, K, G, C] in ascending position order, vals their estimates, tau [B, K, G] the
+  C-th largest estimate. select: the selection's implementation (None: the Pallas
+  kernel, interpreted on a CPU; "reference"; "xla": lax.top_k then a sort of the ids).
+
+  Rows longer than the kernel holds go in two levels, the same set: the keys fall in
+  chunks of T; the top C keys lie in the C chunks of highest maximum (a chunk holding a
+  top key has a maximum at least the C-th value; of chunks tied at that value the lower
+  ones hold the lower positions), so the top C of the S / T chunk maxima, then of those
+  chunks' C * T keys in position order."""
   s_len = est.shape[-1]
   c = min(num_candidates, s_len)
-  t = util.next_pow2(max(1, int((s_len / c) ** 0.5)))
-  if s_len <= _FLAT_TOP_K or t == 1:
-    return jax.lax.top_k(est, c)
+  t = _two_level_chunk(s_len, c) if s_len > top_api.MAX_ROW else None
+  if t is None or t == 1 or select == "xla":
+    ids, tau = _top_set(est, c, select)
+    return jnp.take_along_axis(est, ids, axis=-1), ids, tau
   nc = -(-s_len // t)
   padded = jnp.pad(est, [(0, 0)] * (est.ndim - 1) + [(0, nc * t - s_len)],
                    constant_values=NEG_INF)
   maxima = jnp.max(padded.reshape(est.shape[:-1] + (nc, t)), axis=-1)
-  _, chunks = jax.lax.top_k(maxima, min(c, nc))
-  pos = (jnp.sort(chunks, axis=-1)[..., None] * t + jnp.arange(t)).reshape(
-      est.shape[:-1] + (-1,))
-  vals, pick = jax.lax.top_k(jnp.take_along_axis(padded, pos, axis=-1), c)
-  return vals, jnp.take_along_axis(pos, pick, axis=-1)
+  chunks, _ = _top_set(maxima, min(c, nc), select)
+  pos = (chunks[..., None] * t + jnp.arange(t)).reshape(est.shape[:-1] + (-1,))
+  sub = jnp.take_along_axis(padded, pos, axis=-1)
+  pick, tau = _top_set(sub, c, select)
+  return (jnp.take_along_axis(sub, pick, axis=-1), jnp.take_along_axis(pos, pick, axis=-1),
+          tau)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "scan", "return_ids"))
-def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, return_ids):
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "scan", "select",
+                                             "return_ids"))
+def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, select, return_ids):
   b, _, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
@@ -152,19 +179,17 @@ def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, return_ids):
   est = scan_estimates(q, index, kv_lengths, spec=spec, scale=scale, scan=scan)
   # 2. candidates by estimate, then in position order (ties of the exact top-k go to the
   # lower position, as in "exact")
-  top_est, cand = candidates(est, spec.num_candidates)                       # [B, K, G, C]
+  top_est, cand, tau = candidates(est, spec.num_candidates, select)         # [B, K, G, C]
   c = cand.shape[-1]
-  tau = top_est[..., -1:]
+  tau = tau[..., None]
   cand_ok = top_est > NEG_INF
-  cand = jnp.sort(jnp.where(cand_ok, cand, s_len), axis=-1)
-  cand_ok = cand < s_len
   cand = jnp.where(cand_ok, cand, 0)
   # 3. exact scores of the candidates
   rows = _gather_keys(k, cand).astype(jnp.float32)                           # [B,K,G,C,D]
   s_c = jnp.float32(scale) * jnp.einsum("bkgd,bkgcd->bkgc", qg, rows, precision=HIGHEST)
   s_c = jnp.where(cand_ok, s_c, NEG_INF)
   kk = min(spec.top_k, c)
-  vals, pick = jax.lax.top_k(s_c, kk)                                        # [B, K, G, k']
+  pick, _ = _top_set(s_c, kk, select)                                        # [B, K, G, k']
   chosen_ok = jnp.take_along_axis(cand_ok, pick, axis=-1)
   ids = jnp.where(chosen_ok, jnp.take_along_axis(cand, pick, axis=-1), -1)
   # 4. attend anchor + window (shared by the group) and each head's chosen keys

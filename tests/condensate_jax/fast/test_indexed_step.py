@@ -145,18 +145,22 @@ def test_bad_inputs_are_refused():
     call(scan="cuda")
 
 
-@pytest.mark.parametrize("s,c", [(20000, 64), (40000, 512), (65536, 100), (17000, 5000)])
-def test_two_level_candidates_equal_a_flat_top_k(s, c):
+@pytest.mark.parametrize("s,c", [(20000, 64), (40000, 512), (65536, 100), (17000, 5000),
+                                 (70000, 9000)])
+@pytest.mark.parametrize("select", [None, "xla"])
+def test_two_level_candidates_equal_a_flat_top_k(s, c, select):
   # integer-valued estimates: many ties, which must still go to the lower position
+  # (70000, 9000): both rows cannot fit the kernel; a flat lax.top_k takes over
   rng = np.random.default_rng(s + c)
   est = jnp.asarray(rng.integers(-50, 50, (2, 1, 3, s)), jnp.float32)
   est = est.at[0, 0, 0, : s // 2].set(-jnp.inf)            # a row with half its keys absent
   est = est.at[1, 0, 2].set(-jnp.inf).at[1, 0, 2, 7].set(3.0)   # a row with one key
-  vals, ids = fast.indexed.candidates(est, c)
+  vals, ids, tau = fast.indexed.candidates(est, c, select)
   want_vals, want_ids = jax.lax.top_k(est, c)
-  np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
-  finite = np.isfinite(np.asarray(want_vals))
-  np.testing.assert_array_equal(np.asarray(ids)[finite], np.asarray(want_ids)[finite])
+  np.testing.assert_array_equal(np.asarray(ids), np.sort(np.asarray(want_ids), axis=-1))
+  np.testing.assert_array_equal(np.asarray(vals),
+                                np.take_along_axis(np.asarray(est), np.asarray(ids), -1))
+  np.testing.assert_array_equal(np.asarray(tau), np.asarray(want_vals)[..., -1])
 
 
 def test_a_broken_index_entry_makes_its_readers_nan_not_a_low_eps():

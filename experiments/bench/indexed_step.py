@@ -1,0 +1,127 @@
+"""Where the indexed decode step's time goes, phase by phase, and what the top-k
+selection kernel changes: `fast.indexed_decode_step` with its selections on
+`pallas_kernels.top_select` (select=None) against lax.top_k + sorts (select="xla"), the
+scan alone, the candidates alone, and cuDNN over every key, timed in the same run on the
+same inputs (`timing.time_loop`).
+
+  python -m experiments.bench.indexed_step                       # the shapes below
+  python -m experiments.bench.indexed_step --shapes=smollm2_8k --iterations=10 --profile
+
+Shapes: "smollm2_8k" is one SmolLM2-135M layer at 8192 keys (9 q / 3 kv heads, d 64,
+top_k 1024, 2048 candidates: the model_bench setting); "bench_128k" / "bench_1m" the
+retrieval benchmark's (32 q / 8 kv heads, d 128, top_k 128, 512 candidates). bf16,
+B = 1, keys with a shared offset and outlier channels (`retrieval.needle_qkv`).
+
+Before any time is printed the two selects must agree: the same chosen keys in every head
+(as sets), outputs and eps within float rounding; a mismatch exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import condensate_jax as cj
+from condensate_jax import fast
+from condensate_jax.selection import index as index_lib
+from experiments.bench import retrieval, timing
+
+SHAPES = {
+    # name: (S, Hq, Hkv, D, top_k, candidates)
+    "smollm2_8k": (8192, 9, 3, 64, 1024, 2048),
+    "bench_128k": (131072, 32, 8, 128, 128, 512),
+    "bench_1m": (1048576, 32, 8, 128, 128, 512),
+}
+
+
+def inputs(s, hq, hkv, d, seed=0):
+  q, k, v, _ = retrieval.needle_qkv(np.random.default_rng(seed), s, hq, hkv, d, needles=4,
+                                    gain=2.0, offset=1.0, outliers=4, outlier_scale=8.0,
+                                    query_noise=0.5)
+  v = np.random.default_rng(seed + 1).standard_normal(v.shape).astype(np.float32)
+  return tuple(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+
+
+def _sets(ids):
+  ids = np.asarray(ids)
+  return [set(r[r >= 0].tolist()) for r in ids.reshape(-1, ids.shape[-1])]
+
+
+def run_shape(name, iterations, repeats, with_profile=False):
+  s, hq, hkv, d, top_k, cands = SHAPES[name]
+  spec = cj.CondensateSpec(anchor=16, window=64, top_k=top_k, selection="indexed",
+                           index_bits=4, candidates=cands)
+  q, k, v = inputs(s, hq, hkv, d)
+  lengths = jnp.full((1,), s, jnp.int32)
+  scale = d ** -0.5
+  index = jax.block_until_ready(index_lib.pack_index(cj.build_index(k, spec.index_bits)))
+  step = {sel: (lambda q, k, v, ix, n, sel=sel: fast.indexed_decode_step(
+      q, k, v, ix, n, spec=spec, scale=scale, select=sel)) for sel in (None, "xla")}
+  # correctness first: the two selections choose the same keys
+  got = {sel: fast.indexed_decode_step(q, k, v, index, lengths, spec=spec, scale=scale,
+                                       select=sel, return_ids=True)
+         for sel in (None, "xla")}
+  same_sets = _sets(got[None][3]) == _sets(got["xla"][3])
+  out_diff = float(jnp.max(jnp.abs(got[None][0].astype(jnp.float32)
+                                   - got["xla"][0].astype(jnp.float32))))
+  eps_diff = float(jnp.max(jnp.abs(got[None][2] - got["xla"][2])))
+  row = {"shape": name, "keys": s, "same_sets": same_sets, "out_diff": out_diff,
+         "eps_diff": eps_diff}
+  t = lambda fn, args: timing.time_loop(fn, q, args, iterations, repeats)[0] * 1e6
+  scan = lambda q, ix, n: fast.indexed.scan_estimates(q, ix, n, spec=spec, scale=scale)
+  row["scan_us"] = t(scan, (index, lengths))
+  for sel, tag in ((None, "kernel"), ("xla", "xla")):
+    top = lambda q, ix, n, sel=sel: fast.indexed.candidates(scan(q, ix, n), cands, sel)
+    row[f"scan_cand_{tag}_us"] = t(top, (index, lengths))
+    row[f"step_{tag}_us"] = t(step[sel], (k, v, index, lengths))
+  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  row["dense_us"] = t(dense, (k, v))
+  if with_profile and jax.default_backend() == "gpu":
+    from experiments.bench import profile  # pylint: disable=import-outside-toplevel
+    row["profile"] = profile.format_profile(
+        f"{name}: indexed step (select=None)",
+        profile.profile(step[None], q, (k, v, index, lengths), iterations=5), top=14)
+  return row
+
+
+COLUMNS = ("shape", "same_sets", "out_diff", "eps_diff", "scan_us", "scan_cand_kernel_us",
+           "scan_cand_xla_us", "step_kernel_us", "step_xla_us", "dense_us")
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--shapes", default=",".join(SHAPES))
+  ap.add_argument("--iterations", type=int, default=20)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--profile", action="store_true",
+                  help="also print the step's kernels from a profiler trace (GPU)")
+  a = ap.parse_args(argv)
+  names = [x for x in a.shapes.split(",") if x]
+  for x in names:
+    if x not in SHAPES:
+      raise ValueError(f"--shapes: {x!r} is not one of {list(SHAPES)}.")
+  if a.iterations < 1 or a.repeats < 1:
+    raise ValueError(f"--iterations={a.iterations}, --repeats={a.repeats}: expected >= 1.")
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  rows, ok = [], True
+  for x in names:
+    row = run_shape(x, a.iterations, a.repeats, a.profile)
+    ok &= row["same_sets"]
+    rows.append(row)
+    print(row.pop("profile", ""), flush=True)
+    print(row, flush=True)
+  print("| " + " | ".join(COLUMNS) + " |\n|" + " --- |" * len(COLUMNS))
+  for r in rows:
+    print("| " + " | ".join(f"{r[c]:.1f}" if c.endswith("_us") else
+                            f"{r[c]:.2g}" if isinstance(r[c], float) else str(r[c])
+                            for c in COLUMNS) + " |")
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

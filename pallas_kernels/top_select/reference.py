@@ -1,0 +1,20 @@
+"""Top-k selection, reference (plain jnp): the spec of the op.
+
+Input x [..., N] float32, 1 <= k <= N. The set of a row is the k positions
+`jax.lax.top_k(x, k)` returns: the k largest in the total order of floats
+(-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN, as XLA's top_k ranks them), entries of
+equal bits taken from the lower position first. Returns
+  ids  [..., k] int32    the set's positions in ascending order;
+  tau  [...]    float32  the k-th largest entry (the set's smallest; bits as in x).
+Values of the set are x at ids (`jnp.take_along_axis(x, ids, -1)`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def top_select(x, k: int):
+  vals, ids = jax.lax.top_k(x, k)
+  return jnp.sort(ids, axis=-1).astype(jnp.int32), vals[..., -1]
