@@ -42,7 +42,7 @@ from pallas_kernels.gather_attention import api as gather_api
 from pallas_kernels.index_scan import api as scan_api
 from pallas_kernels.top_select import api as top_api
 
-SCANS = (None, "triton", "reference")
+SCANS = (None, "triton", "triton_mma", "reference")
 SELECTS = (None, "triton", "reference", "xla")
 
 
@@ -85,9 +85,11 @@ def indexed_decode_step(q, k, v, index, kv_lengths, *, spec, scale, scan=None,
 
   q [B, 1, Hq, D]; k, v [B, S, Hkv, D]; index: the `PackedIndex` of k (kept beside the
   cache); kv_lengths [B] (the query sits at position len - 1, causal). scan: the index
-  scan's implementation (None: the Triton kernel, interpreted on a CPU; "reference":
-  plain jnp); select: the top-k selections' (None: `pallas_kernels.top_select`,
-  interpreted on a CPU; "reference"; "xla": lax.top_k and a sort). Returns out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq]; with
+  scan's implementation (None: the platform's best in `pallas_kernels.index_scan`, on a
+  CPU the Triton kernel interpreted; "triton", "triton_mma"; "reference": plain jnp).
+  select: the top-k selections' (None: `pallas_kernels.top_select`, interpreted on a
+  CPU; "reference"; "xla": lax.top_k and a sort, the earlier step's). Returns
+  out [B, 1, Hq, D], lse [B, Hq] and the certified eps [B, Hq]; with
   return_ids also the chosen middle keys ids [B, Hq, k'] (-1: none) and the number of
   keys scored exactly per head [B, Hq] (anchor + window + candidates)."""
   kv_lengths, scale = check_indexed_inputs(q, k, v, index, kv_lengths, spec, scale, scan,
@@ -118,13 +120,19 @@ def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None):
                              window=spec.window, implementation=scan)[:, :, :g]
 
 
-def _top_set(x, k, select):
-  """(ids ascending, tau) of lax.top_k(x, k)'s set: the Pallas selection where its row
-  fits, else lax.top_k and a sort of its ids."""
+def _top_set(x, k, select, ordered=True):
+  """(ids, tau) of lax.top_k(x, k)'s set, ids ascending: the Pallas selection where its
+  row fits, else lax.top_k and (ordered) a sort of its ids."""
   if select == "xla" or x.shape[-1] > top_api.MAX_ROW:
     vals, ids = jax.lax.top_k(x, k)
-    return jnp.sort(ids, axis=-1), vals[..., -1]
+    return (jnp.sort(ids, axis=-1) if ordered else ids), vals[..., -1]
   return top_api.top_select(x, k, implementation=select)
+
+
+# select="xla" keeps the earlier step's candidates: one lax.top_k up to this many keys,
+# two levels beyond (XLA's GPU top_k sorts each row: measured on an H200 for 32 rows, any
+# k: ~0.08 ms up to 16K keys, 0.32 ms at 64K, 0.98 ms at 128K, 7.6 ms at 1M)
+_XLA_FLAT = 16384
 
 
 def _two_level_chunk(s_len, c):
@@ -144,7 +152,8 @@ def candidates(est, num_candidates, select=None):
   estimate, the set `lax.top_k(est, C)` picks (total order, ties to the lower position),
   ids [B, K, G, C] in ascending position order, vals their estimates, tau [B, K, G] the
   C-th largest estimate. select: the selection's implementation (None: the Pallas
-  kernel, interpreted on a CPU; "reference"; "xla": lax.top_k then a sort of the ids).
+  kernel, interpreted on a CPU; "reference"; "xla": the earlier step's, lax.top_k then a
+  sort of the ids, flat up to _XLA_FLAT keys).
 
   Rows longer than the kernel holds go in two levels, the same set: the keys fall in
   chunks of T; the top C keys lie in the C chunks of highest maximum (a chunk holding a
@@ -153,8 +162,11 @@ def candidates(est, num_candidates, select=None):
   chunks' C * T keys in position order."""
   s_len = est.shape[-1]
   c = min(num_candidates, s_len)
-  t = _two_level_chunk(s_len, c) if s_len > top_api.MAX_ROW else None
-  if t is None or t == 1 or select == "xla":
+  if select == "xla":
+    flat, t = s_len <= _XLA_FLAT, util.next_pow2(max(1, int((s_len / c) ** 0.5)))
+  else:
+    flat, t = s_len <= top_api.MAX_ROW, _two_level_chunk(s_len, c)
+  if flat or t is None or t == 1:
     ids, tau = _top_set(est, c, select)
     return jnp.take_along_axis(est, ids, axis=-1), ids, tau
   nc = -(-s_len // t)
@@ -189,7 +201,7 @@ def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, select, return_ids):
   s_c = jnp.float32(scale) * jnp.einsum("bkgd,bkgcd->bkgc", qg, rows, precision=HIGHEST)
   s_c = jnp.where(cand_ok, s_c, NEG_INF)
   kk = min(spec.top_k, c)
-  pick, _ = _top_set(s_c, kk, select)                                        # [B, K, G, k']
+  pick, _ = _top_set(s_c, kk, select, ordered=False)                         # [B, K, G, k']
   chosen_ok = jnp.take_along_axis(cand_ok, pick, axis=-1)
   ids = jnp.where(chosen_ok, jnp.take_along_axis(cand, pick, axis=-1), -1)
   # 4. attend anchor + window (shared by the group) and each head's chosen keys

@@ -10,6 +10,9 @@ Scores and the weighted sum are float32 elementwise products + reductions (exact
 float32, no TF32); softmax is online over chunks (running max m, normaliser l, acc).
 Invalid slots (-1) load row 0 and are masked to -inf. Block dims are powers of two: G and
 D are zero-padded to powers of two, lists to chunk multiples.
+Decode (few programs): `splits` programs per (b, h, t), each over every splits-th chunk of
+both lists, their partial softmaxes merged by log-sum-exp afterwards (`merge_splits`), so
+that a step's B * Hkv programs do not leave most of the GPU idle.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pallas_kernels.gather_attention.reference import check_args
 
 
 def _kernel(q_ref, k_ref, v_ref, hidx_ref, sidx_ref, *rest, scale, head_chunk,
-            shared_chunk, n_head_chunks, n_shared_chunks):
+            shared_chunk, n_head_chunks, n_shared_chunks, splits=1):
   # Inputs
   # q_ref    [Gp, D]   the group's queries at one position
   # k_ref    [S, D]    keys of this K/V head (gathered by row index)
@@ -66,10 +69,18 @@ def _kernel(q_ref, k_ref, v_ref, hidx_ref, sidx_ref, *rest, scale, head_chunk,
     return layout.online_softmax_step(
         carry, s, lambda p: jnp.sum(p[:, :, None] * v_rows, axis=1))
 
-  if n_shared_chunks:
-    carry = jax.lax.fori_loop(0, n_shared_chunks, shared_step, carry)
-  if n_head_chunks:
-    carry = jax.lax.fori_loop(0, n_head_chunks, head_step, carry)
+  if splits == 1:
+    if n_shared_chunks:
+      carry = jax.lax.fori_loop(0, n_shared_chunks, shared_step, carry)
+    if n_head_chunks:
+      carry = jax.lax.fori_loop(0, n_head_chunks, head_step, carry)
+  else:
+    # this program's part of the lists: chunks sp, sp + splits, sp + 2 splits, ...
+    sp = pl.program_id(3)
+    strided = lambda step: (lambda i, c: step(sp + i * splits, c))
+    for n, step in ((n_shared_chunks, shared_step), (n_head_chunks, head_step)):
+      if n:
+        carry = jax.lax.fori_loop(0, (n - sp + splits - 1) // splits, strided(step), carry)
   o, lse = layout.finish(*carry)
   o_ref[...] = o.astype(o_ref.dtype)
   lse_ref[...] = lse
@@ -83,14 +94,45 @@ def _chunk(gp, d, budget=8192):
   return c
 
 
+# programs the auto split aims for (a few per SM of a large GPU)
+_TARGET_PROGRAMS = 256
+
+
+def auto_splits(programs, n_chunks):
+  """Splits of the lists over programs: a power of two with programs * splits near
+  _TARGET_PROGRAMS, at most the number of chunks of the longer list (1: no split)."""
+  want = max(1, -(-_TARGET_PROGRAMS // max(1, programs)))
+  return max(1, min(next_pow2(want), 1 << (max(1, n_chunks).bit_length() - 1)))
+
+
+def merge_splits(o, lse):
+  """Partial results over disjoint parts of a set -> the set's: o [..., S, Gp, D] float32
+  (normalised per part, 0 for an empty part), lse [..., S, Gp] (-inf: empty part) ->
+  o [..., Gp, D], lse [..., Gp]. A NaN part makes both NaN; every part empty gives 0 and
+  -inf (as `layout.finish`)."""
+  m = jnp.max(lse, axis=-2)
+  m_use = jnp.where(jnp.isneginf(m), 0.0, m)
+  w = jnp.exp(lse - m_use[..., None, :])                   # 0 for an empty part
+  l = jnp.sum(w, axis=-2)
+  nonempty = l != 0
+  l_safe = jnp.where(nonempty, l, 1.0)
+  o = jnp.where(nonempty[..., None], jnp.sum(w[..., None] * o, axis=-3) / l_safe[..., None],
+                0.0)
+  return o, jnp.where(nonempty, m_use + jnp.log(l_safe), -jnp.inf)
+
+
 def gather_attention(q, k, v, indices, valid, *, scale=None, shared_indices=None,
                      shared_valid=None, interpret=False, num_warps=4, num_stages=2,
-                     head_chunk=None, shared_chunk=None, out_init=None):
+                     head_chunk=None, shared_chunk=None, out_init=None, splits=None):
   """Triton gather attention; same semantics as reference.gather_attention.
 
-  out_init: optional (o, lse) buffers in the kernel's output layout ([B,T,Hkv,Gp,Dp],
-  [B,Hkv,T,Gp]) aliased to the outputs, e.g. NaN-filled to prove every element is
-  written (tests). `interpret=True` runs the kernel in Pallas interpret mode (CPU).
+  splits: programs per (batch, K/V head, query), each over every splits-th chunk of both
+  lists, merged by log-sum-exp (`merge_splits`; float rounding apart from one program);
+  None: `auto_splits` (a decode step's few programs spread over the GPU), 1 when out_init
+  is given. out_init: optional (o, lse) buffers in the kernel's output layout
+  ([B,T,Hkv,Gp,Dp], [B,Hkv,T,Gp]) aliased to the outputs, e.g. NaN-filled to prove every
+  element is written (tests; splits 1 only). `interpret=True` runs the kernel in Pallas
+  interpret mode (CPU).
   """
   scale = check_args(q, k, v, indices, valid, shared_indices, shared_valid, scale)
   if not interpret and jax.default_backend() != "gpu":
@@ -108,17 +150,43 @@ def gather_attention(q, k, v, indices, valid, *, scale=None, shared_indices=None
                     shared_chunk=shared_chunk)
   s_len = k.shape[1]
   nh, ns = gq.hidx.shape[-1], gq.sidx.shape[-1]
+  n_head_chunks = nh // head_chunk if gq.n_head else 0
+  n_shared_chunks = ns // shared_chunk if gq.n_shared else 0
+  if splits is None:
+    splits = 1 if out_init is not None else auto_splits(
+        b * hkv * t, max(n_head_chunks, n_shared_chunks))
+  if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+    raise ValueError(f"splits={splits!r}: expected an int >= 1.")
+  if out_init is not None and splits != 1:
+    raise ValueError(f"out_init with splits={splits}: out_init is the unsplit layout "
+                     "(splits=1).")
   kernel = functools.partial(
       _kernel, scale=scale, head_chunk=head_chunk, shared_chunk=shared_chunk,
-      n_head_chunks=nh // head_chunk if gq.n_head else 0,
-      n_shared_chunks=ns // shared_chunk if gq.n_shared else 0)
-  q_spec = pl.BlockSpec((None, None, None, gp, dp), lambda b_, h, t_: (b_, t_, h, 0, 0))
-  kv_spec = pl.BlockSpec((None, s_len, None, dp), lambda b_, h, t_: (b_, 0, h, 0))
-  lse_spec = pl.BlockSpec((None, None, None, gp), lambda b_, h, t_: (b_, h, t_, 0))
+      n_head_chunks=n_head_chunks, n_shared_chunks=n_shared_chunks, splits=splits)
+  split = splits > 1
+  ix = (lambda f: (lambda b_, h, t_, s_: f(b_, h, t_))) if split else (lambda f: f)
+  q_spec = pl.BlockSpec((None, None, None, gp, dp), ix(lambda b_, h, t_: (b_, t_, h, 0, 0)))
+  kv_spec = pl.BlockSpec((None, s_len, None, dp), ix(lambda b_, h, t_: (b_, 0, h, 0)))
   in_specs = [q_spec, kv_spec, kv_spec,
-              pl.BlockSpec((None, None, gp, None, nh), lambda b_, h, t_: (b_, h, 0, t_, 0)),
-              pl.BlockSpec((None, None, None, ns), lambda b_, h, t_: (b_, h, t_, 0))]
+              pl.BlockSpec((None, None, gp, None, nh),
+                           ix(lambda b_, h, t_: (b_, h, 0, t_, 0))),
+              pl.BlockSpec((None, None, None, ns), ix(lambda b_, h, t_: (b_, h, t_, 0)))]
   args = [gq.q, gq.k, gq.v, gq.hidx, gq.sidx]
+  params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  if split:
+    o, lse = pl.pallas_call(
+        kernel, grid=(b, hkv, t, splits), in_specs=in_specs,
+        out_shape=(jax.ShapeDtypeStruct((b, t, hkv, splits, gp, dp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, t, splits, gp), jnp.float32)),
+        out_specs=(pl.BlockSpec((None, None, None, None, gp, dp),
+                                lambda b_, h, t_, s_: (b_, t_, h, s_, 0, 0)),
+                   pl.BlockSpec((None, None, None, None, gp),
+                                lambda b_, h, t_, s_: (b_, h, t_, s_, 0))),
+        interpret=interpret, compiler_params=params,
+        name="condensate_gather_attention_split")(*args)
+    o, lse = merge_splits(o, lse.transpose(0, 2, 1, 3, 4))   # lse as o: [B, T, Hkv, S, Gp]
+    return layout.ungroup(o.astype(q.dtype), lse.transpose(0, 2, 1, 3), q.shape)
+  lse_spec = pl.BlockSpec((None, None, None, gp), lambda b_, h, t_: (b_, h, t_, 0))
   out_shape = (jax.ShapeDtypeStruct((b, t, hkv, gp, dp), q.dtype),
                jax.ShapeDtypeStruct((b, hkv, t, gp), jnp.float32))
   aliases = {}
@@ -129,9 +197,7 @@ def gather_attention(q, k, v, indices, valid, *, scale=None, shared_indices=None
   o, lse = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(b, hkv, t), in_specs=in_specs,
       out_specs=(q_spec, lse_spec), input_output_aliases=aliases, interpret=interpret,
-      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
-                                                  num_stages=num_stages),
-      name="condensate_gather_attention")(*args)
+      compiler_params=params, name="condensate_gather_attention")(*args)
   return layout.ungroup(o, lse, q.shape)
 
 

@@ -2,8 +2,12 @@
 
 implementation:
   "reference"  plain jnp (reference.py), any platform;
-  "triton"     GPU kernel (gpu_triton.py), Triton lowering of pallas_call;
-  None         the best for the platform: GPU "triton", CPU "triton" interpreted, else
+  "triton"     GPU kernel (gpu_triton.py), Triton lowering of pallas_call, float32 sums
+               on CUDA cores;
+  "triton_mma" GPU kernel (gpu_triton_mma.py), the same on tensor cores (bf16 codes,
+               q * sigma in three bf16 parts, float32 accumulation);
+  None         the best for the platform: GPU "triton_mma" (then "triton" for shapes it
+               does not take), CPU "triton" interpreted, else
                "reference"; a backend raising NotImplementedError falls back to the next.
 interpret: None = True exactly when the platform is CPU (Pallas interpret mode).
 """
@@ -15,13 +19,14 @@ import types
 import jax
 
 from pallas_kernels import util
-from pallas_kernels.index_scan import gpu_triton, reference
+from pallas_kernels.index_scan import gpu_triton, gpu_triton_mma, reference
 
 IMPLEMENTATIONS = types.MappingProxyType({
     "reference": reference.index_scan,
     "triton": gpu_triton.index_scan,
+    "triton_mma": gpu_triton_mma.index_scan,
 })
-_BEST = types.MappingProxyType({"gpu": ("triton", "reference"),
+_BEST = types.MappingProxyType({"gpu": ("triton_mma", "triton", "reference"),
                                 "cpu": ("triton", "reference")})
 
 

@@ -146,3 +146,33 @@ def test_odd_shapes(impl, interpret):
   o_ref, lse_ref = reference.gather_attention(**inputs, scale=0.3)
   assert_close(o, o_ref, jnp.float32, "o")
   assert_close(lse, lse_ref, jnp.float32, "lse")
+
+
+@pytest.mark.parametrize("name", ["decode_gqa3_d128", "decode_ragged_gqa",
+                                  "decode_no_shared_d64", "prefill_mqa_d128_ragged"])
+@pytest.mark.parametrize("splits", [2, 8, 64])
+def test_split_lists_merge_to_the_reference(name, splits):
+  # each program takes every splits-th chunk of both lists (64: programs with no chunk,
+  # whose empty parts must not count); the parts merge by log-sum-exp
+  shape = arg_specs.TEST_SETS_BY_NAME[name]
+  inputs = arg_specs.make_inputs(shape, jnp.float32, seed=5)
+  o, lse = api.gather_attention(**inputs, implementation="triton", interpret=True,
+                                splits=splits, head_chunk=2, shared_chunk=2)
+  o_ref, lse_ref = _reference_f32(inputs)
+  assert_close(o, o_ref, jnp.float32, "o")
+  assert_close(lse, lse_ref, jnp.float32, "lse")
+  if shape.ragged:
+    assert np.all(np.asarray(o[-1]) == 0.0) and np.all(np.isneginf(np.asarray(lse[-1])))
+
+
+def test_split_merge_keeps_nan_and_empty_sets():
+  o = jnp.ones((2, 3, 1, 4), jnp.float32)                 # [row, part, Gp, D]
+  lse = jnp.asarray([[[0.0], [jnp.nan], [-jnp.inf]], [[-jnp.inf]] * 3], jnp.float32)
+  o_m, lse_m = gpu_triton.merge_splits(o * jnp.asarray([1, 1, 0])[None, :, None, None]
+                                       * jnp.asarray([1, 0])[:, None, None, None], lse)
+  assert np.isnan(np.asarray(o_m[0])).all() and np.isnan(float(lse_m[0, 0]))
+  assert np.all(np.asarray(o_m[1]) == 0.0) and np.isneginf(float(lse_m[1, 0]))
+  with pytest.raises(ValueError, match="splits=0"):
+    gpu_triton.gather_attention(**arg_specs.make_inputs(
+        arg_specs.TEST_SETS_BY_NAME["decode_gqa3_d128"], jnp.float32, seed=0),
+        interpret=True, splits=0)

@@ -16,6 +16,8 @@ from pallas_kernels.index_scan import api, reference
 from tests.conftest import kernels
 
 TRITON = kernels("triton")
+# the tensor-core scan: interpreted on a CPU, compiled where the GPU kernels are
+MMA = tuple(("triton_mma", interpret) for _, interpret in TRITON)
 
 
 def _inputs(seed, b, s, hkv, g, d, bits, lengths):
@@ -43,10 +45,14 @@ def test_pack_round_trip(bits):
   np.testing.assert_array_equal(np.asarray(packed.step), np.asarray(idx.step).transpose(0, 2, 1))
 
 
-@pytest.mark.parametrize("impl,interpret", TRITON)
-@pytest.mark.parametrize("bits,g,block_keys", [(2, 4, 32), (4, 3, 64), (8, 1, 16)])
-def test_matches_reference(impl, interpret, bits, g, block_keys):
-  b, s, hkv, d = 2, 128, 2, 32
+@pytest.mark.parametrize("impl,interpret", TRITON + MMA)
+@pytest.mark.parametrize("bits,g,block_keys,d", [(2, 4, 32, 32), (4, 3, 64, 32),
+                                                 (8, 1, 16, 32), (2, 8, 64, 64),
+                                                 (4, 4, 128, 128)])
+def test_matches_reference(impl, interpret, bits, g, block_keys, d):
+  if impl == "triton_mma" and d * bits // 8 < 16:
+    pytest.skip("packed width < 16: the tensor-core scan refuses it (tested below)")
+  b, s, hkv = 2, 128, 2
   lengths = [128, 57]
   idx, packed, qs, qmu = _inputs(1, b, s, hkv, g, d, bits, lengths)
   kw = dict(scale=0.3, bits=bits, group=g, anchor=3, window=5)
@@ -83,6 +89,25 @@ def test_shapes_the_kernel_does_not_take_fall_back():
   with pytest.raises(ValueError, match="implementation='nope'"):
     api.index_scan(qs, qmu, packed.packed, packed.step, jnp.array([24]),
                    implementation="nope", **kw)
+
+
+def test_tensor_core_scan_refuses_narrow_codes_and_the_default_falls_back():
+  _, packed, qs, qmu = _inputs(2, 1, 64, 1, 2, 32, 2, [64])     # packed width 8
+  kw = dict(scale=1.0, bits=2, group=2, anchor=1, window=2)
+  with pytest.raises(NotImplementedError, match="packed width"):
+    api.index_scan(qs, qmu, packed.packed, packed.step, jnp.array([64]),
+                   implementation="triton_mma", interpret=True, **kw)
+  assert api.default_implementations("gpu")[:2] == ("triton_mma", "triton")
+
+
+def test_tensor_core_parts_hold_float32():
+  from pallas_kernels.index_scan import gpu_triton_mma
+  x = jnp.asarray(np.random.default_rng(4).standard_normal(4096) * 10.0 ** np.arange(
+      -20, 20, 40 / 4096), jnp.float32)
+  parts = gpu_triton_mma.split_parts(x)
+  assert all(p.dtype == jnp.bfloat16 for p in parts)
+  back = sum(p.astype(jnp.float32) for p in parts)
+  assert np.all(np.abs(np.asarray(back - x)) <= 2.0**-24 * np.abs(np.asarray(x)))
 
 
 def test_pack_refuses_bad_input():
