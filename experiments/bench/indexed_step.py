@@ -106,6 +106,49 @@ def run_shape(name, iterations, repeats, with_profile=False):
   return row
 
 
+def sweep(name, iterations, repeats):
+  """Kernel settings at one shape: the chunked tensor-core scan by (block_keys,
+  num_warps), and the top-k selection on this shape's candidate rows by num_warps."""
+  from pallas_kernels.index_scan import api as scan_api  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.top_select import api as top_api  # pylint: disable=import-outside-toplevel
+  s, hq, hkv, d, top_k, cands = SHAPES[name]
+  spec = cj.CondensateSpec(anchor=16, window=64, top_k=top_k, selection="indexed",
+                           index_bits=4, candidates=cands)
+  q, k, _ = inputs(s, hq, hkv, d)
+  lengths = jnp.full((1,), s, jnp.int32)
+  index = jax.block_until_ready(index_lib.pack_index(cj.build_index(k, 4)))
+  chunk = fast.indexed._chunk_for(s, cands, None) or 64
+  qg, qs, qmu, pad = fast.indexed._scan_inputs(q, index)
+  terms = [pad(x) for x in fast.indexed.slack_terms(qg, index, d ** -0.5)]
+  t = lambda fn, args: timing.time_loop(fn, q, args, iterations, repeats)[0] * 1e6
+  lines = []
+  for bk in (64, 128, 256, 512):
+    for nw in (4, 8):
+      fn = lambda q, ix, n, bk=bk, nw=nw: scan_api.index_scan_chunks(
+          qs + 0 * q[0, 0, 0, 0], qmu, ix.packed, ix.step, ix.err, *terms, n,
+          scale=d ** -0.5, bits=4, group=qg.shape[2], anchor=16, window=64,
+          chunk=chunk, implementation="triton_mma", block_keys=bk, num_warps=nw)
+      try:
+        lines.append(f"scan_chunks {name} chunk={chunk} block_keys={bk} num_warps={nw}: "
+                     f"{t(fn, (index, lengths)):.1f} us")
+      except Exception as e:  # pylint: disable=broad-except
+        lines.append(f"scan_chunks {name} block_keys={bk} num_warps={nw}: {type(e).__name__}")
+  rows = hq
+  for n in sorted({min(s, top_api.MAX_ROW), min(cands * chunk, top_api.MAX_ROW), cands}):
+    x = jax.random.normal(jax.random.PRNGKey(0), (rows, n), jnp.float32)
+    kk = min(cands if n > cands else top_k, n)
+    for nw in (4, 8, 16, 32):
+      fn = lambda q, x, nw=nw, kk=kk: top_api.top_select(x + q[0, 0, 0, 0], kk,
+                                                         implementation="triton",
+                                                         num_warps=nw)
+      try:
+        lines.append(f"top_select rows={rows} N={n} k={kk} num_warps={nw}: "
+                     f"{t(fn, (x,)):.1f} us")
+      except Exception as e:  # pylint: disable=broad-except
+        lines.append(f"top_select N={n} num_warps={nw}: {type(e).__name__}")
+  return "\n".join(lines)
+
+
 COLUMNS = ("shape", "same_sets", "mma_same_heads", "mma_out_diff", "scan_cuda_us",
            "scan_new_us", "scan_cand_old_us", "scan_cand_new_us", "step_old_us",
            "step_cuda_scan_us", "step_new_us", "dense_us")
@@ -116,6 +159,8 @@ def main(argv=None):
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--iterations", type=int, default=20)
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--sweep", action="store_true",
+                  help="also time kernel settings (scan tile and warps, selection warps)")
   ap.add_argument("--profile", action="store_true",
                   help="also print the step's kernels from a profiler trace (GPU)")
   a = ap.parse_args(argv)
@@ -132,6 +177,8 @@ def main(argv=None):
     ok &= row["same_sets"]
     rows.append(row)
     print(row.pop("profile", ""), flush=True)
+    if a.sweep:
+      print(sweep(x, a.iterations, a.repeats), flush=True)
     print(row, flush=True)
   print("| " + " | ".join(COLUMNS) + " |\n|" + " --- |" * len(COLUMNS))
   for r in rows:

@@ -116,3 +116,41 @@ def test_pack_refuses_bad_input():
   idx = index_lib.build_index(jax.random.normal(jax.random.PRNGKey(0), (1, 16, 1, 6)), 2)
   with pytest.raises(ValueError, match="divisible by 4"):
     index_lib.pack_index(idx)
+
+
+@pytest.mark.parametrize("impl,interpret", TRITON + MMA)
+@pytest.mark.parametrize("bits,g,d,chunk", [(4, 3, 32, 16), (8, 1, 32, 32), (4, 4, 128, 64),
+                                            (2, 8, 64, 128)])
+def test_chunk_statistics_match_reference(impl, interpret, bits, g, d, chunk):
+  b, s, hkv = 2, 256, 2
+  lengths = [256, 97]
+  idx, packed, qs, qmu = _inputs(3, b, s, hkv, g, d, bits, lengths)
+  rng = np.random.default_rng(1)
+  terms = [jnp.asarray(rng.random((b, hkv, qs.shape[2])), jnp.float32) for _ in range(3)]
+  step = packed.step.at[1, 1, 40].set(jnp.nan)             # a broken entry: its chunk NaN
+  args = (qs, qmu, packed.packed, step, packed.err, *terms, jnp.asarray(lengths))
+  kw = dict(scale=0.3, bits=bits, group=g, anchor=3, window=5, chunk=chunk)
+  want = api.index_scan_chunks(*args, implementation="reference", **kw)
+  got = api.index_scan_chunks(*args, implementation=impl, interpret=interpret, **kw)
+  for name, w, x in zip(("est", "cmax", "clse"), want, got):
+    w, x = np.asarray(w), np.asarray(x)
+    assert x.shape == w.shape, name
+    np.testing.assert_array_equal(np.isnan(x), np.isnan(w), err_msg=name)
+    np.testing.assert_array_equal(np.isneginf(x), np.isneginf(w), err_msg=name)
+    fin = np.isfinite(w)
+    np.testing.assert_allclose(x[fin], w[fin], rtol=1e-5, atol=1e-5, err_msg=name)
+  # clse is the log-sum-exp of est + slack over the chunk's middle keys
+  est = np.asarray(want[0], np.float64)
+  u = (est + np.asarray(terms[0])[..., None] * np.asarray(packed.err)[:, :, None]
+       + np.asarray(terms[1])[..., None] * np.asarray(step)[:, :, None]
+       + np.asarray(terms[2])[..., None])
+  u = np.where(np.isneginf(est), -np.inf, u).reshape(b, hkv, -1, s // chunk, chunk)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    m = np.max(u, -1)
+    lse = np.where(np.isneginf(m), -np.inf,
+                   m + np.log(np.sum(np.exp(u - np.where(np.isfinite(m), m, 0)[..., None]),
+                                     -1)))
+  fin = np.isfinite(lse)
+  np.testing.assert_allclose(np.asarray(got[2])[fin], lse[fin], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="chunk=24"):
+    api.index_scan_chunks(*args, **dict(kw, chunk=24))
