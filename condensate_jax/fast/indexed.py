@@ -105,8 +105,9 @@ def _gather_keys(k, ids):
   return k[jnp.arange(b)[:, None, None, None], ids, jnp.arange(hkv)[None, :, None, None]]
 
 
-def _scan_inputs(q, index):
-  """(qg [B, K, G, D], qs, qmu padded to Gp rows, pad) for the index scan."""
+def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None):
+  """Phase 1 alone (traceable, inputs as `indexed_decode_step`'s): est [B, K, G, S]
+  float32, -inf where a key is not a middle key of the row's decode query."""
   b, _, hq, d = q.shape
   hkv = index.packed.shape[1]
   g = hq // hkv
@@ -115,38 +116,9 @@ def _scan_inputs(q, index):
   pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, gp - g)] + [(0, 0)] * (x.ndim - 3))
   qs = qg * index.sigma[:, :, None, :]
   qmu = jnp.einsum("bkgd,bkd->bkg", qg, index.mu, precision=HIGHEST)
-  return qg, pad(qs), pad(qmu), pad
-
-
-def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None):
-  """Phase 1 alone (traceable, inputs as `indexed_decode_step`'s): est [B, K, G, S]
-  float32, -inf where a key is not a middle key of the row's decode query."""
-  qg, qs, qmu, _ = _scan_inputs(q, index)
-  return scan_api.index_scan(qs, qmu, index.packed, index.step, kv_lengths,
-                             scale=scale, bits=index.bits, group=qg.shape[2],
-                             anchor=spec.anchor, window=spec.window,
-                             implementation=scan)[:, :, :qg.shape[2]]
-
-
-def slack_terms(qg, index, scale):
-  """(a_err, a_step, a_one) [B, K, G]: key j's index slack is a_err err_j + a_step step_j
-  + a_one (`selection.index.slack_coefficients`)."""
-  return tuple(x[:, 0] for x in index_lib.slack_coefficients(
-      qg[:, None], index.mu, index.sigma, index.bits, scale))
-
-
-def scan_chunks(q, index, kv_lengths, *, spec, scale, chunk, scan=None):
-  """Phase 1 with per-chunk statistics (`pallas_kernels.index_scan.index_scan_chunks`):
-  (est [B, K, G, S], cmax, clse [B, K, G, S / chunk]): each chunk's largest estimate and
-  the log-sum-exp of its middle keys' upper bounds est_j + slack_j."""
-  qg, qs, qmu, pad = _scan_inputs(q, index)
-  g = qg.shape[2]
-  terms = [pad(x) for x in slack_terms(qg, index, scale)]
-  out = scan_api.index_scan_chunks(qs, qmu, index.packed, index.step, index.err, *terms,
-                                   kv_lengths, scale=scale, bits=index.bits, group=g,
-                                   anchor=spec.anchor, window=spec.window, chunk=chunk,
-                                   implementation=scan)
-  return tuple(x[:, :, :g] for x in out)
+  return scan_api.index_scan(pad(qs), pad(qmu), index.packed, index.step, kv_lengths,
+                             scale=scale, bits=index.bits, group=g, anchor=spec.anchor,
+                             window=spec.window, implementation=scan)[:, :, :g]
 
 
 def _top_set(x, k, select, ordered=True):
@@ -191,36 +163,23 @@ def candidates(est, num_candidates, select=None):
   chunks' C * T keys in position order."""
   s_len = est.shape[-1]
   c = min(num_candidates, s_len)
-  t = _chunk_for(s_len, c, select)
-  if t is None:
+  if select == "xla":
+    flat, t = s_len <= _XLA_FLAT, util.next_pow2(max(1, int((s_len / c) ** 0.5)))
+  else:
+    flat, t = s_len <= top_api.MAX_ROW, _two_level_chunk(s_len, c)
+  if flat or t is None or t == 1:
     ids, tau = _top_set(est, c, select)
     return jnp.take_along_axis(est, ids, axis=-1), ids, tau
   nc = -(-s_len // t)
   padded = jnp.pad(est, [(0, 0)] * (est.ndim - 1) + [(0, nc * t - s_len)],
                    constant_values=NEG_INF)
   maxima = scan_reference.nan_max(padded.reshape(est.shape[:-1] + (nc, t)), axis=-1)
-  return _two_levels(padded, maxima, c, t, select)[:3]
-
-
-def _chunk_for(s_len, c, select):
-  """The chunk T of the two-level candidates, None for one level."""
-  if select == "xla":
-    t = util.next_pow2(max(1, int((s_len / c) ** 0.5)))
-    return None if s_len <= _XLA_FLAT or t == 1 else t
-  t = _two_level_chunk(s_len, c)
-  return None if s_len <= top_api.MAX_ROW or t is None or t == 1 else t
-
-
-def _two_levels(est, maxima, c, t, select):
-  """(vals, ids, tau, chunks, pos, sub): the two-level candidates (`candidates`) from the
-  estimates (S a multiple of t) and their chunk maxima; chunks [.., C'] the chosen chunks
-  (ascending), pos / sub the positions / estimates of their keys in position order."""
-  chunks, _ = _top_set(maxima, min(c, maxima.shape[-1]), select)
+  chunks, _ = _top_set(maxima, min(c, nc), select)
   pos = (chunks[..., None] * t + jnp.arange(t)).reshape(est.shape[:-1] + (-1,))
-  sub = jnp.take_along_axis(est, pos, axis=-1)
+  sub = jnp.take_along_axis(padded, pos, axis=-1)
   pick, tau = _top_set(sub, c, select)
   return (jnp.take_along_axis(sub, pick, axis=-1), jnp.take_along_axis(pos, pick, axis=-1),
-          tau, chunks, pos, sub)
+          tau)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "scan", "select",
@@ -230,23 +189,11 @@ def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, select, return_ids):
   s_len, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
   qg = q[:, 0].astype(jnp.float32).reshape(b, hkv, g, d)
-  a_err, a_step, a_one = (x[..., None] for x in slack_terms(qg, index, scale))  # [B,K,G,1]
-  bound = lambda e, err, step: e + a_err * err + a_step * step + a_one
-  c = min(spec.num_candidates, s_len)
-  t = _chunk_for(s_len, c, select)
-  if t is not None and select != "xla" and s_len % t == 0:
-    # two levels on the scan's chunk statistics: the estimates are read again only at the
-    # chosen chunks' keys (the bound of every other key is in its chunk's clse)
-    est, cmax, clse = scan_chunks(q, index, kv_lengths, spec=spec, scale=scale, chunk=t,
-                                  scan=scan)
-    top_est, cand, tau, chunks, pos, sub = _two_levels(est, cmax, c, t, select)
-    rest_of = (sub, pos, chunks, clse)
-  else:
-    est = scan_estimates(q, index, kv_lengths, spec=spec, scale=scale, scan=scan)
-    # 2. candidates by estimate, in position order (ties of the exact top-k go to the
-    # lower position, as in "exact")
-    top_est, cand, tau = candidates(est, spec.num_candidates, select)       # [B, K, G, C]
-    rest_of = None
+  est = scan_estimates(q, index, kv_lengths, spec=spec, scale=scale, scan=scan)
+  # 2. candidates by estimate, then in position order (ties of the exact top-k go to the
+  # lower position, as in "exact")
+  top_est, cand, tau = candidates(est, spec.num_candidates, select)         # [B, K, G, C]
+  c = cand.shape[-1]
   tau = tau[..., None]
   cand_ok = top_est > NEG_INF
   cand = jnp.where(cand_ok, cand, 0)
@@ -267,26 +214,14 @@ def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, select, return_ids):
       q, k, v, jnp.maximum(ids, 0).reshape(b, hq, 1, kk), chosen_ok.reshape(b, hq, 1, kk),
       scale=scale, shared_indices=shared(s_idx), shared_valid=shared(s_ok))
   lse = lse.reshape(b, hkv, g)
-  # 5. eps: non-candidates by the index's bound, unselected candidates by their score;
+  # 5. eps: non-candidates by the index's bound, unselected candidates by their score
+  a_err, a_step, a_one = (x[:, 0, ..., None] for x in index_lib.slack_coefficients(
+      qg[:, None], index.mu, index.sigma, index.bits, scale))                # [B, K, G, 1]
+  upper = est + a_err * index.err[:, :, None] + a_step * index.step[:, :, None] + a_one
   # every middle key not above tau; a NaN estimate (a broken index entry, wherever top_k
   # ranked it) lands here with a NaN bound, so eps (and out) come out NaN, as in the spec
-  if rest_of is None:
-    upper = bound(est, index.err[:, :, None], index.step[:, :, None])
-    rest = ~(est > tau) & ~jnp.isneginf(est)
-    delta_rest = jax.nn.logsumexp(jnp.where(rest, upper, NEG_INF), axis=-1)
-  else:
-    # keys above tau lie in the chosen chunks (fewer than C keys are above it, and the
-    # chunks holding them have maxima above every other chunk's): the other chunks count
-    # whole, by their clse; the chosen chunks' keys one by one
-    sub, pos, chunks, clse = rest_of
-    kv_rows = lambda x: jnp.take_along_axis(x[:, :, None], pos, axis=-1)     # [B,K,G,C'T]
-    upper = bound(sub, kv_rows(index.err), kv_rows(index.step))
-    rest = ~(sub > tau) & ~jnp.isneginf(sub)
-    chosen_chunk = jnp.put_along_axis(jnp.zeros(clse.shape, bool), chunks, True, axis=-1,
-                                      inplace=False)
-    delta_rest = jnp.logaddexp(
-        jax.nn.logsumexp(jnp.where(rest, upper, NEG_INF), axis=-1),
-        jax.nn.logsumexp(jnp.where(chosen_chunk, NEG_INF, clse), axis=-1))
+  rest = ~(est > tau) & ~jnp.isneginf(est)
+  delta_rest = jax.nn.logsumexp(jnp.where(rest, upper, NEG_INF), axis=-1)
   chosen = jnp.put_along_axis(jnp.zeros(s_c.shape, bool), pick, chosen_ok, axis=-1,
                               inplace=False)
   magnitude = jnp.einsum("bkgd,bkgcd->bkgc", jnp.abs(qg), jnp.abs(rows), precision=HIGHEST)

@@ -107,45 +107,23 @@ def run_shape(name, iterations, repeats, with_profile=False):
 
 
 def sweep(name, iterations, repeats):
-  """Kernel settings at one shape: the chunked tensor-core scan by (block_keys,
-  num_warps), and the top-k selection on this shape's candidate rows by num_warps."""
-  from pallas_kernels.index_scan import api as scan_api  # pylint: disable=import-outside-toplevel
+  """The top-k selection kernel on this shape's rows (the flat or two-level candidate
+  rows and the exact top-k's), by num_warps."""
   from pallas_kernels.top_select import api as top_api  # pylint: disable=import-outside-toplevel
-  s, hq, hkv, d, top_k, cands = SHAPES[name]
-  spec = cj.CondensateSpec(anchor=16, window=64, top_k=top_k, selection="indexed",
-                           index_bits=4, candidates=cands)
-  q, k, _ = inputs(s, hq, hkv, d)
-  lengths = jnp.full((1,), s, jnp.int32)
-  index = jax.block_until_ready(index_lib.pack_index(cj.build_index(k, 4)))
-  chunk = fast.indexed._chunk_for(s, cands, None) or 64
-  qg, qs, qmu, pad = fast.indexed._scan_inputs(q, index)
-  terms = [pad(x) for x in fast.indexed.slack_terms(qg, index, d ** -0.5)]
+  s, hq, _, _, top_k, cands = SHAPES[name]
+  chunk = fast.indexed._two_level_chunk(s, cands) if s > top_api.MAX_ROW else 1
+  q = jnp.zeros((1, 1, hq, 8), jnp.float32)
   t = lambda fn, args: timing.time_loop(fn, q, args, iterations, repeats)[0] * 1e6
   lines = []
-  for bk in (64, 128, 256, 512):
-    for nw in (4, 8):
-      fn = lambda q, ix, n, bk=bk, nw=nw: scan_api.index_scan_chunks(
-          qs + 0 * q[0, 0, 0, 0], qmu, ix.packed, ix.step, ix.err, *terms, n,
-          scale=d ** -0.5, bits=4, group=qg.shape[2], anchor=16, window=64,
-          chunk=chunk, implementation="triton_mma", block_keys=bk, num_warps=nw)
-      try:
-        lines.append(f"scan_chunks {name} chunk={chunk} block_keys={bk} num_warps={nw}: "
-                     f"{t(fn, (index, lengths)):.1f} us")
-      except Exception as e:  # pylint: disable=broad-except
-        lines.append(f"scan_chunks {name} block_keys={bk} num_warps={nw}: {type(e).__name__}")
-  rows = hq
   for n in sorted({min(s, top_api.MAX_ROW), min(cands * chunk, top_api.MAX_ROW), cands}):
-    x = jax.random.normal(jax.random.PRNGKey(0), (rows, n), jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(0), (hq, n), jnp.float32)
     kk = min(cands if n > cands else top_k, n)
     for nw in (4, 8, 16, 32):
       fn = lambda q, x, nw=nw, kk=kk: top_api.top_select(x + q[0, 0, 0, 0], kk,
                                                          implementation="triton",
                                                          num_warps=nw)
-      try:
-        lines.append(f"top_select rows={rows} N={n} k={kk} num_warps={nw}: "
-                     f"{t(fn, (x,)):.1f} us")
-      except Exception as e:  # pylint: disable=broad-except
-        lines.append(f"top_select N={n} num_warps={nw}: {type(e).__name__}")
+      lines.append(f"top_select rows={hq} N={n} k={kk} num_warps={nw}: "
+                   f"{t(fn, (x,)):.1f} us")
   return "\n".join(lines)
 
 
@@ -160,7 +138,7 @@ def main(argv=None):
   ap.add_argument("--iterations", type=int, default=20)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--sweep", action="store_true",
-                  help="also time kernel settings (scan tile and warps, selection warps)")
+                  help="also time the selection kernel by num_warps")
   ap.add_argument("--profile", action="store_true",
                   help="also print the step's kernels from a profiler trace (GPU)")
   a = ap.parse_args(argv)

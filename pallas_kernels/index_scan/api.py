@@ -10,8 +10,6 @@ implementation:
                does not take), CPU "triton" interpreted, else
                "reference"; a backend raising NotImplementedError falls back to the next.
 interpret: None = True exactly when the platform is CPU (Pallas interpret mode).
-`index_scan_chunks` adds per-chunk statistics (maxima, log-sum-exp of the upper bounds)
-that the two-level candidates and the certificate read instead of the estimates.
 """
 
 from __future__ import annotations
@@ -43,33 +41,3 @@ def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor=
   kw = dict(scale=scale, bits=bits, group=group, anchor=anchor, window=window)
   return util.dispatch("index_scan", IMPLEMENTATIONS, _BEST, implementation, interpret,
                        (qs, qmu, packed, step, kv_lengths), kw, kernel_kw)
-
-
-def _cuda_chunks(qs, qmu, packed, step, err, a_err, a_step, a_one, kv_lengths, *, chunk,
-                 **kw):
-  """The CUDA-core scan's estimates, their chunk statistics in XLA (not fused)."""
-  est = gpu_triton.index_scan(qs, qmu, packed, step, kv_lengths, **kw)
-  return (est,) + reference.chunk_stats(est, err, step, a_err, a_step, a_one, chunk)
-
-
-CHUNK_IMPLEMENTATIONS = types.MappingProxyType({
-    "reference": reference.index_scan_chunks,
-    "triton": _cuda_chunks,
-    "triton_mma": gpu_triton_mma.index_scan_chunks,
-})
-
-
-def index_scan_chunks(qs, qmu, packed, step, err, a_err, a_step, a_one, kv_lengths, *,
-                      scale, bits, group, anchor=0, window=0, chunk, implementation=None,
-                      interpret=None, **kernel_kw):
-  """(est, cmax, clse): `index_scan`'s estimates and, per chunk of `chunk` keys, their
-  maximum and the log-sum-exp of the index's upper bounds (reference.chunk_stats);
-  "triton_mma" computes them in its one pass over the index."""
-  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or (
-      packed.shape[2] % chunk):
-    raise ValueError(f"chunk={chunk!r}: expected an int >= 1 dividing S="
-                     f"{packed.shape[2]}.")
-  kw = dict(scale=scale, bits=bits, group=group, anchor=anchor, window=window, chunk=chunk)
-  return util.dispatch("index_scan_chunks", CHUNK_IMPLEMENTATIONS, _BEST, implementation,
-                       interpret, (qs, qmu, packed, step, err, a_err, a_step, a_one,
-                                   kv_lengths), kw, kernel_kw)

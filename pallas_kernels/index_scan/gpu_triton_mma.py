@@ -48,20 +48,14 @@ def split_parts(x):
   return parts
 
 
-def _kernel(qt_ref, qmu_ref, packed_ref, step_ref, len_ref, *rest, scale, bits, group,
-            anchor, window, chunk):
+def _kernel(qt_ref, qmu_ref, packed_ref, step_ref, len_ref, est_ref, *, scale, bits,
+            group, anchor, window):
   # qt_ref     [D, Np]   bfloat16 parts of q * sigma, column t * Gp + g (others 0)
   # qmu_ref    [Gp]      float32 q . mu
   # packed_ref [P, D']   uint8 codes of P consecutive keys
   # step_ref   [P]       float32
   # len_ref    []        int32 kv length of the row
-  # with chunk: err_ref [P] float32, a_ref [3, Gp] float32 (a_err, a_step, a_one)
   # est_ref    [Gp, P]   float32 output (-inf: not a middle key, or a padding row)
-  # with chunk: cmax_ref, clse_ref [Gp, P / chunk] (reference.chunk_stats)
-  if chunk:
-    err_ref, a_ref, est_ref, cmax_ref, clse_ref = rest
-  else:
-    (est_ref,) = rest
   gp, p = est_ref.shape
   dp = packed_ref.shape[1]
   n_cols = qt_ref.shape[1]
@@ -78,69 +72,7 @@ def _kernel(qt_ref, qmu_ref, packed_ref, step_ref, len_ref, *rest, scale, bits, 
   middle = (pos >= anchor) & (pos <= len_ref[...] - 1 - window)
   est = scale * (qmu_ref[...][None, :] + step[:, None] * dot)       # [P, Gp]
   real = jnp.arange(gp, dtype=jnp.int32)[None, :] < group
-  live = middle[:, None] & real
-  est = jnp.where(live, est, NEG_INF)
-  est_ref[...] = est.T
-  if not chunk:
-    return
-  a = a_ref[...]
-  upper = est + a[0][None, :] * err_ref[...][:, None] + a[1][None, :] * step[:, None]
-  upper = jnp.where(live, upper + a[2][None, :], NEG_INF)
-  shape = (p // chunk, chunk, gp)
-  e = est.reshape(shape)
-  has_nan = jnp.sum(jnp.isnan(e).astype(jnp.int32), axis=1) > 0
-  cmax_ref[...] = jnp.where(has_nan, jnp.nan, jnp.max(e, axis=1)).T
-  u = upper.reshape(shape)
-  m = jnp.max(u, axis=1)                                             # [P / chunk, Gp]
-  m_use = jnp.where(jnp.isneginf(m) | jnp.isnan(m), 0.0, m)
-  total = jnp.sum(jnp.exp(u - m_use[:, None, :]), axis=1)           # NaN stays NaN
-  clse_ref[...] = jnp.where(jnp.isneginf(m), NEG_INF, m_use + jnp.log(total)).T
-
-
-def _call(qs, qmu, packed, step, kv_lengths, extra, *, scale, bits, group, anchor,
-          window, chunk, block_keys, interpret, num_warps, num_stages):
-  check_backend(interpret)
-  b, hkv, gp, d = qs.shape
-  s, dp = packed.shape[2], packed.shape[3]
-  p = min(1 << (max(int(block_keys), int(chunk or 1), 1).bit_length() - 1), s & -s)
-  if p < 16 or gp & (gp - 1) or dp & (dp - 1) or dp < 16 or (chunk and p % chunk):
-    raise NotImplementedError(
-        f"S={s}, Gp={gp}, packed width {dp}, chunk {chunk}: the tensor-core index scan "
-        "needs S divisible by 16 and by the chunk, a power-of-two Gp and a power-of-two "
-        "packed width >= 16.")
-  n_cols = max(16, (PARTS + 1) * gp)              # a power of two: Gp-wide column groups
-  parts = split_parts(qs)                                            # [B, K, Gp, D] each
-  qt = jnp.concatenate(parts + [jnp.zeros_like(parts[0])] * (n_cols // gp - PARTS),
-                       axis=2)                                       # [B, K, Np, D]
-  qt = qt.transpose(0, 1, 3, 2)                                      # [B, K, D, Np]
-  kernel = functools.partial(_kernel, scale=float(scale), bits=int(bits),
-                             group=int(group), anchor=int(anchor), window=int(window),
-                             chunk=int(chunk or 0))
-  keys = lambda b_, h, i: (b_, h, i)
-  in_specs = [pl.BlockSpec((None, None, d, n_cols), lambda b_, h, i: (b_, h, 0, 0)),
-              pl.BlockSpec((None, None, gp), lambda b_, h, i: (b_, h, 0)),
-              pl.BlockSpec((None, None, p, dp), lambda b_, h, i: (b_, h, i, 0)),
-              pl.BlockSpec((None, None, p), keys),
-              pl.BlockSpec((None,), lambda b_, h, i: (b_,))]
-  args = [qt, qmu.astype(jnp.float32), packed, step.astype(jnp.float32),
-          jnp.asarray(kv_lengths, jnp.int32).reshape(b)]
-  out_specs = [pl.BlockSpec((None, None, gp, p), lambda b_, h, i: (b_, h, 0, i))]
-  out_shape = [jax.ShapeDtypeStruct((b, hkv, gp, s), jnp.float32)]
-  if chunk:
-    err, a_err, a_step, a_one = extra
-    in_specs += [pl.BlockSpec((None, None, p), keys),
-                 pl.BlockSpec((None, None, 3, gp), lambda b_, h, i: (b_, h, 0, 0))]
-    args += [err.astype(jnp.float32),
-             jnp.stack([a_err, a_step, a_one], axis=2).astype(jnp.float32)]
-    stat = pl.BlockSpec((None, None, gp, p // chunk), lambda b_, h, i: (b_, h, 0, i))
-    out_specs += [stat, stat]
-    out_shape += [jax.ShapeDtypeStruct((b, hkv, gp, s // chunk), jnp.float32)] * 2
-  return pl.pallas_call(
-      kernel, grid=(b, hkv, s // p), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, interpret=interpret,
-      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
-                                                  num_stages=num_stages),
-      name="condensate_index_scan_mma")(*args)
+  est_ref[...] = jnp.where(middle[:, None] & real, est, NEG_INF).T
 
 
 def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor, window,
@@ -148,20 +80,33 @@ def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor,
   """Tensor-core index scan; semantics of reference.index_scan up to the rounding the
   module docstring bounds. Needs S divisible by 16, Gp a power of two and a packed width
   D' = D * bits / 8 >= 16, a power of two; NotImplementedError otherwise."""
-  (est,) = _call(qs, qmu, packed, step, kv_lengths, None, scale=scale, bits=bits,
-                 group=group, anchor=anchor, window=window, chunk=None,
-                 block_keys=block_keys, interpret=interpret, num_warps=num_warps,
-                 num_stages=num_stages)
-  return est
-
-
-def index_scan_chunks(qs, qmu, packed, step, err, a_err, a_step, a_one, kv_lengths, *,
-                      scale, bits, group, anchor, window, chunk, block_keys=128,
-                      interpret=False, num_warps=4, num_stages=2):
-  """(est, cmax, clse) of reference.index_scan_chunks in one pass over the index (the
-  chunk statistics from the tile in registers, the estimates' rounding as index_scan's).
-  The tile holds whole chunks (P = max(block_keys, chunk))."""
-  return tuple(_call(qs, qmu, packed, step, kv_lengths, (err, a_err, a_step, a_one),
-                     scale=scale, bits=bits, group=group, anchor=anchor, window=window,
-                     chunk=chunk, block_keys=block_keys, interpret=interpret,
-                     num_warps=num_warps, num_stages=num_stages))
+  check_backend(interpret)
+  b, hkv, gp, d = qs.shape
+  s, dp = packed.shape[2], packed.shape[3]
+  p = min(1 << (max(int(block_keys), 1).bit_length() - 1), s & -s)
+  if p < 16 or gp & (gp - 1) or dp & (dp - 1) or dp < 16:
+    raise NotImplementedError(
+        f"S={s}, Gp={gp}, packed width {dp}: the tensor-core index scan needs S divisible "
+        "by 16, a power-of-two Gp and a power-of-two packed width >= 16.")
+  n_cols = max(16, (PARTS + 1) * gp)              # a power of two: Gp-wide column groups
+  parts = split_parts(qs)                                            # [B, K, Gp, D] each
+  qt = jnp.concatenate(parts + [jnp.zeros_like(parts[0])] * (n_cols // gp - PARTS),
+                       axis=2)                                       # [B, K, Np, D]
+  qt = qt.transpose(0, 1, 3, 2)                                      # [B, K, D, Np]
+  kernel = functools.partial(_kernel, scale=float(scale), bits=int(bits),
+                             group=int(group), anchor=int(anchor), window=int(window))
+  return pl.pallas_call(
+      kernel, grid=(b, hkv, s // p),
+      in_specs=[pl.BlockSpec((None, None, d, n_cols), lambda b_, h, i: (b_, h, 0, 0)),
+                pl.BlockSpec((None, None, gp), lambda b_, h, i: (b_, h, 0)),
+                pl.BlockSpec((None, None, p, dp), lambda b_, h, i: (b_, h, i, 0)),
+                pl.BlockSpec((None, None, p), lambda b_, h, i: (b_, h, i)),
+                pl.BlockSpec((None,), lambda b_, h, i: (b_,))],
+      out_specs=pl.BlockSpec((None, None, gp, p), lambda b_, h, i: (b_, h, 0, i)),
+      out_shape=jax.ShapeDtypeStruct((b, hkv, gp, s), jnp.float32),
+      interpret=interpret,
+      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
+                                                  num_stages=num_stages),
+      name="condensate_index_scan_mma")(qt, qmu.astype(jnp.float32), packed,
+                                        step.astype(jnp.float32),
+                                        jnp.asarray(kv_lengths, jnp.int32).reshape(b))

@@ -52,31 +52,7 @@ def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor,
   return jnp.where(keep, est, -jnp.inf)
 
 
-def chunk_stats(est, err, step, a_err, a_step, a_one, chunk: int):
-  """Per chunk of `chunk` consecutive keys (S divisible by chunk), from the estimates
-  est [B, K, Gp, S] of `index_scan`:
-    cmax [B, K, Gp, S / chunk]  the largest estimate of the chunk (-inf: no middle key);
-    clse [B, K, Gp, S / chunk]  log sum over the chunk's middle keys of exp(U_j),
-      U_j = est_j + a_err * err_j + a_step * step_j + a_one (the index's upper bound;
-      err, step [B, K, S]; a_err, a_step, a_one [B, K, Gp]); -inf: no middle key.
-  A NaN estimate makes both NaN."""
-  b, k, gp, s = est.shape
-  c = lambda x: x[..., None]
-  upper = est + c(a_err) * err[:, :, None] + c(a_step) * step[:, :, None] + c(a_one)
-  upper = jnp.where(jnp.isneginf(est), -jnp.inf, upper)
-  shape = (b, k, gp, s // chunk, chunk)
-  return nan_max(est.reshape(shape), axis=-1), jax.nn.logsumexp(upper.reshape(shape), axis=-1)
-
-
 def nan_max(x, axis):
   """max along axis, NaN where the slice holds a NaN (XLA's CPU max reduction can skip
   NaN; the two-level candidates need a NaN chunk ranked as top_k ranks NaN: first)."""
   return jnp.where(jnp.any(jnp.isnan(x), axis=axis), jnp.nan, jnp.max(x, axis=axis))
-
-
-def index_scan_chunks(qs, qmu, packed, step, err, a_err, a_step, a_one, kv_lengths, *,
-                      scale, bits, group, anchor, window, chunk):
-  """(est, cmax, clse): `index_scan` and its `chunk_stats`."""
-  est = index_scan(qs, qmu, packed, step, kv_lengths, scale=scale, bits=bits, group=group,
-                   anchor=anchor, window=window)
-  return (est,) + chunk_stats(est, err, step, a_err, a_step, a_one, chunk)
