@@ -4,14 +4,16 @@ window, and a certified eps.
 
 Per decode query head (the sets of the XLA specification, `impl/xla_indexed.py`):
   1. scan      `pallas_kernels.index_scan` reads the packed index (`PackedIndex`,
-               bits * D / 8 + 8 bytes per key and K/V head) once: est_j for every middle key;
+               bits * D / 8 + 8 bytes per key and K/V head) once: est_j for every middle key
+               (on a GPU on tensor cores, within the index's rounding slack);
   2. candidates the spec.num_candidates keys of highest est (`candidates`: the set
                lax.top_k picks, found without a sort by `pallas_kernels.top_select`,
                in two levels beyond its 32K-entry rows), in position order;
   3. exact     their K rows gathered and scored exactly; the top_k of those (ties to the
                lower position, as in "exact"; the same selection) join the set;
   4. attend    `pallas_kernels.gather_attention` over anchor + window (read once per
-               K/V group) and each head's top_k rows;
+               K/V group) and each head's top_k rows (the lists split over programs and
+               merged by log-sum-exp: a step has only B * Hkv groups);
   5. eps       delta = sum over non-candidates (est_j <= tau, tau the C-th largest est)
                of exp(est_j + slack_j) + sum over unselected candidates of
                exp(s_j + rounding slack); eps = delta / (Z_set + delta) bounds the dropped
