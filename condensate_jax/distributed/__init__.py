@@ -50,9 +50,19 @@ all shards, ties to the lower block) among those holding middle keys, and the ce
 sums n_b e^{U_b} over the other blocks of every shard. The summaries are built from the
 shard's keys in every call (a cache's summaries are not taken). Sets, set sizes and keys
 scored as one device's; outputs and the certificate to rounding. (`distributed.sets`
-holds the three sets and the merged statistics.)
+holds the sets and the merged statistics.)
 
-Limits: selection "exact", "indexed" and "blocks" ("bounded", "certified" and
+selection="bounded" across shards (`impl.xla_blocks`'s set: the exact top_k of the
+blocks the bound loop expands): the blocks' bounds and middle counts of every shard are
+gathered (per block and head: a few numbers), so each shard knows the single-device block
+order; the number of blocks expanded is found by bisection over the order (log2 of the
+block count probes, each a global top-k of the expanded keys as for "exact"), then the set
+is the global top_k of those blocks' middle keys and the certificate the order's tail plus
+the expanded-but-dropped keys' (n - top_k) e^{tau}. Sets, set sizes and keys scored as
+one device's; outputs and the certificate to rounding. Per call it gathers the block
+bounds (n_blocks * Hq * T * 8 bytes) and ~log2(n_blocks) + 1 top-k candidate lists.
+
+Limits: selection "exact", "indexed", "blocks" and "bounded" ("certified" and
 query_blocks are not distributed yet); queries are replicated over seq_axis (each shard scores T x S_local:
 prefill at long T is memory-bound by that); no top_k_capacity (static sizes).
 """
@@ -176,7 +186,7 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, mesh, seq_axis=None,
                index=index)
 
 
-SELECTIONS = ("exact", "indexed", "blocks")
+SELECTIONS = ("exact", "indexed", "blocks", "bounded")
 
 
 def _check_selection(spec, name):
@@ -184,7 +194,7 @@ def _check_selection(spec, name):
     raise ValueError(f"{name}.selection={spec.selection!r}, top_k_capacity="
                      f"{spec.top_k_capacity}, query_blocks={spec.query_blocks}: the "
                      f"distributed call implements selection in "
-                     f"{SELECTIONS} with static sizes ('bounded' and 'certified' are not "
+                     f"{SELECTIONS} with static sizes ('certified' is not "
                      "distributed yet; query_blocks neither; a spec without "
                      "top_k_capacity).")
 
@@ -205,7 +215,7 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
   n_seq, _ = _check_mesh(mesh, seq_axis, head_axis, k, q)
-  if spec is not None and spec.selection == "blocks" and (k.shape[1] // n_seq) % (
+  if spec is not None and spec.selection in ("blocks", "bounded") and (k.shape[1] // n_seq) % (
       spec.block_size):
     raise ValueError(f"k.shape[1]={k.shape[1]} over {n_seq} sequence shards: "
                      f"{k.shape[1] // n_seq} keys per shard, not whole blocks of "
@@ -268,6 +278,10 @@ def _local(q, k, v, q_positions, kv_lengths, index, *, spec, seq_axis, n_seq, s_
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = sets.blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
                                    spec, scale, seq_axis, n_seq)
+  elif spec.selection == "bounded":
+    masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
+    in_set, topk = sets.bounded_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
+                                    spec, scale, seq_axis, n_seq, s_len)
   else:
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = sets.exact_set(scores, masks, spec, seq_axis, n_seq, s_len)
@@ -295,7 +309,7 @@ def model_attend(placement: Placement, q, k, v, spec, *, q_positions, kv_lengths
   key index of selection="indexed" with them). Returns out, or
   (out, stats) with return_stats (a dense layer's stats: everything captured)."""
   whole = placement.seq_devices * (spec.block_size if spec is not None
-                                   and spec.selection == "blocks" else 1)
+                                   and spec.selection in ("blocks", "bounded") else 1)
   pad = -k.shape[1] % whole
   if pad:
     widths = [(0, 0), (0, pad), (0, 0), (0, 0)]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from condensate_jax import geometry, softmax
 from condensate_jax.impl.xla_indexed import LOG_MARGIN
-from condensate_jax.selection import bounds, summaries as summaries_lib
+from condensate_jax.selection import bounds, order as order_lib, summaries as summaries_lib
 from condensate_jax.selection import index as index_lib
 from condensate_jax.softmax import NEG_INF, AttentionStats
 
@@ -116,6 +116,85 @@ def blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks, spec, scale, seq
   in_set = masks.anchor | masks.window | picked
   return in_set, SetCertificate(merged_logsumexp(terms, seq_axis),
                                  scored_keys(masks, picked, seq_axis))
+
+
+def gather_blocks(x, seq_axis, n_seq, axis=-1):
+  """Every shard's per-block x, in shard order along the block axis (the global blocks)."""
+  if seq_axis is None or n_seq == 1:
+    return x
+  return jax.lax.all_gather(x, seq_axis, axis=axis % x.ndim, tiled=True)
+
+
+def bounded_set(scores, q, k, kv_lengths, lo, hi, offset, masks, spec, scale, seq_axis,
+                n_seq, s_len):
+  """(in_set, certificate) of selection="bounded" over the shards (`impl.xla_blocks`'s
+  set): the blocks' bounds of every shard are gathered (a few numbers per block), so each
+  shard holds the single-device block order (`order.group_order` on the same values) and
+  its suffix maxima; the number r of blocks the single-device loop expands -- the first
+  position where the block there holds no middle key, or no bound from there on reaches
+  any head's top_k-th best exact score among the keys of the blocks before it -- is found
+  by bisection (the condition only turns true as r grows), each probe a global top-k over
+  the expanded keys (`global_top`); the set is anchor + window + the global top_k of the
+  first r blocks' middle keys, the certificate the tail of the order after r plus
+  (n_expanded - top_k) e^{tau}, as on one device."""
+  s_loc, p = k.shape[1], spec.block_size
+  nb = s_loc // p
+  summ = summaries_lib.build(k, jnp.clip(kv_lengths - offset, 0, s_loc), p)
+  u, rank = bounds.block_ranking(q, summ, scale, spec)                  # [B,K,G,T,nb]
+  n_mid, _, _ = geometry.middle_counts(lo - offset, hi - offset, spec, nb, s_loc)
+  u_all, rank_all = (gather_blocks(x, seq_axis, n_seq) for x in (u, rank))
+  n_all = gather_blocks(n_mid, seq_axis, n_seq)                         # [B, T, NB]
+  order, u_sorted, n_sorted, tail, has = order_lib.group_order(u_all, n_all, rank_all)
+  nb_all = order.shape[-1]
+  sufmax = jnp.pad(jax.lax.cummax(u_sorted, axis=4, reverse=True),
+                   [(0, 0)] * 4 + [(0, 1)], constant_values=NEG_INF)    # [B,K,G,T,NB+1]
+  # each local key's place in the order (the position of its block)
+  where_in = jnp.argsort(order, axis=-1).astype(jnp.int32)              # [B, K, T, NB]
+  me = 0 if seq_axis is None else jax.lax.axis_index(seq_axis)
+  mine = jax.lax.dynamic_slice_in_dim(where_in, me * nb, nb, axis=3)
+  key_place = jnp.take(mine, jnp.arange(s_loc) // p, axis=-1)[:, :, None]   # [B,K,1,T,S_l]
+  middle = jnp.broadcast_to(masks.middle, scores.shape)
+  kk = min(spec.top_k, s_len)
+
+  def expanded(r):                          # r [B, K, T]: the first r blocks' middle keys
+    return middle & (key_place < r[:, :, None, :, None])
+
+  def tau_of(r):
+    if kk == 0:
+      return jnp.full(scores.shape[:-1], jnp.inf, jnp.float32)
+    return global_top(scores, expanded(r), kk, seq_axis, n_seq, s_len)[1]
+
+  def stops(r):                             # the single-device loop is not active at r
+    suf = jnp.take_along_axis(sufmax, r[:, :, None, :, None], axis=-1)[..., 0]
+    done = jnp.all((suf < tau_of(r)) | jnp.isneginf(suf), axis=2)       # [B, K, T]
+    has_r = jnp.take_along_axis(has, r[..., None], axis=-1)[..., 0]
+    return ~has_r | done | (r >= nb_all)
+
+  def probe(_, lo_hi):
+    lo_r, hi_r = lo_hi                      # stops(hi_r) holds; stops(r) fails below lo_r
+    mid = (lo_r + hi_r) // 2
+    ok = stops(mid)
+    return jnp.where(ok, lo_r, mid + 1), jnp.where(ok, mid, hi_r)
+
+  shape = order.shape[:-1]
+  lo_hi = (jnp.zeros(shape, jnp.int32), jnp.full(shape, nb_all, jnp.int32))
+  _, r = jax.lax.fori_loop(0, max(1, nb_all).bit_length(), probe, lo_hi)
+  pool = expanded(r)
+  if kk:
+    chosen, tau = global_top(scores, pool, kk, seq_axis, n_seq, s_len)
+  else:
+    chosen, tau = jnp.zeros(scores.shape, bool), jnp.full(scores.shape[:-1], NEG_INF)
+  n_exp = jnp.sum(jnp.where(jnp.arange(nb_all) < r[..., None], n_sorted, 0), axis=-1,
+                  dtype=jnp.int32)                                      # [B, K, T]
+  log_delta = jnp.take_along_axis(tail, r[:, :, None, :, None], axis=-1)[..., 0]
+  if kk:
+    n_drop = jnp.maximum(n_exp[:, :, None] - kk, 0).astype(jnp.float32)
+    extra = jnp.where(n_drop > 0, jnp.log(jnp.maximum(n_drop, 1.0)) + tau, NEG_INF)
+    log_delta = jnp.logaddexp(log_delta, extra)
+  in_set = masks.anchor | masks.window | chosen
+  static = psum(jnp.sum((masks.anchor | masks.window) & masks.visible, -1,
+                        dtype=jnp.int32), seq_axis)
+  return in_set, SetCertificate(log_delta, static + n_exp[:, :, None])
 
 
 def merged_logsumexp(x, seq_axis):

@@ -182,6 +182,46 @@ def test_blocks_equals_single_device(name, axes):
     assert np.asarray(want[1].set_size).min() < np.asarray(want[1].visible).max()
 
 
+BOUNDED = {
+    # top_k 5 with 4-key blocks: the bound rule stops the loop early on some queries
+    "bounded": cj.CondensateSpec(anchor=2, window=4, top_k=5, selection="bounded",
+                                 block_size=4),
+    "bounded, 8-key blocks": cj.CondensateSpec(anchor=1, window=3, top_k=3,
+                                               selection="bounded", block_size=8),
+    "bounded, top_k 0": cj.CondensateSpec(anchor=2, window=3, top_k=0,
+                                          selection="bounded", block_size=4),
+}
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+@pytest.mark.parametrize("axes", AXES, ids=str)
+def test_bounded_equals_single_device(name, axes):
+  """selection="bounded": the blocks the single-device loop expands (keys scored), the
+  exact top-k of their keys (set sizes, outputs) and the certificate to rounding; prefill
+  rows and decode, ragged, GQA, a sliding window; peaked queries so that the loop stops
+  before the last block."""
+  for t, seed, window in ((5, 30, 30), (1, 31, None)):
+    q, k, v = _inputs(seed, t=t)
+    # faint keys and a few loud ones along each query: their blocks are expanded first
+    # and the bound rule then stops the loop (keys_scored < visible below)
+    rng = np.random.default_rng(seed)
+    k = 0.05 * k
+    for b, j in zip(rng.integers(0, 2, 12), rng.integers(0, 40, 12)):
+      k = k.at[b, j].set(4.0 * q[b, -1].reshape(2, 2, -1).mean(1))
+    kw = dict(kv_lengths=jnp.array([64, 41]), sliding_window=window, return_stats=True)
+    want = cj.condensate_attention(q, k, v, BOUNDED[name], **kw)
+    got = dist.condensate_attention(q, k, v, BOUNDED[name], mesh=MESH, seq_axis=axes[0],
+                                    head_axis=axes[1], **kw)
+    _compare(want, got)
+    if BOUNDED[name].top_k:
+      assert np.asarray(want[1].keys_scored).min() < np.asarray(want[1].visible).max()
+
+
+def test_bounded_sets_key_by_key_with_ties_across_shards():
+  _one_hot_case(22, BOUNDED["bounded"])
+  _one_hot_case(23, BOUNDED["bounded"].replace(top_k=9))
+
+
 def test_blocks_need_whole_blocks_per_shard():
   q, k, v = _inputs(15)
   with pytest.raises(ValueError, match="not whole blocks of spec.block_size=16"):
