@@ -186,16 +186,19 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, mesh, seq_axis=None,
                index=index)
 
 
-SELECTIONS = ("exact", "indexed", "blocks", "bounded")
+SELECTIONS = ("exact", "indexed", "blocks", "bounded", "certified")
 
 
 def _check_selection(spec, name):
-  if spec.selection not in SELECTIONS or spec.top_k_capacity or spec.query_blocks:
-    raise ValueError(f"{name}.selection={spec.selection!r}, top_k_capacity="
+  if spec.selection not in SELECTIONS or spec.top_k_capacity or spec.query_blocks or (
+      spec.selection == "certified" and spec.bounds != "blocks"):
+    raise ValueError(f"{name}.selection={spec.selection!r}, bounds={spec.bounds!r}, "
+                     f"top_k_capacity="
                      f"{spec.top_k_capacity}, query_blocks={spec.query_blocks}: the "
                      f"distributed call implements selection in "
-                     f"{SELECTIONS} with static sizes ('certified' is not "
-                     "distributed yet; query_blocks neither; a spec without "
+                     f"{SELECTIONS} with static sizes ('certified' with bounds='blocks' "
+                     "only: the index-bounded one is not distributed yet; query_blocks "
+                     "neither; a spec without "
                      "top_k_capacity).")
 
 
@@ -215,7 +218,8 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
   n_seq, _ = _check_mesh(mesh, seq_axis, head_axis, k, q)
-  if spec is not None and spec.selection in ("blocks", "bounded") and (k.shape[1] // n_seq) % (
+  if spec is not None and spec.selection in ("blocks", "bounded", "certified") and (
+      k.shape[1] // n_seq) % (
       spec.block_size):
     raise ValueError(f"k.shape[1]={k.shape[1]} over {n_seq} sequence shards: "
                      f"{k.shape[1] // n_seq} keys per shard, not whole blocks of "
@@ -278,10 +282,10 @@ def _local(q, k, v, q_positions, kv_lengths, index, *, spec, seq_axis, n_seq, s_
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = sets.blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
                                    spec, scale, seq_axis, n_seq)
-  elif spec.selection == "bounded":
+  elif spec.selection in ("bounded", "certified"):
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
-    in_set, topk = sets.bounded_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
-                                    spec, scale, seq_axis, n_seq, s_len)
+    in_set, topk = sets.block_loop_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
+                                       spec, scale, seq_axis, n_seq, s_len)
   else:
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = sets.exact_set(scores, masks, spec, seq_axis, n_seq, s_len)
@@ -309,7 +313,8 @@ def model_attend(placement: Placement, q, k, v, spec, *, q_positions, kv_lengths
   key index of selection="indexed" with them). Returns out, or
   (out, stats) with return_stats (a dense layer's stats: everything captured)."""
   whole = placement.seq_devices * (spec.block_size if spec is not None
-                                   and spec.selection in ("blocks", "bounded") else 1)
+                                   and spec.selection in ("blocks", "bounded", "certified")
+                                   else 1)
   pad = -k.shape[1] % whole
   if pad:
     widths = [(0, 0), (0, pad), (0, 0), (0, 0)]

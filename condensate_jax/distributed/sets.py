@@ -125,18 +125,18 @@ def gather_blocks(x, seq_axis, n_seq, axis=-1):
   return jax.lax.all_gather(x, seq_axis, axis=axis % x.ndim, tiled=True)
 
 
-def bounded_set(scores, q, k, kv_lengths, lo, hi, offset, masks, spec, scale, seq_axis,
-                n_seq, s_len):
-  """(in_set, certificate) of selection="bounded" over the shards (`impl.xla_blocks`'s
-  set): the blocks' bounds of every shard are gathered (a few numbers per block), so each
-  shard holds the single-device block order (`order.group_order` on the same values) and
-  its suffix maxima; the number r of blocks the single-device loop expands -- the first
-  position where the block there holds no middle key, or no bound from there on reaches
-  any head's top_k-th best exact score among the keys of the blocks before it -- is found
-  by bisection (the condition only turns true as r grows), each probe a global top-k over
-  the expanded keys (`global_top`); the set is anchor + window + the global top_k of the
-  first r blocks' middle keys, the certificate the tail of the order after r plus
-  (n_expanded - top_k) e^{tau}, as on one device."""
+class _Order(NamedTuple):
+  """The single-device block order of every (query, group), held by each shard."""
+  n_sorted: jax.Array    # [B, K, T, NB] middle keys of the block at each position
+  tail: jax.Array        # [B, K, G, T, NB + 1] log delta of taking the first r blocks
+  has: jax.Array         # [B, K, T, NB + 1] position r holds a block with middle keys
+  sufmax: jax.Array      # [B, K, G, T, NB + 1] max bound from position r on
+  key_place: jax.Array   # [B, K, 1, T, S_l] position of each local key's block
+
+
+def _global_order(q, k, kv_lengths, lo, hi, offset, spec, scale, seq_axis, n_seq):
+  """Every shard's block bounds and middle counts gathered (a few numbers per block and
+  head), ordered as one device orders them (`order.group_order` on the same values)."""
   s_loc, p = k.shape[1], spec.block_size
   nb = s_loc // p
   summ = summaries_lib.build(k, jnp.clip(kv_lengths - offset, 0, s_loc), p)
@@ -145,56 +145,96 @@ def bounded_set(scores, q, k, kv_lengths, lo, hi, offset, masks, spec, scale, se
   u_all, rank_all = (gather_blocks(x, seq_axis, n_seq) for x in (u, rank))
   n_all = gather_blocks(n_mid, seq_axis, n_seq)                         # [B, T, NB]
   order, u_sorted, n_sorted, tail, has = order_lib.group_order(u_all, n_all, rank_all)
-  nb_all = order.shape[-1]
   sufmax = jnp.pad(jax.lax.cummax(u_sorted, axis=4, reverse=True),
-                   [(0, 0)] * 4 + [(0, 1)], constant_values=NEG_INF)    # [B,K,G,T,NB+1]
-  # each local key's place in the order (the position of its block)
+                   [(0, 0)] * 4 + [(0, 1)], constant_values=NEG_INF)
   where_in = jnp.argsort(order, axis=-1).astype(jnp.int32)              # [B, K, T, NB]
   me = 0 if seq_axis is None else jax.lax.axis_index(seq_axis)
   mine = jax.lax.dynamic_slice_in_dim(where_in, me * nb, nb, axis=3)
-  key_place = jnp.take(mine, jnp.arange(s_loc) // p, axis=-1)[:, :, None]   # [B,K,1,T,S_l]
-  middle = jnp.broadcast_to(masks.middle, scores.shape)
-  kk = min(spec.top_k, s_len)
+  key_place = jnp.take(mine, jnp.arange(s_loc) // p, axis=-1)[:, :, None]
+  return _Order(n_sorted, tail, has, sufmax, key_place)
 
-  def expanded(r):                          # r [B, K, T]: the first r blocks' middle keys
-    return middle & (key_place < r[:, :, None, :, None])
+
+def _expansion(order: _Order, stops):
+  """The blocks the single-device loop expands, r [B, K, T]: the first position where
+  stops(r) holds (it only turns true as r grows: the loop's stop rules are monotone), by
+  bisection; stops(NB) always holds."""
+  nb_all = order.n_sorted.shape[-1]
+  at = lambda x, r: jnp.take_along_axis(x, r[..., None], axis=-1)[..., 0]
+
+  def stop(r):
+    return ~at(order.has, r) | stops(r) | (r >= nb_all)
+
+  def probe(_, lo_hi):
+    lo_r, hi_r = lo_hi                      # stop(hi_r) holds; stop(r) fails below lo_r
+    mid = (lo_r + hi_r) // 2
+    ok = stop(mid)
+    return jnp.where(ok, lo_r, mid + 1), jnp.where(ok, mid, hi_r)
+
+  shape = order.n_sorted.shape[:-1]
+  lo_hi = (jnp.zeros(shape, jnp.int32), jnp.full(shape, nb_all, jnp.int32))
+  _, r = jax.lax.fori_loop(0, max(1, nb_all).bit_length(), probe, lo_hi)
+  return r
+
+
+def _per_head(x, r):
+  """x [B, K, G, T, NB + 1] at position r [B, K, T] -> [B, K, G, T]."""
+  return jnp.take_along_axis(x, r[:, :, None, :, None], axis=-1)[..., 0]
+
+
+def block_loop_set(scores, q, k, kv_lengths, lo, hi, offset, masks, spec, scale, seq_axis,
+                   n_seq, s_len):
+  """(in_set, certificate) of selection="bounded" or "certified" (bounds="blocks") over
+  the shards (`impl.xla_blocks`'s sets): every shard holds the single-device block order
+  (`_global_order`) and finds the number r of blocks the single-device loop expands by
+  bisection (`_expansion`), each probe one global reduction over the expanded keys:
+    "bounded"   stop when no bound from r on reaches any head's top_k-th best exact score
+                among the first r blocks' keys (a global top-k, `global_top`); the set is
+                anchor + window + the global top_k of those keys, the certificate the
+                order's tail after r plus (n_expanded - top_k) e^{tau};
+    "certified" stop when every head's eps of the first r blocks (the order's tail after
+                r against the mass of anchor + window + those blocks, merged) is <=
+                spec.epsilon; the set is anchor + window + the middle keys of those blocks,
+                the certificate the tail after r."""
+  order = _global_order(q, k, kv_lengths, lo, hi, offset, spec, scale, seq_axis, n_seq)
+  middle = jnp.broadcast_to(masks.middle, scores.shape)
+  static = masks.anchor | masks.window
+  kk = min(spec.top_k, s_len)
+  expanded = lambda r: middle & (order.key_place < r[:, :, None, :, None])
 
   def tau_of(r):
     if kk == 0:
       return jnp.full(scores.shape[:-1], jnp.inf, jnp.float32)
     return global_top(scores, expanded(r), kk, seq_axis, n_seq, s_len)[1]
 
-  def stops(r):                             # the single-device loop is not active at r
-    suf = jnp.take_along_axis(sufmax, r[:, :, None, :, None], axis=-1)[..., 0]
-    done = jnp.all((suf < tau_of(r)) | jnp.isneginf(suf), axis=2)       # [B, K, T]
-    has_r = jnp.take_along_axis(has, r[..., None], axis=-1)[..., 0]
-    return ~has_r | done | (r >= nb_all)
+  def bound_reached(r):
+    suf = _per_head(order.sufmax, r)
+    return jnp.all((suf < tau_of(r)) | jnp.isneginf(suf), axis=2)
 
-  def probe(_, lo_hi):
-    lo_r, hi_r = lo_hi                      # stops(hi_r) holds; stops(r) fails below lo_r
-    mid = (lo_r + hi_r) // 2
-    ok = stops(mid)
-    return jnp.where(ok, lo_r, mid + 1), jnp.where(ok, mid, hi_r)
+  def eps_met(r):
+    in_r = static | expanded(r)
+    m = pmax(jnp.max(jnp.where(in_r, scores, NEG_INF), axis=-1), seq_axis)
+    m_use = jnp.where(jnp.isneginf(m), 0.0, m)
+    l = psum(jnp.sum(jnp.where(in_r, jnp.exp(scores - m_use[..., None]), 0.0), -1),
+             seq_axis)
+    eps = softmax.log_delta_to_eps(_per_head(order.tail, r), softmax.lse_of(m, l))
+    return jnp.all(eps <= spec.epsilon, axis=2)
 
-  shape = order.shape[:-1]
-  lo_hi = (jnp.zeros(shape, jnp.int32), jnp.full(shape, nb_all, jnp.int32))
-  _, r = jax.lax.fori_loop(0, max(1, nb_all).bit_length(), probe, lo_hi)
-  pool = expanded(r)
-  if kk:
-    chosen, tau = global_top(scores, pool, kk, seq_axis, n_seq, s_len)
-  else:
-    chosen, tau = jnp.zeros(scores.shape, bool), jnp.full(scores.shape[:-1], NEG_INF)
-  n_exp = jnp.sum(jnp.where(jnp.arange(nb_all) < r[..., None], n_sorted, 0), axis=-1,
-                  dtype=jnp.int32)                                      # [B, K, T]
-  log_delta = jnp.take_along_axis(tail, r[:, :, None, :, None], axis=-1)[..., 0]
-  if kk:
+  bounded = spec.selection == "bounded"
+  r = _expansion(order, bound_reached if bounded else eps_met)
+  n_exp = jnp.sum(jnp.where(jnp.arange(order.n_sorted.shape[-1]) < r[..., None],
+                            order.n_sorted, 0), axis=-1, dtype=jnp.int32)   # [B, K, T]
+  log_delta = _per_head(order.tail, r)
+  if not bounded:
+    chosen = expanded(r)
+  elif kk:
+    chosen, tau = global_top(scores, expanded(r), kk, seq_axis, n_seq, s_len)
     n_drop = jnp.maximum(n_exp[:, :, None] - kk, 0).astype(jnp.float32)
-    extra = jnp.where(n_drop > 0, jnp.log(jnp.maximum(n_drop, 1.0)) + tau, NEG_INF)
-    log_delta = jnp.logaddexp(log_delta, extra)
-  in_set = masks.anchor | masks.window | chosen
-  static = psum(jnp.sum((masks.anchor | masks.window) & masks.visible, -1,
-                        dtype=jnp.int32), seq_axis)
-  return in_set, SetCertificate(log_delta, static + n_exp[:, :, None])
+    log_delta = jnp.logaddexp(log_delta, jnp.where(
+        n_drop > 0, jnp.log(jnp.maximum(n_drop, 1.0)) + tau, NEG_INF))
+  else:
+    chosen = jnp.zeros(scores.shape, bool)
+  n_static = psum(jnp.sum(static & masks.visible, -1, dtype=jnp.int32), seq_axis)
+  return static | chosen, SetCertificate(log_delta, n_static + n_exp[:, :, None])
 
 
 def merged_logsumexp(x, seq_axis):

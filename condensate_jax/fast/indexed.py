@@ -5,10 +5,11 @@ window, and a certified eps.
 Per decode query head (the sets of the XLA specification, `impl/xla_indexed.py`):
   1. scan      `pallas_kernels.index_scan` reads the packed index (`PackedIndex`,
                bits * D / 8 + 8 bytes per key and K/V head) once: est_j for every middle key
-               (on a GPU on tensor cores, within the index's rounding slack);
+               (scan="triton_mma": on tensor cores, ~1.8x faster, opt-in);
   2. candidates the spec.num_candidates keys of highest est (`candidates`: the set
                lax.top_k picks, found without a sort by `pallas_kernels.top_select`,
-               in two levels beyond its 32K-entry rows), in position order;
+               in two levels beyond its 32K-entry rows; a level whose row is still
+               longer takes lax.top_k), in position order;
   3. exact     their K rows gathered and scored exactly; the top_k of those (ties to the
                lower position, as in "exact"; the same selection) join the set;
   4. attend    `pallas_kernels.gather_attention` over anchor + window (read once per
@@ -42,8 +43,8 @@ from condensate_jax.softmax import HIGHEST, NEG_INF
 from pallas_kernels import util
 from pallas_kernels.gather_attention import api as gather_api
 from pallas_kernels.index_scan import api as scan_api
-from pallas_kernels.index_scan import reference as scan_reference
 from pallas_kernels.top_select import api as top_api
+from pallas_kernels.top_select import reference as top_reference
 
 SCANS = (None, "triton", "triton_mma", "reference")
 SELECTS = (None, "triton", "reference", "xla")
@@ -140,14 +141,14 @@ _XLA_FLAT = 16384
 
 def _two_level_chunk(s_len, c):
   """The chunk T of the two-level candidates (`candidates`): T ~ sqrt(S / C) keeps both
-  rows near sqrt(S C); clamped so that both rows fit the Pallas selection (None: they
-  cannot both fit, or one level suffices)."""
+  rows near sqrt(S C), clamped where possible so that both rows fit the Pallas selection
+  (where they cannot, a level whose row is too long takes lax.top_k)."""
   t = util.next_pow2(max(1, int((s_len / c) ** 0.5)))
   lo = util.next_pow2(-(-s_len // top_api.MAX_ROW))     # S / T <= MAX_ROW
+  if c > top_api.MAX_ROW:
+    return max(t, lo)
   hi = 1 << ((top_api.MAX_ROW // c).bit_length() - 1)   # C * T <= MAX_ROW
-  if lo > hi:
-    return None
-  return min(max(t, lo), hi)
+  return t if lo > hi else min(max(t, lo), hi)
 
 
 def candidates(est, num_candidates, select=None):
@@ -155,27 +156,29 @@ def candidates(est, num_candidates, select=None):
   estimate, the set `lax.top_k(est, C)` picks (total order, ties to the lower position),
   ids [B, K, G, C] in ascending position order, vals their estimates, tau [B, K, G] the
   C-th largest estimate. select: the selection's implementation (None: the Pallas
-  kernel, interpreted on a CPU; "reference"; "xla": the earlier step's, lax.top_k then a
-  sort of the ids, flat up to _XLA_FLAT keys).
+  kernel, interpreted on a CPU; "reference"; "xla": the earlier step's selections,
+  lax.top_k then a sort of the ids, flat up to _XLA_FLAT keys: the same sets, the step's
+  sums in another order).
 
   Rows longer than the kernel holds go in two levels, the same set: the keys fall in
   chunks of T; the top C keys lie in the C chunks of highest maximum (a chunk holding a
   top key has a maximum at least the C-th value; of chunks tied at that value the lower
-  ones hold the lower positions), so the top C of the S / T chunk maxima, then of those
-  chunks' C * T keys in position order."""
+  ones hold the lower positions), so the top C of the S / T chunk maxima (maxima in the
+  total order, `top_select.reference.total_max`: NaN of either sign ranked as top_k ranks
+  it), then of those chunks' C * T keys in position order."""
   s_len = est.shape[-1]
   c = min(num_candidates, s_len)
   if select == "xla":
     flat, t = s_len <= _XLA_FLAT, util.next_pow2(max(1, int((s_len / c) ** 0.5)))
   else:
     flat, t = s_len <= top_api.MAX_ROW, _two_level_chunk(s_len, c)
-  if flat or t is None or t == 1:
+  if flat or t == 1:
     ids, tau = _top_set(est, c, select)
     return jnp.take_along_axis(est, ids, axis=-1), ids, tau
   nc = -(-s_len // t)
   padded = jnp.pad(est, [(0, 0)] * (est.ndim - 1) + [(0, nc * t - s_len)],
                    constant_values=NEG_INF)
-  maxima = scan_reference.nan_max(padded.reshape(est.shape[:-1] + (nc, t)), axis=-1)
+  maxima = top_reference.total_max(padded.reshape(est.shape[:-1] + (nc, t)), axis=-1)
   chunks, _ = _top_set(maxima, min(c, nc), select)
   pos = (chunks[..., None] * t + jnp.arange(t)).reshape(est.shape[:-1] + (-1,))
   sub = jnp.take_along_axis(padded, pos, axis=-1)

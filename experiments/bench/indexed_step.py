@@ -1,8 +1,10 @@
 """Where the indexed decode step's time goes, phase by phase, and what the kernels change:
-`fast.indexed_decode_step` as it was ("old": the CUDA-core scan, lax.top_k and sorts),
-with the selections on `pallas_kernels.top_select` ("cuda_scan") and with the
-tensor-core scan too ("new", the default), the scan alone, scan + candidates, and cuDNN
-over every key, timed in the same run on the same inputs (`timing.time_loop`).
+`fast.indexed_decode_step` with the earlier selections ("old": the CUDA-core scan,
+lax.top_k and sorts), with the selections on `pallas_kernels.top_select` ("cuda_scan",
+the default) and with the tensor-core scan too ("new": scan="triton_mma", opt-in), the
+scan alone, scan + candidates, and cuDNN over every key, timed in the same run on the
+same inputs (`timing.time_loop`). Every variant runs the split gather attention (so "old"
+is not the earlier step: that one also attended in B * Hkv programs).
 
   python -m experiments.bench.indexed_step                       # the shapes below
   python -m experiments.bench.indexed_step --shapes=smollm2_8k --iterations=10 --profile
@@ -52,10 +54,10 @@ def _sets(ids):
   return [set(r[r >= 0].tolist()) for r in ids.reshape(-1, ids.shape[-1])]
 
 
-VARIANTS = {   # name: the step's (scan, select)
-    "new": (None, None),            # the platform's scan (GPU: tensor cores) + top_select
-    "cuda_scan": ("triton", None),  # the CUDA-core scan + top_select
-    "old": ("triton", "xla"),       # the CUDA-core scan + lax.top_k and sorts (before)
+VARIANTS = {   # name: the step's (scan, select); all with the split gather attention
+    "new": ("triton_mma", None),    # the tensor-core scan (opt-in) + top_select
+    "cuda_scan": ("triton", None),  # the CUDA-core scan + top_select (the default)
+    "old": ("triton", "xla"),       # the CUDA-core scan + lax.top_k and sorts (earlier)
 }
 
 
@@ -85,10 +87,10 @@ def run_shape(name, iterations, repeats, with_profile=False):
                                                                    sets["cuda_scan"])])),
          "mma_out_diff": diff("new", "cuda_scan", 0)}
   t = lambda fn, args: timing.time_loop(fn, q, args, iterations, repeats)[0] * 1e6
-  for sc in ("triton", None):
+  for sc, key in (("triton", "scan_cuda_us"), ("triton_mma", "scan_new_us")):
     scan = lambda q, ix, n, sc=sc: fast.indexed.scan_estimates(q, ix, n, spec=spec,
                                                               scale=scale, scan=sc)
-    row["scan_cuda_us" if sc else "scan_new_us"] = t(scan, (index, lengths))
+    row[key] = t(scan, (index, lengths))
   for name_, (sc, se) in VARIANTS.items():
     if name_ != "cuda_scan":
       top = lambda q, ix, n, sc=sc, se=se: fast.indexed.candidates(
@@ -111,11 +113,15 @@ def sweep(name, iterations, repeats):
   rows and the exact top-k's), by num_warps."""
   from pallas_kernels.top_select import api as top_api  # pylint: disable=import-outside-toplevel
   s, hq, _, _, top_k, cands = SHAPES[name]
-  chunk = fast.indexed._two_level_chunk(s, cands) if s > top_api.MAX_ROW else 1
+  if s <= top_api.MAX_ROW:
+    rows_n = {s, cands}                        # flat candidates, the exact top-k's
+  else:
+    chunk = fast.indexed._two_level_chunk(s, cands)
+    rows_n = {-(-s // chunk), cands * chunk, cands}      # both levels, the exact top-k's
   q = jnp.zeros((1, 1, hq, 8), jnp.float32)
   t = lambda fn, args: timing.time_loop(fn, q, args, iterations, repeats)[0] * 1e6
   lines = []
-  for n in sorted({min(s, top_api.MAX_ROW), min(cands * chunk, top_api.MAX_ROW), cands}):
+  for n in sorted(x for x in rows_n if x <= top_api.MAX_ROW):
     x = jax.random.normal(jax.random.PRNGKey(0), (hq, n), jnp.float32)
     kk = min(cands if n > cands else top_k, n)
     for nw in (4, 8, 16, 32):

@@ -5,9 +5,9 @@ implementation:
   "triton"     GPU kernel (gpu_triton.py), Triton lowering of pallas_call, float32 sums
                on CUDA cores;
   "triton_mma" GPU kernel (gpu_triton_mma.py), the same on tensor cores (bf16 codes,
-               q * sigma in three bf16 parts, float32 accumulation);
-  None         the best for the platform: GPU "triton_mma" (then "triton" for shapes it
-               does not take), CPU "triton" interpreted, else
+               q * sigma in three bf16 parts, float32 accumulation; ~1.8x faster on an
+               H200; opt-in until its rounding bound is checked on the GPU under jit);
+  None         the best for the platform: GPU "triton", CPU "triton" interpreted, else
                "reference"; a backend raising NotImplementedError falls back to the next.
 interpret: None = True exactly when the platform is CPU (Pallas interpret mode).
 """
@@ -26,7 +26,7 @@ IMPLEMENTATIONS = types.MappingProxyType({
     "triton": gpu_triton.index_scan,
     "triton_mma": gpu_triton_mma.index_scan,
 })
-_BEST = types.MappingProxyType({"gpu": ("triton_mma", "triton", "reference"),
+_BEST = types.MappingProxyType({"gpu": ("triton", "reference"),
                                 "cpu": ("triton", "reference")})
 
 

@@ -11,13 +11,17 @@ leave: 24 bits of mantissa in all, the float32 value to within 2^-24 relative), 
 
 is a [P, D'] x [D', Np] bfloat16 product per packed slice, accumulated in float32 on the
 tensor cores, and est_g = scale * (qmu_g + step_p * (acc[:, g] + acc[:, Gp + g]
-+ acc[:, 2 Gp + g])). Products of bfloat16 are exact in float32; the accumulation and the
-part split round within a few units of 2^-24 of sum_i |qs_i| |c_i| (tensor cores align and
-truncate rather than round: Fasi et al., "Numerical behavior of NVIDIA tensor cores",
-PeerJ CS 2021), which the index's slack covers (`selection.bounds.bound_slack`: the float32
-rounding of two D-term dots with truncating accumulation, times 2). The estimate is not
-bit-identical to reference.py's float32 sums (a different order and rounding); sets match
-except between estimates within that rounding.
++ acc[:, 2 Gp + g])). Products of bfloat16 are exact in float32; the part split leaves
+2^-24 |qs_i| per channel, and a D-term float32 accumulation that truncates instead of
+rounding (tensor cores align the products and truncate: Fasi et al., "Numerical behavior
+of NVIDIA tensor cores", PeerJ CS 2021, measured on V100, T4 and A100; Hopper's
+accumulation is not characterised there) errs by at most about D 2^-23 of
+sum_i |qs_i| |c_i| -- inside the index's slack (`selection.bounds.bound_slack`, (8 D + 16)
+2^-24 of the same sum: two D-term dots with truncating accumulation, times 2) but using
+most of its factor-2 margin. The estimate is not bit-identical to reference.py's float32
+sums (another order and rounding); sets match except between estimates within that
+rounding. Not the default (api.py): opt in with implementation="triton_mma" (the step's
+scan="triton_mma") until its bound is checked on the GPU under jit.
 
 Needs a packed width D' >= 16 (a dot's smallest side) and Gp a power of two;
 NotImplementedError otherwise (api.py falls back to gpu_triton.py).
@@ -39,12 +43,16 @@ PARTS = 3
 
 
 def split_parts(x):
-  """x float32 -> PARTS bfloat16 arrays whose float32 sum is x to within 2^-24 |x|."""
+  """x float32 -> PARTS bfloat16 arrays whose float32 sum is x to within 2^-24 |x| (each
+  part the bfloat16 rounding of what the parts before it leave). The rounding goes
+  through `lax.reduce_precision`: a plain f32 -> bf16 -> f32 convert pair may be folded
+  away by XLA's GPU pipeline (excess precision allowed), which would leave the later
+  parts 0 under jit."""
   parts, rest = [], x.astype(jnp.float32)
   for _ in range(PARTS):
-    p = rest.astype(jnp.bfloat16)
-    parts.append(p)
-    rest = rest - p.astype(jnp.float32)
+    p = jax.lax.reduce_precision(rest, exponent_bits=8, mantissa_bits=7)   # bf16 values
+    parts.append(p.astype(jnp.bfloat16))                                    # exact
+    rest = rest - p
   return parts
 
 

@@ -51,8 +51,3 @@ def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor,
   keep = keep & (jnp.arange(qs.shape[2]) < group)[None, None, :, None]
   return jnp.where(keep, est, -jnp.inf)
 
-
-def nan_max(x, axis):
-  """max along axis, NaN where the slice holds a NaN (XLA's CPU max reduction can skip
-  NaN; the two-level candidates need a NaN chunk ranked as top_k ranks NaN: first)."""
-  return jnp.where(jnp.any(jnp.isnan(x), axis=axis), jnp.nan, jnp.max(x, axis=axis))

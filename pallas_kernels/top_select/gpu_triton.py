@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.block_sparse.triton_common import check_backend
+from pallas_kernels.top_select import reference
 from pallas_kernels.util import next_pow2
 
 MAX_ROW = 32768           # entries of a row held in one program's registers
@@ -30,17 +31,12 @@ _INT_MIN = -(2 ** 31)
 _LOWEST = -1              # bits 0xFFFFFFFF: -NaN of the largest payload, key INT_MIN
 
 
-def _keys(x):
-  u = jax.lax.bitcast_convert_type(x, jnp.int32)
-  return u ^ ((u >> 31) & 0x7FFFFFFF)
-
-
 def _kernel(x_ref, ids_ref, tau_ref, *, k):
   # x_ref   [Np] float32 row (entries >= N: padding of the lowest key)
   # ids_ref [Np] int32   out: slots [0, k) get the set's positions in ascending order
   # tau_ref []   float32 out: the k-th largest entry
   (np_,) = x_ref.shape
-  key = _keys(x_ref[...])
+  key = reference.order_keys(x_ref[...])
   count = lambda c: jnp.sum((key >= c).astype(jnp.int32))
   t = jnp.where(count(jnp.int32(0)) >= k, jnp.int32(0), jnp.int32(_INT_MIN))
   for b in range(30, -1, -1):
@@ -54,8 +50,7 @@ def _kernel(x_ref, ids_ref, tau_ref, *, k):
   pos = jnp.arange(np_, dtype=jnp.int32)
   slot = jnp.where(take, rank, k + pos - rank - 1)      # distinct: out of the set past k
   plgpu_triton.store(ids_ref.at[slot], pos, mask=take)
-  # the key of t back to its float bits (the key map is its own inverse)
-  tau_ref[...] = jax.lax.bitcast_convert_type(t ^ ((t >> 31) & 0x7FFFFFFF), jnp.float32)
+  tau_ref[...] = reference.from_order_keys(t)           # the key of t back to its bits
 
 
 def top_select(x, k, *, interpret=False, num_warps=None):

@@ -15,6 +15,24 @@ import jax
 import jax.numpy as jnp
 
 
+def order_keys(x):
+  """float32 -> int32 keys whose signed order is the total order of floats above (the
+  magnitude bits of negative floats flipped); the map is its own inverse on int32."""
+  u = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return u ^ ((u >> 31) & 0x7FFFFFFF)
+
+
+def from_order_keys(key):
+  """The inverse of `order_keys`."""
+  return jax.lax.bitcast_convert_type(key ^ ((key >> 31) & 0x7FFFFFFF), jnp.float32)
+
+
+def total_max(x, axis):
+  """The largest entry along `axis` in the total order (+NaN above +inf, -NaN below
+  -inf, +0 above -0), bits as in x: the maximum `lax.top_k` ranks first."""
+  return from_order_keys(jnp.max(order_keys(x.astype(jnp.float32)), axis=axis))
+
+
 def top_select(x, k: int):
   vals, ids = jax.lax.top_k(x, k)
   return jnp.sort(ids, axis=-1).astype(jnp.int32), vals[..., -1]

@@ -127,9 +127,13 @@ def test_bad_mesh_or_axes_are_clear_errors():
         2, 4), ("seq", "heads")), head_axis="heads")
   with pytest.raises(ValueError, match="expected a jax.sharding.Mesh"):
     dist.condensate_attention(q, k, v, spec, mesh="mesh", seq_axis="seq")
-  with pytest.raises(ValueError, match="implements selection in"):
+  with pytest.raises(ValueError, match="bounds='index'.*implements selection in"):
     dist.condensate_attention(q, k, v, cj.CondensateSpec(
-        anchor=1, window=1, selection="bounded", block_size=8, top_k=2), mesh=MESH)
+        anchor=1, window=1, selection="certified", top_k=2), mesh=MESH)
+  with pytest.raises(ValueError, match="query_blocks=True.*implements selection in"):
+    dist.condensate_attention(q, k, v, cj.CondensateSpec(
+        anchor=1, window=1, selection="blocks", block_size=8, top_blocks=2,
+        query_blocks=True), mesh=MESH)
   with pytest.raises(ValueError, match="a key index serves selection='indexed'"):
     dist.condensate_attention(q, k, v, spec, mesh=MESH, index=build_index(k))
   with pytest.raises(ValueError, match="expected spec.index_bits=4"):
@@ -190,16 +194,26 @@ BOUNDED = {
                                                selection="bounded", block_size=8),
     "bounded, top_k 0": cj.CondensateSpec(anchor=2, window=3, top_k=0,
                                           selection="bounded", block_size=4),
+    "certified on blocks": cj.CondensateSpec(anchor=2, window=4, selection="certified",
+                                             bounds="blocks", block_size=4, epsilon=0.02),
+    "certified, 8-key blocks": cj.CondensateSpec(anchor=1, window=3, selection="certified",
+                                                 bounds="blocks", block_size=8,
+                                                 epsilon=1e-3),
 }
+
+
+# the loop stops before the last block on some query (checked on the single device);
+# "certified, 8-key blocks" at eps 1e-3 expands every block on these inputs
+STOPS_EARLY = ("bounded", "bounded, 8-key blocks", "certified on blocks")
 
 
 @pytest.mark.parametrize("name", BOUNDED)
 @pytest.mark.parametrize("axes", AXES, ids=str)
-def test_bounded_equals_single_device(name, axes):
-  """selection="bounded": the blocks the single-device loop expands (keys scored), the
-  exact top-k of their keys (set sizes, outputs) and the certificate to rounding; prefill
-  rows and decode, ragged, GQA, a sliding window; peaked queries so that the loop stops
-  before the last block."""
+def test_block_loops_equal_single_device(name, axes):
+  """selection="bounded" / "certified" (bounds="blocks"): the blocks the single-device
+  loop expands (keys scored), the set (sizes, outputs) and the certificate to rounding;
+  prefill rows and decode, ragged, GQA, a sliding window; peaked queries so that the loop
+  stops before the last block."""
   for t, seed, window in ((5, 30, 30), (1, 31, None)):
     q, k, v = _inputs(seed, t=t)
     # faint keys and a few loud ones along each query: their blocks are expanded first
@@ -213,13 +227,14 @@ def test_bounded_equals_single_device(name, axes):
     got = dist.condensate_attention(q, k, v, BOUNDED[name], mesh=MESH, seq_axis=axes[0],
                                     head_axis=axes[1], **kw)
     _compare(want, got)
-    if BOUNDED[name].top_k:
+    if name in STOPS_EARLY:
       assert np.asarray(want[1].keys_scored).min() < np.asarray(want[1].visible).max()
 
 
-def test_bounded_sets_key_by_key_with_ties_across_shards():
+def test_block_loop_sets_key_by_key_with_ties_across_shards():
   _one_hot_case(22, BOUNDED["bounded"])
   _one_hot_case(23, BOUNDED["bounded"].replace(top_k=9))
+  _one_hot_case(24, BOUNDED["certified on blocks"])
 
 
 def test_blocks_need_whole_blocks_per_shard():
@@ -258,7 +273,8 @@ def test_broken_index_entries_and_nan_keys_reach_the_same_readers():
   q, k, v = _inputs(16)
   index = build_index(k)
   index = dataclasses.replace(index, step=index.step.at[0, 20, 1].set(jnp.nan))
-  for spec, kw in ((INDEXED, {"index": index}), (INDEXED, {}), (BLOCKS["blocks"], {})):
+  for spec, kw in ((INDEXED, {"index": index}), (INDEXED, {}), (BLOCKS["blocks"], {}),
+                   (BOUNDED["bounded"], {})):
     kk = k if kw else k.at[0, 37, 1, 2].set(jnp.nan)
     want = cj.condensate_attention(q, kk, v, spec, return_stats=True, **kw)
     got = dist.condensate_attention(q, kk, v, spec, mesh=MESH, seq_axis="seq",
@@ -307,7 +323,10 @@ def test_models_over_a_mesh_equal_one_device(family):
                               candidates=8)
   blocks = cj.CondensateSpec(anchor=2, window=4, selection="blocks", block_size=4,
                              top_blocks=2)
-  for attention in ((None, spec, indexed, blocks) if family == "llamalike" else (spec,)):
+  bounded = cj.CondensateSpec(anchor=2, window=4, top_k=4, selection="bounded",
+                              block_size=4)
+  for attention in ((None, spec, indexed, blocks, bounded) if family == "llamalike"
+                    else (spec,)):
     want = lm.generate(tokens, 5, attention, prompt_lengths=lengths)
     got = lm.generate(tokens, 5, attention, implementation=placement, prompt_lengths=lengths)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

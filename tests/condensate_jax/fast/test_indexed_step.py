@@ -148,11 +148,12 @@ def test_bad_inputs_are_refused():
 
 
 @pytest.mark.parametrize("s,c", [(20000, 64), (40000, 512), (65536, 100), (17000, 5000),
-                                 (70000, 9000)])
+                                 (70000, 9000), (65536, 40000)])
 @pytest.mark.parametrize("select", [None, "xla"])
 def test_two_level_candidates_equal_a_flat_top_k(s, c, select):
   # integer-valued estimates: many ties, which must still go to the lower position
-  # (70000, 9000): both rows cannot fit the kernel; a flat lax.top_k takes over
+  # (70000, 9000): both rows cannot fit the kernel, the longer level takes lax.top_k;
+  # (65536, 40000): more candidates than a kernel row holds
   rng = np.random.default_rng(s + c)
   est = jnp.asarray(rng.integers(-50, 50, (2, 1, 3, s)), jnp.float32)
   est = est.at[0, 0, 0, : s // 2].set(-jnp.inf)            # a row with half its keys absent
@@ -163,6 +164,28 @@ def test_two_level_candidates_equal_a_flat_top_k(s, c, select):
   np.testing.assert_array_equal(np.asarray(vals),
                                 np.take_along_axis(np.asarray(est), np.asarray(ids), -1))
   np.testing.assert_array_equal(np.asarray(tau), np.asarray(want_vals)[..., -1])
+
+
+@pytest.mark.parametrize("select", [None, "xla"])
+def test_two_level_candidates_rank_nan_of_either_sign_as_top_k(select):
+  # -NaN (x86's inf - inf) ranks below -inf, +NaN above +inf, -0 below +0: the chunk
+  # maxima must keep that order, or a chunk holding a -NaN outranks real keys
+  s = 65536
+  est = np.zeros((1, 1, 4, s), np.float32)
+  neg_nan = -np.float32(np.nan)
+  est[0, 0, 0, 0], est[0, 0, 0, -1] = neg_nan, 5.0
+  est[0, 0, 1, 100], est[0, 0, 1, 200] = np.nan, 7.0
+  est[0, 0, 2, 3], est[0, 0, 2, 9000] = -0.0, -1e-30
+  est[0, 0, 3] = -np.inf
+  est[0, 0, 3, ::1000] = neg_nan
+  est[0, 0, 3, 12345] = 1.0
+  est = jnp.asarray(est)
+  for c in (1, 3, 70):
+    _, ids, tau = fast.indexed.candidates(est, c, select)
+    want_vals, want_ids = jax.lax.top_k(est, c)
+    np.testing.assert_array_equal(np.asarray(ids), np.sort(np.asarray(want_ids), -1))
+    bits = lambda x: np.asarray(x).view(np.int32)
+    np.testing.assert_array_equal(bits(tau), bits(np.asarray(want_vals)[..., -1]))
 
 
 def test_a_broken_index_entry_makes_its_readers_nan_not_a_low_eps():

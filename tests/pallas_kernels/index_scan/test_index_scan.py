@@ -58,8 +58,10 @@ def test_matches_reference(impl, interpret, bits, g, block_keys, d):
   kw = dict(scale=0.3, bits=bits, group=g, anchor=3, window=5)
   want = api.index_scan(qs, qmu, packed.packed, packed.step, jnp.asarray(lengths),
                         implementation="reference", **kw)
-  got = api.index_scan(qs, qmu, packed.packed, packed.step, jnp.asarray(lengths),
-                       implementation=impl, interpret=interpret, block_keys=block_keys, **kw)
+  # under jit, as the decode step runs it (XLA may fold rounding steps a caller makes)
+  scan = jax.jit(lambda *a: api.index_scan(*a, implementation=impl, interpret=interpret,
+                                           block_keys=block_keys, **kw))
+  got = scan(qs, qmu, packed.packed, packed.step, jnp.asarray(lengths))
   want, got = np.asarray(want), np.asarray(got)
   np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
   fin = np.isfinite(want)
@@ -74,6 +76,20 @@ def test_matches_reference(impl, interpret, bits, g, block_keys, d):
   est, slack = np.asarray(est)[:, :, :, 0], np.asarray(slack)[:, :, :, 0]
   np.testing.assert_allclose(got[:, :, :g][fin[:, :, :g]], est[fin[:, :, :g]], rtol=1e-5,
                              atol=1e-5)
+  # the kernel's estimate is within the rounding part of the index's slack (a_step s_j +
+  # a_one: the code error term left out) of the float64 score of the decoded codes
+  k64 = np.asarray(index_lib.unpack_codes(packed.packed, bits), np.float64)  # [B,K,S,D]
+  _, a_step, a_one = (np.asarray(x)[:, 0] for x in index_lib.slack_coefficients(
+      q.reshape(b, 1, hkv, g, d), idx.mu, idx.sigma, bits, 0.3))            # [B,K,G]
+  rounding = (a_step[..., None] * np.asarray(packed.step)[:, :, None]
+              + a_one[..., None])                                          # [B,K,G,S]
+  exact = 0.3 * np.einsum("bkgd,bksd->bkgs", np.asarray(q.reshape(b, hkv, g, d), np.float64),
+                          np.asarray(idx.mu, np.float64)[:, :, None]
+                          + np.asarray(packed.step, np.float64)[..., None]
+                          * k64 * np.asarray(idx.sigma, np.float64)[:, :, None])
+  real = fin[:, :, :g]
+  gap = np.abs(got[:, :, :g] - exact)[real]
+  assert np.all(gap <= rounding[real]), (gap.max(), rounding[real].min())
 
 
 def test_shapes_the_kernel_does_not_take_fall_back():
@@ -97,14 +113,15 @@ def test_tensor_core_scan_refuses_narrow_codes_and_the_default_falls_back():
   with pytest.raises(NotImplementedError, match="packed width"):
     api.index_scan(qs, qmu, packed.packed, packed.step, jnp.array([64]),
                    implementation="triton_mma", interpret=True, **kw)
-  assert api.default_implementations("gpu")[:2] == ("triton_mma", "triton")
+  assert api.default_implementations("gpu")[0] == "triton"      # the tensor cores: opt-in
 
 
-def test_tensor_core_parts_hold_float32():
+@pytest.mark.parametrize("jit", [False, True])
+def test_tensor_core_parts_hold_float32(jit):
   from pallas_kernels.index_scan import gpu_triton_mma
   x = jnp.asarray(np.random.default_rng(4).standard_normal(4096) * 10.0 ** np.arange(
       -20, 20, 40 / 4096), jnp.float32)
-  parts = gpu_triton_mma.split_parts(x)
+  parts = (jax.jit(gpu_triton_mma.split_parts) if jit else gpu_triton_mma.split_parts)(x)
   assert all(p.dtype == jnp.bfloat16 for p in parts)
   back = sum(p.astype(jnp.float32) for p in parts)
   assert np.all(np.abs(np.asarray(back - x)) <= 2.0**-24 * np.abs(np.asarray(x)))
