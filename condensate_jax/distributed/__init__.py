@@ -52,18 +52,23 @@ shard's keys in every call (a cache's summaries are not taken). Sets, set sizes 
 scored as one device's; outputs and the certificate to rounding. (`distributed.sets`
 holds the sets and the merged statistics.)
 
-selection="bounded" across shards (`impl.xla_blocks`'s set: the exact top_k of the
-blocks the bound loop expands): the blocks' bounds and middle counts of every shard are
-gathered (per block and head: a few numbers), so each shard knows the single-device block
-order; the number of blocks expanded is found by bisection over the order (log2 of the
-block count probes, each a global top-k of the expanded keys as for "exact"), then the set
-is the global top_k of those blocks' middle keys and the certificate the order's tail plus
-the expanded-but-dropped keys' (n - top_k) e^{tau}. Sets, set sizes and keys scored as
-one device's; outputs and the certificate to rounding. Per call it gathers the block
-bounds (n_blocks * Hq * T * 8 bytes) and ~log2(n_blocks) + 1 top-k candidate lists.
+selection="bounded" and "certified" with bounds="blocks" across shards
+(`impl.xla_blocks`'s sets, `sets.block_loop_set`): the blocks' bounds and middle counts of
+every shard are gathered (per block and head: a few numbers), so each shard knows the
+single-device block order; the number of blocks the single-device loop expands is found
+by bisection over the order (log2 of the block count probes; "bounded": each a global
+top-k of the expanded keys as for "exact"; "certified": each the merged mass of the set
+so far against the order's tail), then the set is the global top_k of those blocks'
+middle keys ("bounded") or all of them ("certified"), and the certificate the order's
+tail after them (plus, "bounded", the expanded-but-dropped keys' (n - top_k) e^{tau}).
+Sets, set sizes and keys scored as one device's; outputs and the certificate to
+rounding (a "certified" eps within rounding of spec.epsilon could stop one block apart).
+Per call it gathers the block bounds (n_blocks * Hq * T * 8 bytes) and, "bounded",
+~log2(n_blocks) + 1 top-k candidate lists.
 
-Limits: selection "exact", "indexed", "blocks" and "bounded" ("certified" and
-query_blocks are not distributed yet); queries are replicated over seq_axis (each shard scores T x S_local:
+Limits: selection "exact", "indexed", "blocks", "bounded" and "certified" with
+bounds="blocks" ("certified" on the key index and query_blocks are not distributed yet);
+queries are replicated over seq_axis (each shard scores T x S_local:
 prefill at long T is memory-bound by that); no top_k_capacity (static sizes).
 """
 
