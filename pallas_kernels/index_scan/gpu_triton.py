@@ -64,9 +64,22 @@ def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor,
         "power-of-two Gp and packed width.")
   kernel = functools.partial(_scan_kernel, scale=float(scale), bits=int(bits),
                              group=int(group), anchor=int(anchor), window=int(window))
+  return scan_call(kernel, qs.astype(jnp.float32), qmu, packed, step, kv_lengths, p=p,
+                   name="condensate_index_scan", interpret=interpret, num_warps=num_warps,
+                   num_stages=num_stages)
+
+
+def scan_call(kernel, q_arg, qmu, packed, step, kv_lengths, *, p, name, interpret,
+              num_warps, num_stages):
+  """The scan's pallas_call, one program per (b, k, tile of p keys): kernel(q_ref, qmu_ref,
+  packed_ref, step_ref, len_ref, est_ref) with q_arg [B, K, ...] (the whole group's query
+  operand per program), est [B, K, Gp, S] float32."""
+  b, hkv, gp = qmu.shape
+  s, dp = packed.shape[2], packed.shape[3]
+  q_block = (None, None) + tuple(q_arg.shape[2:])
   return pl.pallas_call(
       kernel, grid=(b, hkv, s // p),
-      in_specs=[pl.BlockSpec((None, None, gp, d), lambda b_, h, i: (b_, h, 0, 0)),
+      in_specs=[pl.BlockSpec(q_block, lambda b_, h, i: (b_, h) + (0,) * (len(q_block) - 2)),
                 pl.BlockSpec((None, None, gp), lambda b_, h, i: (b_, h, 0)),
                 pl.BlockSpec((None, None, p, dp), lambda b_, h, i: (b_, h, i, 0)),
                 pl.BlockSpec((None, None, p), lambda b_, h, i: (b_, h, i)),
@@ -76,7 +89,5 @@ def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor,
       interpret=interpret,
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
-      name="condensate_index_scan")(qs.astype(jnp.float32), qmu.astype(jnp.float32),
-                                    packed, step.astype(jnp.float32),
-                                    jnp.asarray(kv_lengths, jnp.int32).reshape(b))
-
+      name=name)(q_arg, qmu.astype(jnp.float32), packed, step.astype(jnp.float32),
+                 jnp.asarray(kv_lengths, jnp.int32).reshape(b))

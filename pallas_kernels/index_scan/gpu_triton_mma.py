@@ -34,9 +34,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.block_sparse.triton_common import NEG_INF, check_backend
+from pallas_kernels.index_scan import gpu_triton
 from pallas_kernels.index_scan.reference import levels
 
 PARTS = 3
@@ -103,18 +103,6 @@ def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor,
   qt = qt.transpose(0, 1, 3, 2)                                      # [B, K, D, Np]
   kernel = functools.partial(_kernel, scale=float(scale), bits=int(bits),
                              group=int(group), anchor=int(anchor), window=int(window))
-  return pl.pallas_call(
-      kernel, grid=(b, hkv, s // p),
-      in_specs=[pl.BlockSpec((None, None, d, n_cols), lambda b_, h, i: (b_, h, 0, 0)),
-                pl.BlockSpec((None, None, gp), lambda b_, h, i: (b_, h, 0)),
-                pl.BlockSpec((None, None, p, dp), lambda b_, h, i: (b_, h, i, 0)),
-                pl.BlockSpec((None, None, p), lambda b_, h, i: (b_, h, i)),
-                pl.BlockSpec((None,), lambda b_, h, i: (b_,))],
-      out_specs=pl.BlockSpec((None, None, gp, p), lambda b_, h, i: (b_, h, 0, i)),
-      out_shape=jax.ShapeDtypeStruct((b, hkv, gp, s), jnp.float32),
-      interpret=interpret,
-      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
-                                                  num_stages=num_stages),
-      name="condensate_index_scan_mma")(qt, qmu.astype(jnp.float32), packed,
-                                        step.astype(jnp.float32),
-                                        jnp.asarray(kv_lengths, jnp.int32).reshape(b))
+  return gpu_triton.scan_call(kernel, qt, qmu, packed, step, kv_lengths, p=p,
+                              name="condensate_index_scan_mma", interpret=interpret,
+                              num_warps=num_warps, num_stages=num_stages)
