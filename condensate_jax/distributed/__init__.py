@@ -62,9 +62,12 @@ so far against the order's tail), then the set is the global top_k of those bloc
 middle keys ("bounded") or all of them ("certified"), and the certificate the order's
 tail after them (plus, "bounded", the expanded-but-dropped keys' (n - top_k) e^{tau}).
 Sets, set sizes and keys scored as one device's; outputs and the certificate to
-rounding (a "certified" eps within rounding of spec.epsilon could stop one block apart).
-Per call it gathers the block bounds (n_blocks * Hq * T * 8 bytes) and, "bounded",
-~log2(n_blocks) + 1 top-k candidate lists.
+rounding (a "certified" eps within rounding of spec.epsilon can stop at a different
+block). keys_scored reports what the single-device loop scores; the mesh call itself
+scores every key of every shard (this is the specification, not a fast path). Per call it
+gathers the block bounds and middle counts (n_blocks * T * (Hq + 1) * 4 bytes) and,
+"bounded", bit_length(n_blocks) + 1 top-k candidate lists (1M keys, 64-key blocks,
+top_k 1024, 32 heads, 8 devices: ~16 gathers of ~1.3 MB per decode step).
 
 Limits: selection "exact", "indexed", "blocks", "bounded" and "certified" with
 bounds="blocks" ("certified" on the key index and query_blocks are not distributed yet);
@@ -314,7 +317,7 @@ def model_attend(placement: Placement, q, k, v, spec, *, q_positions, kv_lengths
                  sliding_window, scale, return_stats, index=None):
   """A model layer's attention over the placement's mesh: k, v padded (with invisible
   keys, past every row's kv_length) to a multiple of the sequence shards (of whole blocks
-  per shard under selection="blocks"; the cache's
+  per shard under selection="blocks", "bounded" and "certified"; the cache's
   key index of selection="indexed" with them). Returns out, or
   (out, stats) with return_stats (a dense layer's stats: everything captured)."""
   whole = placement.seq_devices * (spec.block_size if spec is not None

@@ -142,7 +142,8 @@ def _global_order(q, k, kv_lengths, lo, hi, offset, spec, scale, seq_axis, n_seq
   summ = summaries_lib.build(k, jnp.clip(kv_lengths - offset, 0, s_loc), p)
   u, rank = bounds.block_ranking(q, summ, scale, spec)                  # [B,K,G,T,nb]
   n_mid, _, _ = geometry.middle_counts(lo - offset, hi - offset, spec, nb, s_loc)
-  u_all, rank_all = (gather_blocks(x, seq_axis, n_seq) for x in (u, rank))
+  u_all = gather_blocks(u, seq_axis, n_seq)
+  rank_all = u_all if rank is u else gather_blocks(rank, seq_axis, n_seq)
   n_all = gather_blocks(n_mid, seq_axis, n_seq)                         # [B, T, NB]
   order, u_sorted, n_sorted, tail, has = order_lib.group_order(u_all, n_all, rank_all)
   sufmax = jnp.pad(jax.lax.cummax(u_sorted, axis=4, reverse=True),
@@ -156,13 +157,15 @@ def _global_order(q, k, kv_lengths, lo, hi, offset, spec, scale, seq_axis, n_seq
 
 def _expansion(order: _Order, stops):
   """The blocks the single-device loop expands, r [B, K, T]: the first position where
-  stops(r) holds (it only turns true as r grows: the loop's stop rules are monotone), by
-  bisection; stops(NB) always holds."""
+  stops(r) holds (it only turns true as r grows: the loop's stop rules are monotone for
+  finite bounds), by bisection, at most the first position without middle keys (where the
+  loop stops whatever the rule; taken apart so that the search stays monotone even when a
+  bound overflows)."""
   nb_all = order.n_sorted.shape[-1]
-  at = lambda x, r: jnp.take_along_axis(x, r[..., None], axis=-1)[..., 0]
+  gap = jnp.argmax(~order.has, axis=-1).astype(jnp.int32)     # has[NB] is False
 
   def stop(r):
-    return ~at(order.has, r) | stops(r) | (r >= nb_all)
+    return (r >= gap) | stops(r)
 
   def probe(_, lo_hi):
     lo_r, hi_r = lo_hi                      # stop(hi_r) holds; stop(r) fails below lo_r
@@ -170,8 +173,7 @@ def _expansion(order: _Order, stops):
     ok = stop(mid)
     return jnp.where(ok, lo_r, mid + 1), jnp.where(ok, mid, hi_r)
 
-  shape = order.n_sorted.shape[:-1]
-  lo_hi = (jnp.zeros(shape, jnp.int32), jnp.full(shape, nb_all, jnp.int32))
+  lo_hi = (jnp.zeros(gap.shape, jnp.int32), gap)
   _, r = jax.lax.fori_loop(0, max(1, nb_all).bit_length(), probe, lo_hi)
   return r
 
