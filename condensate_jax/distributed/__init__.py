@@ -226,9 +226,7 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
   n_seq, _ = _check_mesh(mesh, seq_axis, head_axis, k, q)
-  if spec is not None and spec.selection in ("blocks", "bounded", "certified") and (
-      k.shape[1] // n_seq) % (
-      spec.block_size):
+  if spec is not None and spec.uses_blocks and (k.shape[1] // n_seq) % spec.block_size:
     raise ValueError(f"k.shape[1]={k.shape[1]} over {n_seq} sequence shards: "
                      f"{k.shape[1] // n_seq} keys per shard, not whole blocks of "
                      f"spec.block_size={spec.block_size}; expected S a multiple of "
@@ -321,8 +319,7 @@ def model_attend(placement: Placement, q, k, v, spec, *, q_positions, kv_lengths
   key index of selection="indexed" with them). Returns out, or
   (out, stats) with return_stats (a dense layer's stats: everything captured)."""
   whole = placement.seq_devices * (spec.block_size if spec is not None
-                                   and spec.selection in ("blocks", "bounded", "certified")
-                                   else 1)
+                                   and spec.uses_blocks else 1)
   pad = -k.shape[1] % whole
   if pad:
     widths = [(0, 0), (0, pad), (0, 0), (0, 0)]

@@ -139,11 +139,16 @@ def _top_set(x, k, select, ordered=True):
 _XLA_FLAT = 16384
 
 
-def _two_level_chunk(s_len, c):
-  """The chunk T of the two-level candidates (`candidates`): T ~ sqrt(S / C) keeps both
-  rows near sqrt(S C), clamped where possible so that both rows fit the Pallas selection
-  (where they cannot, a level whose row is too long takes lax.top_k)."""
-  t = util.next_pow2(max(1, int((s_len / c) ** 0.5)))
+def _sqrt_chunk(s_len, c):
+  """T ~ sqrt(S / C), a power of two: both rows of the two levels near sqrt(S C)."""
+  return util.next_pow2(max(1, int((s_len / c) ** 0.5)))
+
+
+def two_level_chunk(s_len, c):
+  """The chunk T of the two-level candidates (`candidates`): `_sqrt_chunk`, clamped where
+  possible so that both rows fit the Pallas selection (where they cannot, a level whose
+  row is too long takes lax.top_k)."""
+  t = _sqrt_chunk(s_len, c)
   lo = util.next_pow2(-(-s_len // top_api.MAX_ROW))     # S / T <= MAX_ROW
   if c > top_api.MAX_ROW:
     return max(t, lo)
@@ -169,9 +174,9 @@ def candidates(est, num_candidates, select=None):
   s_len = est.shape[-1]
   c = min(num_candidates, s_len)
   if select == "xla":
-    flat, t = s_len <= _XLA_FLAT, util.next_pow2(max(1, int((s_len / c) ** 0.5)))
+    flat, t = s_len <= _XLA_FLAT, _sqrt_chunk(s_len, c)
   else:
-    flat, t = s_len <= top_api.MAX_ROW, _two_level_chunk(s_len, c)
+    flat, t = s_len <= top_api.MAX_ROW, two_level_chunk(s_len, c)
   if flat or t == 1:
     ids, tau = _top_set(est, c, select)
     return jnp.take_along_axis(est, ids, axis=-1), ids, tau

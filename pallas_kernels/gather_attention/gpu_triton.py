@@ -111,14 +111,8 @@ def merge_splits(o, lse):
   o [..., Gp, D], lse [..., Gp]. A NaN part makes both NaN; every part empty gives 0 and
   -inf (as `layout.finish`)."""
   m = jnp.max(lse, axis=-2)
-  m_use = jnp.where(jnp.isneginf(m), 0.0, m)
-  w = jnp.exp(lse - m_use[..., None, :])                   # 0 for an empty part
-  l = jnp.sum(w, axis=-2)
-  nonempty = l != 0
-  l_safe = jnp.where(nonempty, l, 1.0)
-  o = jnp.where(nonempty[..., None], jnp.sum(w[..., None] * o, axis=-3) / l_safe[..., None],
-                0.0)
-  return o, jnp.where(nonempty, m_use + jnp.log(l_safe), -jnp.inf)
+  w = jnp.exp(lse - jnp.where(jnp.isneginf(m), 0.0, m)[..., None, :])   # 0: empty part
+  return layout.finish(m, jnp.sum(w, axis=-2), jnp.sum(w[..., None] * o, axis=-3))
 
 
 def gather_attention(q, k, v, indices, valid, *, scale=None, shared_indices=None,

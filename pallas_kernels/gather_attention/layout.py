@@ -81,11 +81,11 @@ def online_softmax_step(carry, s, v_weighted_sum):
 
 
 def finish(m, l, acc):
-  """-> o [Gp, D] float32 (0 for an empty set), lse [Gp] (-inf for an empty set); a NaN
-  l stays NaN."""
+  """m, l [..., Gp], acc [..., Gp, D] -> o [..., Gp, D] float32 (0 for an empty set),
+  lse [..., Gp] (-inf for an empty set); a NaN l stays NaN."""
   nonempty = l != 0
   l_safe = jnp.where(nonempty, l, 1.0)
-  o = jnp.where(nonempty[:, None], acc / l_safe[:, None], 0.0)
+  o = jnp.where(nonempty[..., None], acc / l_safe[..., None], 0.0)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)
   lse = jnp.where(nonempty, m_safe + jnp.log(l_safe), -jnp.inf)
   return o, lse
