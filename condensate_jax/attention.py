@@ -44,6 +44,7 @@ IMPLEMENTATIONS = types.MappingProxyType({
     "xla_blocks": "condensate_jax.impl.xla_blocks:condensate_xla_blocks",
     "pallas_blocks": "condensate_jax.impl.pallas_blocks:condensate_pallas_blocks",
     "xla_indexed": "condensate_jax.impl.xla_indexed:condensate_xla_indexed",
+    "pallas_select": "condensate_jax.impl.pallas_select:condensate_pallas_select",
 })
 # "xla" picks the masked form: the gathered form materialises per-query K/V rows,
 # T * budget * D per head, which exceeds K itself whenever T * budget > S, and both
@@ -55,10 +56,11 @@ BLOCK_IMPLEMENTATIONS = types.MappingProxyType({
     "pallas": "pallas_blocks", "pallas_blocks": "pallas_blocks"})
 # spec.selection == "indexed": implementation -> indexed implementation.
 INDEXED_IMPLEMENTATIONS = types.MappingProxyType({"xla": "xla_indexed",
-                                                  "xla_indexed": "xla_indexed"})
+                                                  "xla_indexed": "xla_indexed",
+                                                  "pallas_select": "pallas_select"})
 # Implementations whose output is bitwise dense when the set covers every visible key
 # (the experiments' exactness gate is bitwise for these, a float tolerance for others).
-BITWISE_DENSE = frozenset({"xla", "xla_masked"})
+BITWISE_DENSE = frozenset({"xla", "xla_masked", "pallas_select"})
 # Implementations added by outside code (`register_implementation`), exact specs only.
 REGISTERED: dict[str, Callable] = {}
 
@@ -96,6 +98,10 @@ def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
           "(the model-level Pallas kernels of the index are not written yet; the timed "
           "decode step is condensate_jax.fast.indexed_decode_step).")
     name = INDEXED_IMPLEMENTATIONS[implementation]
+    if name == "pallas_select" and spec.selection != "indexed":
+      raise ValueError(f"implementation={implementation!r} with spec.selection="
+                       f"{spec.selection!r}: 'pallas_select' implements selection='exact' "
+                       "and 'indexed' ('certified' orders every bound: use 'xla').")
   elif spec.selection != "exact":
     # Block-summary selection modes (DESIGN.md §4).
     if implementation not in BLOCK_IMPLEMENTATIONS:
@@ -165,9 +171,10 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
   Same arguments as `dense_attention`, plus:
     spec: a `CondensateSpec` (static under jit).
     implementation: "xla" (= "xla_masked" for selection="exact", "xla_blocks" for the
-      block modes), "xla_masked", "xla_gathered", "pallas" (= "pallas_blocks" for the
-      block modes), "xla_blocks", "pallas_blocks", or a name added with
-      `register_implementation`.
+      block modes, "xla_indexed" for the index modes), "xla_masked", "xla_gathered",
+      "pallas" (= "pallas_blocks" for the block modes), "xla_blocks", "pallas_blocks",
+      "pallas_select" ("exact", "indexed": "xla" with the top-k selections on the Pallas
+      kernel, bitwise "xla"'s), or a name added with `register_implementation`.
     return_stats: also return an `AttentionStats` of [B, Hq, T] arrays.
     summaries: block modes only: precomputed `BlockSummaries` of k at spec.block_size
       (what a KV cache keeps); None builds them from k inside the call.

@@ -124,36 +124,10 @@ def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None):
                              window=spec.window, implementation=scan)[:, :, :g]
 
 
-def _top_set(x, k, select, ordered=True):
-  """(ids, tau) of lax.top_k(x, k)'s set, ids ascending: the Pallas selection where its
-  row fits, else lax.top_k and (ordered) a sort of its ids."""
-  if select == "xla" or x.shape[-1] > top_api.MAX_ROW:
-    vals, ids = jax.lax.top_k(x, k)
-    return (jnp.sort(ids, axis=-1) if ordered else ids), vals[..., -1]
-  return top_api.top_select(x, k, implementation=select)
-
-
 # select="xla" keeps the earlier step's candidates: one lax.top_k up to this many keys,
 # two levels beyond (XLA's GPU top_k sorts each row: measured on an H200 for 32 rows, any
 # k: ~0.08 ms up to 16K keys, 0.32 ms at 64K, 0.98 ms at 128K, 7.6 ms at 1M)
 _XLA_FLAT = 16384
-
-
-def _sqrt_chunk(s_len, c):
-  """T ~ sqrt(S / C), a power of two: both rows of the two levels near sqrt(S C)."""
-  return util.next_pow2(max(1, int((s_len / c) ** 0.5)))
-
-
-def two_level_chunk(s_len, c):
-  """The chunk T of the two-level candidates (`candidates`): `_sqrt_chunk`, clamped where
-  possible so that both rows fit the Pallas selection (where they cannot, a level whose
-  row is too long takes lax.top_k)."""
-  t = _sqrt_chunk(s_len, c)
-  lo = util.next_pow2(-(-s_len // top_api.MAX_ROW))     # S / T <= MAX_ROW
-  if c > top_api.MAX_ROW:
-    return max(t, lo)
-  hi = 1 << ((top_api.MAX_ROW // c).bit_length() - 1)   # C * T <= MAX_ROW
-  return t if lo > hi else min(max(t, lo), hi)
 
 
 def candidates(est, num_candidates, select=None):
@@ -161,35 +135,16 @@ def candidates(est, num_candidates, select=None):
   estimate, the set `lax.top_k(est, C)` picks (total order, ties to the lower position),
   ids [B, K, G, C] in ascending position order, vals their estimates, tau [B, K, G] the
   C-th largest estimate. select: the selection's implementation (None: the Pallas
-  kernel, interpreted on a CPU; "reference"; "xla": the earlier step's selections,
-  lax.top_k then a sort of the ids, flat up to _XLA_FLAT keys: the same sets, the step's
-  sums in another order).
-
-  Rows longer than the kernel holds go in two levels, the same set: the keys fall in
-  chunks of T; the top C keys lie in the C chunks of highest maximum (a chunk holding a
-  top key has a maximum at least the C-th value; of chunks tied at that value the lower
-  ones hold the lower positions), so the top C of the S / T chunk maxima (maxima in the
-  total order, `top_select.reference.total_max`: NaN of either sign ranked as top_k ranks
-  it), then of those chunks' C * T keys in position order."""
+  kernel, interpreted on a CPU, `top_select.api.top_set`: flat up to its 32K-entry rows,
+  two levels beyond; "reference"; "xla": the earlier step's selections, lax.top_k then a
+  sort of the ids, flat up to _XLA_FLAT keys: the same sets, the step's sums in another
+  order)."""
   s_len = est.shape[-1]
   c = min(num_candidates, s_len)
   if select == "xla":
-    flat, t = s_len <= _XLA_FLAT, _sqrt_chunk(s_len, c)
-  else:
-    flat, t = s_len <= top_api.MAX_ROW, two_level_chunk(s_len, c)
-  if flat or t == 1:
-    ids, tau = _top_set(est, c, select)
-    return jnp.take_along_axis(est, ids, axis=-1), ids, tau
-  nc = -(-s_len // t)
-  padded = jnp.pad(est, [(0, 0)] * (est.ndim - 1) + [(0, nc * t - s_len)],
-                   constant_values=NEG_INF)
-  maxima = top_reference.total_max(padded.reshape(est.shape[:-1] + (nc, t)), axis=-1)
-  chunks, _ = _top_set(maxima, min(c, nc), select)
-  pos = (chunks[..., None] * t + jnp.arange(t)).reshape(est.shape[:-1] + (-1,))
-  sub = jnp.take_along_axis(padded, pos, axis=-1)
-  pick, tau = _top_set(sub, c, select)
-  return (jnp.take_along_axis(sub, pick, axis=-1), jnp.take_along_axis(pos, pick, axis=-1),
-          tau)
+    chunk = 1 if s_len <= _XLA_FLAT else top_api.sqrt_chunk(s_len, c)
+    return top_api.two_level(est, c, chunk, top_reference.top_select)
+  return top_api.top_set(est, c, implementation=select)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "scan", "select",
@@ -212,7 +167,10 @@ def _step(q, k, v, index, kv_lengths, *, spec, scale, scan, select, return_ids):
   s_c = jnp.float32(scale) * jnp.einsum("bkgd,bkgcd->bkgc", qg, rows, precision=HIGHEST)
   s_c = jnp.where(cand_ok, s_c, NEG_INF)
   kk = min(spec.top_k, c)
-  pick, _ = _top_set(s_c, kk, select, ordered=False)                         # [B, K, G, k']
+  if select == "xla":
+    _, pick = jax.lax.top_k(s_c, kk)                                         # [B, K, G, k']
+  else:
+    _, pick, _ = top_api.top_set(s_c, kk, implementation=select)
   chosen_ok = jnp.take_along_axis(cand_ok, pick, axis=-1)
   ids = jnp.where(chosen_ok, jnp.take_along_axis(cand, pick, axis=-1), -1)
   # 4. attend anchor + window (shared by the group) and each head's chosen keys

@@ -56,18 +56,20 @@ class Indexed(NamedTuple):
   n_static: jax.Array          # [B, 1, 1, T] int32: visible anchor + window keys
 
 
-def select(scores, q, index, lo, hi, spec, scale) -> Indexed:
-  """The indexed set of every (query head, query) and its certificate terms."""
+def select(scores, q, index, lo, hi, spec, scale, top_fn=None) -> Indexed:
+  """The indexed set of every (query head, query) and its certificate terms. top_fn:
+  the top-k selections (None: lax.top_k; see `exact.exact_top_k`)."""
   num_keys = scores.shape[-1]
   masks = geometry.static_masks(lo, hi, num_keys, spec)
   middle = jnp.broadcast_to(masks.middle, scores.shape)
   est, slack = index_lib.index_bounds(q, index, scale)
   c = min(spec.num_candidates, num_keys)
-  _, top = jax.lax.top_k(jnp.where(middle, est, NEG_INF), c)                # by estimate
+  by_est = jnp.where(middle, est, NEG_INF)                                   # by estimate
+  top = jax.lax.top_k(by_est, c)[1] if top_fn is None else top_fn(by_est, c)[0]
   picked = jnp.put_along_axis(jnp.zeros(scores.shape, bool), top, True, axis=-1,
                               inplace=False)
   candidates = picked & middle
-  topk = exact.exact_top_k(scores, candidates, spec.top_k)
+  topk = exact.exact_top_k(scores, candidates, spec.top_k, top_fn=top_fn)
   chosen = exact.topk_mask(topk, num_keys) & candidates
   in_set = masks.anchor | masks.window | chosen
   bound = jnp.where(candidates, scores, est + slack)
@@ -146,13 +148,24 @@ def certificate(scores, sel: Indexed):
                                              "return_stats"))
 def condensate_xla_indexed(q, k, v, q_positions, kv_lengths, *, spec, causal,
                            sliding_window, scale, return_stats, index=None):
+  return indexed_attention(q, k, v, q_positions, kv_lengths, spec=spec, causal=causal,
+                           sliding_window=sliding_window, scale=scale,
+                           return_stats=return_stats, index=index)
+
+
+def indexed_attention(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window,
+                      scale, return_stats, index=None, top_fn=None):
+  """The body of `condensate_xla_indexed` (traceable); top_fn: "indexed"'s top-k
+  selections (`select`; "certified" has none)."""
   if index is None:
     index = index_lib.build(k, kv_lengths, spec.index_bits)
   lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
                                   sliding_window=sliding_window)
   scores = softmax.scores(q, k, scale)
-  pick = select_certified if spec.selection == "certified" else select
-  sel = pick(scores, q, index, lo, hi, spec, scale)
+  if spec.selection == "certified":
+    sel = select_certified(scores, q, index, lo, hi, spec, scale)
+  else:
+    sel = select(scores, q, index, lo, hi, spec, scale, top_fn)
   out = softmax.masked_softmax(scores, sel.in_set, v, q.dtype)
   if not return_stats:
     return out

@@ -16,8 +16,9 @@ A model called with implementation="fast" (`lm.generate`, `lm.step`) runs, per l
     blocks:  `fast.prefill_step` (the timed block-sparse prefill: per-query-block lists)
              when every row fills the call (its lists read the whole rows: a padded row
              would rank with its padding), else the XLA specification (`lm` picks);
-    indexed, exact: the XLA specification over the call's own keys (no prefill kernel
-             yet for "indexed": issue #13).
+    indexed, exact: the specification over the call's own keys, on a GPU with its
+             top-k selections on the Pallas kernel (implementation="pallas_select":
+             bitwise the specification's outputs; no indexed prefill kernel yet).
   Any other call with T > 1 tokens runs the XLA specification over the cache.
 
 A layer with the model's own sliding window w (Gemma 3's local layers, Mistral) runs
@@ -130,10 +131,12 @@ def dense_decode(q, k, v, kv_lengths, *, scale, sliding_window=None):
 PREFILL_CHUNK = 1024
 
 
-def chunked_prefill(fn, q, chunk: int = PREFILL_CHUNK):
+def chunked_prefill(fn, q, chunk=None):
   """Causal self-attention of a call's T queries (positions 0..T-1) `chunk` queries at a
-  time: fn(q_chunk [B, c, Hq, D], positions [B, c]) -> out [B, c, Hq, D]. The last chunk is
-  padded with copies of the last query (outputs dropped)."""
+  time (None: PREFILL_CHUNK): fn(q_chunk [B, c, Hq, D], positions [B, c]) -> out
+  [B, c, Hq, D]. The last chunk is padded with copies of the last query (outputs
+  dropped)."""
+  chunk = chunk or PREFILL_CHUNK
   b, t = q.shape[:2]
   if t <= chunk:
     return fn(q, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
@@ -161,17 +164,28 @@ def dense_prefill(q, k, v, *, scale, sliding_window=None):
       qc, k, v, pos, lengths, causal=True, sliding_window=sliding_window, scale=scale), q)
 
 
-def spec_prefill(q, k, v, spec, kv_lengths, *, scale):
-  """The XLA specification's causal prefill over the call's own keys (the first
+def prefill_implementation(spec) -> str:
+  """What `spec_prefill` runs: on a GPU "pallas_select" for "exact" / "indexed" (the
+  specification with its top-k selections on the Pallas kernel: the same sets, bitwise
+  the same outputs, without XLA's sort of every [chunk, S] row), else "xla"."""
+  if jax.default_backend() == "gpu" and spec.selection in ("exact", "indexed"):
+    return "pallas_select"
+  return "xla"
+
+
+def spec_prefill(q, k, v, spec, kv_lengths, *, scale, implementation=None):
+  """The specification's causal prefill over the call's own keys (the first
   kv_lengths[b] real in row b), in query chunks; an "indexed" spec's key index built once,
-  from each row's real keys, as the cache's is."""
+  from each row's real keys, as the cache's is. implementation: None =
+  `prefill_implementation(spec)`."""
   from condensate_jax.selection import index as index_lib  # pylint: disable=import-outside-toplevel
   extra = {}
   if spec.uses_index:
     extra["index"] = index_lib.build(k, kv_lengths, spec.index_bits)
+  implementation = implementation or prefill_implementation(spec)
   return chunked_prefill(lambda qc, pos: attention_lib.condensate_attention(
       qc, k, v, spec, q_positions=pos, kv_lengths=kv_lengths, scale=scale,
-      implementation="xla", **extra), q)
+      implementation=implementation, **extra), q)
 
 
 def attend(ctx, spec, q, k_new, v_new, keys, values, structure, *, scale, sliding_window):

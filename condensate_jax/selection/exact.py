@@ -27,11 +27,17 @@ class TopK(NamedTuple):
 
 
 def exact_top_k(scores: jax.Array, middle: jax.Array, top_k,
-                capacity: Optional[int] = None) -> TopK:
+                capacity: Optional[int] = None, top_fn=None) -> TopK:
   """Per-head exact top-k of the middle keys; ties go to the lower position.
 
   `lax.top_k` is stable: among equal values it returns the lower index first, which is
   exactly the tie rule of DESIGN.md §1 (tested against a NumPy stable sort).
+
+  top_fn: None (lax.top_k), or fn(x, k) -> (indices [..., k], tau [...]) returning the
+  set lax.top_k(x, k) picks (in any order) and its k-th value, e.g. the Pallas selection
+  `pallas_kernels.top_select.api.top_set` (`impl.pallas_select`): the same TopK up to the
+  order of its indices (tau differs only where a row's picks hold a NaN: the k-th in
+  the total order against min(values)). Not with `capacity`.
 
   capacity None: top_k is a Python int. An int: top_k may be a traced int32 <= capacity
   (`CondensateSpec.top_k_capacity`); the top-k is taken at width min(capacity, S) and
@@ -48,8 +54,12 @@ def exact_top_k(scores: jax.Array, middle: jax.Array, top_k,
   if kk == 0:
     empty = jnp.zeros(scores.shape[:-1] + (0,), jnp.int32)
     return TopK(empty, empty.astype(bool), jnp.max(masked, axis=-1), n_dropped)
-  values, indices = jax.lax.top_k(masked, kk)
   middle_b = jnp.broadcast_to(middle, scores.shape)
+  if top_fn is not None:
+    indices, tau = top_fn(masked, kk)
+    return TopK(indices.astype(jnp.int32), jnp.take_along_axis(middle_b, indices, axis=-1),
+                tau, n_dropped)
+  values, indices = jax.lax.top_k(masked, kk)
   valid = jnp.take_along_axis(middle_b, indices, axis=-1)
   # The k-th selected value bounds every unselected middle score; when fewer than k
   # middle keys exist nothing is dropped (n_dropped == 0) and tau is irrelevant.
@@ -99,11 +109,11 @@ class Selection(NamedTuple):
 
 
 def select(scores: jax.Array, lo: jax.Array, hi: jax.Array, spec,
-           capacity: Optional[int] = None) -> Selection:
+           capacity: Optional[int] = None, top_fn=None) -> Selection:
   """The condensate set of every (query head, query) as a mask over key positions.
 
   spec: a CondensateSpec, or with `capacity` (its top_k_capacity) the runtime
-  `spec.Sizes` of a program spec."""
+  `spec.Sizes` of a program spec. top_fn: the top-k selection (`exact_top_k`)."""
   num_keys = scores.shape[-1]
   masks = geometry.static_masks(lo, hi, num_keys, spec)
   if capacity is None and spec.top_k >= max(num_keys - spec.anchor - spec.window, 0):
@@ -112,7 +122,7 @@ def select(scores: jax.Array, lo: jax.Array, hi: jax.Array, spec,
     # an H200 for 75 GiB); the set is the visible keys, the same mask, the same bits
     return Selection(masks, _all_middle(scores, masks.middle, spec.top_k),
                      jnp.broadcast_to(masks.visible, scores.shape))
-  topk = exact_top_k(scores, masks.middle, spec.top_k, capacity)
+  topk = exact_top_k(scores, masks.middle, spec.top_k, capacity, top_fn)
   in_set = masks.anchor | masks.window | (topk_mask(topk, num_keys) & masks.middle)
   return Selection(masks, topk, in_set)
 

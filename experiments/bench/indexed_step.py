@@ -116,7 +116,7 @@ def sweep(name, iterations, repeats):
   if s <= top_api.MAX_ROW:
     rows_n = {s, cands}                        # flat candidates, the exact top-k's
   else:
-    chunk = fast.indexed.two_level_chunk(s, cands)
+    chunk = top_api.two_level_chunk(s, cands)
     rows_n = {-(-s // chunk), cands * chunk, cands}      # both levels, the exact top-k's
   q = jnp.zeros((1, 1, hq, 8), jnp.float32)
   t = lambda fn, args: timing.time_loop(fn, q, args, iterations, repeats)[0] * 1e6

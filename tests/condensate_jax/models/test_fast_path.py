@@ -97,6 +97,26 @@ def test_prefill_gives_the_last_positions_logits_and_the_steps_continue():
       np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + 1)
 
 
+@pytest.mark.parametrize("name", ["exact", "indexed"])
+def test_prefill_on_the_pallas_selection_is_bitwise_the_specification(name, monkeypatch):
+  """What a GPU's fast prefill runs for "exact" / "indexed" (implementation=
+  "pallas_select", here interpreted) against the specification it replaces: the same
+  last-position logits bit for bit, ragged rows, several query chunks."""
+  lm = _lm("llamalike")
+  tokens, lengths = _prompts(lm, [110, 67], seed=4)
+  monkeypatch.setattr(fast_path, "PREFILL_CHUNK", 32)
+  logits = {}
+  for impl in ("xla", "pallas_select"):
+    monkeypatch.setattr(fast_path, "prefill_implementation", lambda spec, impl=impl: impl)
+    jax.clear_caches()                    # the choice is read at trace time
+    last, _ = lm.prefill(tokens, lm.init_cache(2, 128), SPECS[name],
+                         implementation="fast", prompt_lengths=lengths)
+    logits[impl] = np.asarray(last)
+  jax.clear_caches()
+  np.testing.assert_array_equal(logits["pallas_select"].view(np.int32),
+                                logits["xla"].view(np.int32))
+
+
 def test_append_packed_equals_packing_the_appended_index():
   k = jax.random.normal(jax.random.key(0), (2, 40, 2, 16))
   index = index_lib.build_index(k, 4, jnp.array([30, 20]))

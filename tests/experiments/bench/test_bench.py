@@ -73,3 +73,20 @@ def test_decode_parity_of_a_set_that_holds_every_key():
   res = fast_parity.decode_parity(q, k, v, ids, None, spec, u)
   assert res["set_keys"] == s and res["captured_min"] == pytest.approx(1.0)
   assert res["eps_bound_max"] == 0.0 and res["max_abs_err"] < 1e-6
+
+
+def test_prefill_select_bench_checks_bitwise_first(monkeypatch, capsys):
+  """The prefill bench on a tiny shape (CPU: the kernel interpreted): both selections
+  give the same bits, the table is printed, bad flags name themselves."""
+  from condensate_jax.models import fast_path  # pylint: disable=import-outside-toplevel
+  from experiments.bench import prefill_select  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(prefill_select.SHAPES, "tiny", (160, 4, 2, 16))
+  monkeypatch.setitem(prefill_select.SPECS, "exact", cj.CondensateSpec(4, 8, 20))
+  monkeypatch.setitem(prefill_select.SPECS, "indexed", cj.CondensateSpec(
+      4, 8, 20, selection="indexed", candidates=40))
+  monkeypatch.setattr(fast_path, "PREFILL_CHUNK", 64)
+  assert prefill_select.main(["--shapes=tiny", "--repeats=1"]) == 0
+  out = capsys.readouterr().out
+  assert "| tiny | exact | True |" in out and "| tiny | indexed | True |" in out
+  with pytest.raises(ValueError, match="--specs"):
+    prefill_select.main(["--shapes=tiny", "--specs=blocks"])

@@ -82,3 +82,26 @@ def test_bad_arguments():
     api.top_select(jnp.float32(1.0), 1)
   with pytest.raises(ValueError, match="implementation"):
     api.top_select(x, 2, implementation="cuda")
+
+
+@pytest.mark.parametrize("n,k", [(200, 5), (200, 40), (130, 33), (64, 64), (1000, 3)])
+def test_top_set_of_rows_longer_than_the_kernel(n, k, monkeypatch):
+  """top_set with the row limit lowered to 32: two levels (or, where a level's row stays
+  too long, lax.top_k for it), the set of lax.top_k with ties and the total order."""
+  monkeypatch.setattr(api, "MAX_ROW", 32)
+  rng = np.random.default_rng(n * k)
+  x = rng.integers(-4, 5, size=(2, n)).astype(np.float32)          # many ties
+  x[0, rng.integers(0, n, 6)] = [np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0]
+  x = jnp.asarray(x)
+  vals, ids, tau = api.top_set(x, k, implementation="triton")
+  want_vals, want = jax.lax.top_k(x, k)
+  np.testing.assert_array_equal(np.asarray(ids), np.sort(np.asarray(want), axis=-1))
+  np.testing.assert_array_equal(_bits(vals), _bits(jnp.take_along_axis(x, ids, axis=-1)))
+  np.testing.assert_array_equal(_bits(tau), _bits(want_vals[..., -1]))
+
+
+def test_top_set_bad_arguments():
+  with pytest.raises(ValueError, match="k="):
+    api.top_set(jnp.zeros((2, 8)), 9)
+  with pytest.raises(ValueError, match="x.shape"):
+    api.top_set(jnp.float32(1.0), 1)

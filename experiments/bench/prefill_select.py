@@ -1,0 +1,106 @@
+"""One layer's causal prefill of selection="exact" / "indexed" on the models' fast path
+(`models.fast_path.spec_prefill`: the specification in query chunks) with its top-k
+selections by XLA's `lax.top_k` ("xla") and by the Pallas kernel ("pallas_select"),
+beside dense causal prefill (cuDNN on a GPU), timed in the same run on the same inputs.
+
+  python -m experiments.bench.prefill_select                   # the shapes below
+  python -m experiments.bench.prefill_select --shapes=smollm2_8k --repeats=2
+
+Shapes: one SmolLM2-135M layer (9 q / 3 kv heads, d 64) at 2K and 8K prompts, one Gemma 3
+270M layer (4 q / 1 kv heads, d 256) at 8K and 32K; specs as model_bench's (anchor 16,
+window 64, top_k 1024, 4-bit index, candidates 4 * top_k). bf16, B = 1, keys with a
+shared offset and outlier channels (`indexed_step.inputs`), each query half its own key
+plus noise.
+
+Before any time is printed: "bitwise" (the two implementations' outputs are equal bit for
+bit; False exits with status 1: the same sets must give the same floats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import condensate_jax as cj
+from condensate_jax.models import fast_path
+from experiments.bench import indexed_step, timing
+
+SHAPES = {
+    # name: (T = S, Hq, Hkv, D)
+    "smollm2_2k": (2048, 9, 3, 64),
+    "smollm2_8k": (8128, 9, 3, 64),
+    "gemma3_8k": (8192, 4, 1, 256),
+    "gemma3_32k": (32704, 4, 1, 256),
+}
+SPECS = {
+    "exact": cj.CondensateSpec(anchor=16, window=64, top_k=1024),
+    "indexed": cj.CondensateSpec(anchor=16, window=64, top_k=1024, selection="indexed",
+                                 index_bits=4),
+}
+IMPLEMENTATIONS = ("xla", "pallas_select")
+COLUMNS = ["shape", "spec", "bitwise", "xla_ms", "pallas_select_ms", "speedup",
+           "dense_ms"]
+
+
+def run_shape(name, specs, iterations, repeats):
+  t_len, hq, hkv, d = SHAPES[name]
+  _, k, v = indexed_step.inputs(t_len, hq, hkv, d)
+  # queries: each the key at its position (its group's) plus noise, so that scores peak
+  # near the diagonal as well as at the keys' shared offset and outlier channels
+  noise = np.random.default_rng(2).standard_normal((1, t_len, hq, d)).astype(np.float32)
+  q = jnp.asarray(0.5 * np.repeat(np.asarray(k, np.float32), hq // hkv, axis=2) + noise,
+                  jnp.bfloat16)
+  lengths = jnp.full((1,), t_len, jnp.int32)
+  scale = d ** -0.5
+  time = lambda fn, args: timing.time_loop(fn, q, args, iterations, repeats)[0] * 1e3
+  dense = jax.jit(lambda q, k, v: fast_path.dense_prefill(q, k, v, scale=scale))
+  dense_ms = time(dense, (k, v))
+  rows = []
+  for spec_name in specs:
+    spec = SPECS[spec_name]
+    fns = {impl: jax.jit(lambda q, k, v, impl=impl: fast_path.spec_prefill(
+        q, k, v, spec, lengths, scale=scale, implementation=impl))
+           for impl in IMPLEMENTATIONS}
+    outs = [np.asarray(jax.block_until_ready(fns[i](q, k, v)).astype(jnp.float32))
+            for i in IMPLEMENTATIONS]
+    row = {"shape": name, "spec": spec_name,
+           "bitwise": bool(np.array_equal(outs[0].view(np.int32), outs[1].view(np.int32))),
+           "dense_ms": dense_ms}
+    for impl in IMPLEMENTATIONS:
+      row[f"{impl}_ms"] = time(fns[impl], (k, v))
+    row["speedup"] = row["xla_ms"] / row["pallas_select_ms"]
+    print(row, flush=True)
+    rows.append(row)
+  return rows
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--shapes", default=",".join(SHAPES))
+  ap.add_argument("--specs", default=",".join(SPECS))
+  ap.add_argument("--iterations", type=int, default=1)
+  ap.add_argument("--repeats", type=int, default=3)
+  a = ap.parse_args(argv)
+  names = [x for x in a.shapes.split(",") if x]
+  specs = [x for x in a.specs.split(",") if x]
+  for flag, got, allowed in (("--shapes", names, SHAPES), ("--specs", specs, SPECS)):
+    for x in got:
+      if x not in allowed:
+        raise ValueError(f"{flag}: {x!r} is not one of {list(allowed)}.")
+  if a.iterations < 1 or a.repeats < 1:
+    raise ValueError(f"--iterations={a.iterations}, --repeats={a.repeats}: expected >= 1.")
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  rows = [r for x in names for r in run_shape(x, specs, a.iterations, a.repeats)]
+  print("| " + " | ".join(COLUMNS) + " |\n|" + " --- |" * len(COLUMNS))
+  for r in rows:
+    print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
+                            for c in COLUMNS) + " |")
+  return 0 if all(r["bitwise"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
