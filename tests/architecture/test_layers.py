@@ -218,5 +218,6 @@ def test_implementation_table_is_complete_at_import():
           "  assert callable(getattr(importlib.import_module(m), f)), t\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=REPO, check=True).stdout
-  assert out.splitlines()[0] == str(sorted(["pallas", "pallas_blocks", "xla_blocks",
-                                            "xla_gathered", "xla_indexed", "xla_masked"]))
+  assert out.splitlines()[0] == str(sorted(["pallas", "pallas_blocks", "pallas_select",
+                                            "xla_blocks", "xla_gathered", "xla_indexed",
+                                            "xla_masked"]))
