@@ -5,7 +5,8 @@ window, and a certified eps.
 Per decode query head (the sets of the XLA specification, `impl/xla_indexed.py`):
   1. scan      `pallas_kernels.index_scan` reads the packed index (`PackedIndex`,
                bits * D / 8 + 8 bytes per key and K/V head) once: est_j for every middle key
-               (scan="triton_mma": on tensor cores, ~1.8x faster, opt-in);
+               (on a GPU by default on tensor cores, "triton_mma", ~1.8x faster than
+               the CUDA-core scan="triton");
   2. candidates the spec.num_candidates keys of highest est (`candidates`: the set
                lax.top_k picks, found without a sort by `pallas_kernels.top_select`,
                in two levels beyond its 32K-entry rows; a level whose row is still

@@ -1,7 +1,7 @@
 """Where the indexed decode step's time goes, phase by phase, and what the kernels change:
 `fast.indexed_decode_step` with the earlier selections ("old": the CUDA-core scan,
-lax.top_k and sorts), with the selections on `pallas_kernels.top_select` ("cuda_scan",
-the default) and with the tensor-core scan too ("new": scan="triton_mma", opt-in), the
+lax.top_k and sorts), with the selections on `pallas_kernels.top_select` ("cuda_scan")
+and with the tensor-core scan too ("new": scan="triton_mma", the GPU default), the
 scan alone, scan + candidates, and cuDNN over every key, timed in the same run on the
 same inputs (`timing.time_loop`). Every variant runs the split gather attention (so "old"
 is not the earlier step: that one also attended in B * Hkv programs).
@@ -55,8 +55,8 @@ def _sets(ids):
 
 
 VARIANTS = {   # name: the step's (scan, select); all with the split gather attention
-    "new": ("triton_mma", None),    # the tensor-core scan (opt-in) + top_select
-    "cuda_scan": ("triton", None),  # the CUDA-core scan + top_select (the default)
+    "new": ("triton_mma", None),    # the tensor-core scan + top_select (the default)
+    "cuda_scan": ("triton", None),  # the CUDA-core scan + top_select
     "old": ("triton", "xla"),       # the CUDA-core scan + lax.top_k and sorts (earlier)
 }
 

@@ -6,8 +6,9 @@ implementation:
                on CUDA cores;
   "triton_mma" GPU kernel (gpu_triton_mma.py), the same on tensor cores (bf16 codes,
                q * sigma in three bf16 parts, float32 accumulation; ~1.8x faster on an
-               H200; opt-in until its rounding bound is checked on the GPU under jit);
-  None         the best for the platform: GPU "triton", CPU "triton" interpreted, else
+               H200, where its jitted rounding test passed: jax 0.11.2, 2026-12-04);
+  None         the best for the platform: GPU "triton_mma" (packed rows it refuses:
+               "triton"), CPU "triton" interpreted, else
                "reference"; a backend raising NotImplementedError falls back to the next.
 interpret: None = True exactly when the platform is CPU (Pallas interpret mode).
 """
@@ -26,7 +27,7 @@ IMPLEMENTATIONS = types.MappingProxyType({
     "triton": gpu_triton.index_scan,
     "triton_mma": gpu_triton_mma.index_scan,
 })
-_BEST = types.MappingProxyType({"gpu": ("triton", "reference"),
+_BEST = types.MappingProxyType({"gpu": ("triton_mma", "triton", "reference"),
                                 "cpu": ("triton", "reference")})
 
 

@@ -1,7 +1,10 @@
 """`implementation="pallas_select"` (the specification with its top-k selections on the
-Pallas kernel) against "xla": the same sets, so outputs and stats bit for bit, for
-"exact" and "indexed"; rows longer than the kernel's through the two levels; errors.
-On a CPU the kernel runs interpreted."""
+Pallas kernel) against "xla": the same sets (checked on one scores array), so outputs
+and stats bit for bit on a CPU, for "exact" and "indexed"; rows longer than the kernel's
+through the two levels; errors. On a CPU the kernel runs interpreted. On a GPU XLA
+compiles the same jnp code into the two programs with other fusions (seen on an H200:
+whole rows' normalisers 1-7 ulps apart, the sets equal), so there the float outputs and
+stats are compared within 16 ulps and the integer stats exactly."""
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +48,46 @@ def _bits(x):
   return x.view(np.int32) if x.dtype == np.float32 else x
 
 
+BITWISE = jax.default_backend() == "cpu"
+
+
 def _assert_bitwise(got, want):
   for name, a, e in zip(("out",) + cj.AttentionStats._fields, got, want):
-    np.testing.assert_array_equal(_bits(a), _bits(e), err_msg=name)
+    a, e = np.asarray(a), np.asarray(e)
+    if BITWISE or not np.issubdtype(e.dtype, np.floating):
+      np.testing.assert_array_equal(_bits(a), _bits(e), err_msg=name)
+    else:
+      np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=name)
+      ok = ~np.isnan(e)
+      np.testing.assert_array_max_ulp(a[ok], e[ok], maxulp=16)
+
+
+@pytest.mark.parametrize("spec_name", sorted(SPECS))
+@pytest.mark.parametrize("case", ["decode_gqa_ragged", "prefill_gqa_sliding"])
+def test_the_sets_are_the_specifications(case, spec_name):
+  """The selection functions on one scores array, with and without the kernel: the same
+  set bit for bit on every platform (no float arithmetic in between)."""
+  from condensate_jax import geometry, softmax   # pylint: disable=import-outside-toplevel
+  from condensate_jax.impl import xla_indexed    # pylint: disable=import-outside-toplevel
+  from condensate_jax.selection import exact     # pylint: disable=import-outside-toplevel
+  b, t, s, hq, hkv, d, kw = CASES[case]
+  spec = SPECS[spec_name]
+  q, k, _ = _inputs(b, t, s, hq, hkv, d, seed=11)
+  lengths = jnp.asarray(kw.get("kv_lengths", np.full((b,), s)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(s - t, s, dtype=jnp.int32), (b, t)) if t > 1 else (
+      lengths[:, None] - 1)
+  lo, hi = geometry.visible_range(pos, lengths, causal=True,
+                                  sliding_window=kw.get("sliding_window"))
+  scores = softmax.scores(q, k, 0.25)
+  if spec.selection == "exact":
+    sets = [exact.select(scores, lo, hi, spec, top_fn=f).in_set
+            for f in (None, pallas_select._top)]   # pylint: disable=protected-access
+  else:
+    index = index_lib.build(k, lengths, spec.index_bits)
+    sets = [xla_indexed.select(scores, q, index, lo, hi, spec, 0.25, f).in_set
+            for f in (None, pallas_select._top)]   # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(sets[1]), np.asarray(sets[0]))
+  assert not np.asarray(sets[0]).all()
 
 
 def _run(q, k, v, spec, kw, implementation, **extra):
@@ -100,7 +140,7 @@ def test_given_index_and_covering_spec_is_dense():
   dense = cj.dense_attention(q, k, v, **kw)
   for s in (cover, cj.CondensateSpec(anchor=1, window=2, top_k=12)):
     out = cj.condensate_attention(q, k, v, s, **kw, implementation="pallas_select")
-    np.testing.assert_array_equal(_bits(out), _bits(dense))
+    _assert_bitwise((out,), (dense,))
 
 
 def test_nonfinite_inputs_poison_as_xla():
@@ -142,5 +182,5 @@ def test_jit_traces_once_per_shape():
   q, k, v = _inputs(1, 4, 24, 2, 1, 8, seed=1)
   fn = jax.jit(lambda q, k, v: cj.condensate_attention(q, k, v, spec,
                                                        implementation="pallas_select"))
-  np.testing.assert_array_equal(_bits(fn(q, k, v)), _bits(
-      cj.condensate_attention(q, k, v, spec, implementation="xla")))
+  _assert_bitwise((fn(q, k, v),), (cj.condensate_attention(q, k, v, spec,
+                                                           implementation="xla"),))

@@ -113,7 +113,7 @@ def test_tensor_core_scan_refuses_narrow_codes_and_the_default_falls_back():
   with pytest.raises(NotImplementedError, match="packed width"):
     api.index_scan(qs, qmu, packed.packed, packed.step, jnp.array([64]),
                    implementation="triton_mma", interpret=True, **kw)
-  assert api.default_implementations("gpu")[0] == "triton"      # the tensor cores: opt-in
+  assert api.default_implementations("gpu")[:2] == ("triton_mma", "triton")   # refusals fall back
 
 
 @pytest.mark.parametrize("jit", [False, True])
