@@ -8,10 +8,14 @@ Per (model, prompt length, batch), in one run on one device:
              (`fast.decode_step` for "blocks", `fast.indexed_decode_step` for "indexed"),
              the prefill kernels where they exist (`models.fast_path`).
 Timed (median of `repeats` after a compiling call): `lm.prefill` of the prompts into an
-empty cache of the generate's size ("prefill s", t_1) and `lm.generate` of `new_tokens`
-tokens (t_N, its own prefill included); decode step = (t_N - t_1) / (N - 1), tokens/s =
-B / step, selection and index/summary updates included (generate's cache allocation and
-first pick land in the step: well under 0.1 ms over 63 steps). "context share":
+empty cache of the generate's size ("prefill s") and, from that prefilled cache after one
+untimed step, a jitted loop of N - 2 greedy decode steps (`generate.step` on the fast
+path, the cache a loop carry updated in place, as in `lm.generate`'s loop): decode step =
+its time / (N - 2), tokens/s = B / step, selection and index/summary updates included
+(the loop's one copy of the input cache per call lands in the steps). Not (generate's
+time - the prefill's) / (N - 1), as before 2026-12-04: with a prefill of seconds (the
+"indexed" XLA-specification prefill at 32K, B = 8: 7.9 s) that difference is noise of
+the prefill's size (seen: a 32K step "faster" than the 256-token one). "context share":
 1 - (decode step at `short` tokens) / (decode step at this length), the same model and
 batch: the part of the step that grows with the context (attention and its cache reads),
 measured, not modelled; the rest is weights, MLP and LM head.
@@ -22,6 +26,7 @@ with both caches fed dense's greedy tokens (mean, max), float32 on the device.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from condensate_jax import CondensateSpec, metrics
+from condensate_jax import generate as gen
 from condensate_jax.models import fast_path
 from experiments import manifest as manifest_lib
 from experiments import prompts as prompts_lib
@@ -73,16 +79,37 @@ def _empty_cache(lm, batch, n, spec):
   return gen.init_cache(lm.config, batch, fast_path.cache_length(n, spec), lm.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "steps"))
+def decode_loop(graphdef, state, tok, cache, *, attention, steps):
+  """`steps` greedy decode steps of the fast path from a filled cache: (last tokens [B],
+  cache)."""
+  def body(_, carry):
+    tok, cache = carry
+    logits, cache = gen.step(graphdef, state, tok[:, None], cache, attention=attention,
+                             implementation=fast_path.NAME)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+  return jax.lax.fori_loop(0, steps, body, (tok, cache))
+
+
 def time_generate(lm, tokens, new_tokens, spec, repeats):
-  """(prefill s, decode s per step, tokens [B, N]) on the fast path: `lm.prefill` of the
-  prompts into an empty cache, and `lm.generate` of new_tokens (its prefill subtracted)."""
+  """(prefill s, decode s per step, tokens [B, N]) on the fast path (module docstring):
+  `lm.prefill` into an empty cache, then `decode_loop` from the filled cache; the tokens
+  are `lm.generate`'s (one untimed call)."""
+  if new_tokens < 3:
+    raise ValueError(f"new_tokens={new_tokens}: expected >= 3 (one untimed step, then "
+                     "a timed loop of new_tokens - 2).")
   b, t = tokens.shape
   cache = _empty_cache(lm, b, t + new_tokens, spec)
-  t1, _ = _timed(lambda: lm.prefill(tokens, cache, spec, implementation=fast_path.NAME),
-                 repeats)
-  tn, out = _timed(lambda: lm.generate(tokens, new_tokens, spec,
-                                       implementation=fast_path.NAME), repeats)
-  return t1, max(tn - t1, 0.0) / max(new_tokens - 1, 1), np.asarray(out)
+  t1, (last, filled) = _timed(lambda: lm.prefill(tokens, cache, spec,
+                                                 implementation=fast_path.NAME), repeats)
+  logits, filled = lm.step(jnp.argmax(last, axis=-1)[:, None].astype(jnp.int32), filled,
+                           spec, implementation=fast_path.NAME)   # the cache's structure
+  tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  steps = new_tokens - 2
+  tn, _ = _timed(lambda: decode_loop(lm.graphdef, lm.state, tok, filled, attention=spec,
+                                     steps=steps), repeats)
+  out = lm.generate(tokens, new_tokens, spec, implementation=fast_path.NAME)
+  return t1, tn / steps, np.asarray(out)
 
 
 def forced_parity(lm, tokens, forced, spec):
@@ -207,6 +234,10 @@ def _load(config, entry):
 
 def run(config, workdir, progress: bool = True):
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  if isinstance(config.new_tokens, bool) or not isinstance(config.new_tokens, int) or (
+      config.new_tokens < 3):
+    raise ValueError(f"config.new_tokens={config.new_tokens!r}: expected an int >= 3 (one "
+                     "untimed decode step, then a timed loop of new_tokens - 2).")
   workdir = manifest_lib.prepare_workdir(workdir)
   store = ResultsStore(workdir / "results.jsonl")
   manifest_lib.check_resume(workdir, config.to_dict(), has_rows=bool(store.rows))

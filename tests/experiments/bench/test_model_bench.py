@@ -56,3 +56,35 @@ def test_greedy_match():
   c = np.array([[1, 2, 3, 4], [1, 5, 3, 4]])
   assert model_bench.greedy_match(d, c) == (7 / 8, 1)
   assert model_bench.greedy_match(d, d) == (1.0, 4)
+
+
+def test_the_timed_decode_loop_makes_generates_tokens():
+  """time_generate's timed loop (from the prefilled cache, one untimed step before it)
+  ends on the token lm.generate ends on: it runs the real decode steps."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  from condensate_jax import CondensateSpec  # pylint: disable=import-outside-toplevel
+  from condensate_jax.models import fast_path  # pylint: disable=import-outside-toplevel
+  from condensate_jax.weights import tiny  # pylint: disable=import-outside-toplevel
+  lm = tiny.tiny_random("llamalike")
+  spec = CondensateSpec(anchor=4, window=16, top_k=24, selection="indexed", candidates=30)
+  tokens = np.random.default_rng(0).integers(0, lm.vocab_size, (2, 90)).astype(np.int32)
+  n = 5
+  want = np.asarray(lm.generate(tokens, n, spec, implementation="fast"))
+  cache = model_bench._empty_cache(lm, 2, 90 + n, spec)   # pylint: disable=protected-access
+  last, cache = lm.prefill(tokens, cache, spec, implementation="fast")
+  logits, cache = lm.step(jnp.argmax(last, -1)[:, None].astype(jnp.int32), cache, spec,
+                          implementation="fast")
+  tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+  np.testing.assert_array_equal(np.asarray(tok), want[:, 1])
+  tok, cache = model_bench.decode_loop(lm.graphdef, lm.state, tok, cache, attention=spec,
+                                       steps=n - 2)
+  np.testing.assert_array_equal(np.asarray(tok), want[:, -1])
+  np.testing.assert_array_equal(np.asarray(cache.lengths), [90 + n - 1] * 2)
+  _, step_s, out = model_bench.time_generate(lm, tokens, n, spec, repeats=1)
+  np.testing.assert_array_equal(out, want)
+  assert step_s > 0
+  config = _small(cli.load_config("model_bench.py:size=smoke"))
+  config.new_tokens = 2
+  with pytest.raises(ValueError, match="config.new_tokens=2"):
+    model_bench.run(config, "/tmp/unused_model_bench", progress=False)
