@@ -69,8 +69,17 @@ gathers the block bounds and middle counts (n_blocks * T * (Hq + 1) * 4 bytes) a
 "bounded", bit_length(n_blocks) + 1 top-k candidate lists (1M keys, 64-key blocks,
 top_k 1024, 32 heads, 8 devices: ~16 gathers of ~1.3 MB per decode step).
 
-Limits: selection "exact", "indexed", "blocks", "bounded" and "certified" with
-bounds="blocks" ("certified" on the key index and query_blocks are not distributed yet);
+selection="certified" on the key index (its default bounds) across shards
+(`impl.xla_indexed.select_certified`'s set, `sets.certified_index_set`): the set is
+anchor + window + the first n middle keys in the global order of their index upper
+bound; the n-th key is found by a bitwise search over (order key of the bound, reversed
+global position), 63 probes, each a merged count and two merged log-sum-exps of the set
+so far against the rest's bounds. Sets, set sizes and keys scored as one device's; the
+certificate to rounding (the sums merge per shard where one device takes cumulative sums:
+an eps within rounding of the target can stop at another key).
+
+Limits: selection "exact", "indexed", "blocks", "bounded", "certified" (query_blocks is
+not distributed yet);
 queries are replicated over seq_axis (each shard scores T x S_local:
 prefill at long T is memory-bound by that); no top_k_capacity (static sizes).
 """
@@ -183,9 +192,10 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, mesh, seq_axis=None,
   the `selection.index.KeyIndex` of k as `index=` (None: built from k)."""
   check_spec(spec)
   _check_selection(spec, "spec")
-  if index is not None and spec.selection != "indexed":
-    raise ValueError(f"index: given with spec.selection={spec.selection!r}; a key index "
-                     "serves selection='indexed'.")
+  if index is not None and not spec.uses_index:
+    raise ValueError(f"index: given with spec.selection={spec.selection!r} (bounds="
+                     f"{spec.bounds!r}); a key index serves selection='indexed' and "
+                     "'certified' with bounds='index'.")
   if index is not None:
     index_lib.check_index(index, k, spec)
   return _call(q, k, v, spec, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis,
@@ -198,16 +208,12 @@ SELECTIONS = ("exact", "indexed", "blocks", "bounded", "certified")
 
 
 def _check_selection(spec, name):
-  if spec.selection not in SELECTIONS or spec.top_k_capacity or spec.query_blocks or (
-      spec.selection == "certified" and spec.bounds != "blocks"):
-    raise ValueError(f"{name}.selection={spec.selection!r}, bounds={spec.bounds!r}, "
-                     f"top_k_capacity="
+  if spec.selection not in SELECTIONS or spec.top_k_capacity or spec.query_blocks:
+    raise ValueError(f"{name}.selection={spec.selection!r}, top_k_capacity="
                      f"{spec.top_k_capacity}, query_blocks={spec.query_blocks}: the "
-                     f"distributed call implements selection in "
-                     f"{SELECTIONS} with static sizes ('certified' with bounds='blocks' "
-                     "only: the index-bounded one is not distributed yet; query_blocks "
-                     "neither; a spec without "
-                     "top_k_capacity).")
+                     f"distributed call implements selection in {SELECTIONS} with static "
+                     "sizes (a spec without top_k_capacity; query_blocks is not "
+                     "distributed yet).")
 
 
 def dense_attention(q, k, v, *, mesh, seq_axis=None, head_axis=None, causal: bool = True,
@@ -237,7 +243,7 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
     bad_keys, index = finite.sanitize_index(index)
   bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
                                sliding_window=window, bad_keys=bad_keys)
-  if spec is not None and spec.selection == "indexed" and index is None:
+  if spec is not None and spec.uses_index and index is None:
     # from the sanitized keys, as the single-device call; partitioned by XLA
     index = index_lib.build(finite.sanitize(k), kv_lengths, spec.index_bits)
   out = _sharded(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v), q_positions,
@@ -288,6 +294,10 @@ def _local(q, k, v, q_positions, kv_lengths, index, *, spec, seq_axis, n_seq, s_
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = sets.blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
                                    spec, scale, seq_axis, n_seq)
+  elif spec.selection == "certified" and spec.uses_index:
+    masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
+    in_set, topk = sets.certified_index_set(scores, q, index, masks, spec, scale, seq_axis,
+                                            offset)
   elif spec.selection in ("bounded", "certified"):
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = sets.block_loop_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
@@ -315,8 +325,8 @@ def model_attend(placement: Placement, q, k, v, spec, *, q_positions, kv_lengths
                  sliding_window, scale, return_stats, index=None):
   """A model layer's attention over the placement's mesh: k, v padded (with invisible
   keys, past every row's kv_length) to a multiple of the sequence shards (of whole blocks
-  per shard under selection="blocks", "bounded" and "certified"; the cache's
-  key index of selection="indexed" with them). Returns out, or
+  per shard under the block modes; the cache's key index of selection="indexed" and
+  "certified" on the index with them). Returns out, or
   (out, stats) with return_stats (a dense layer's stats: everything captured)."""
   whole = placement.seq_devices * (spec.block_size if spec is not None
                                    and spec.uses_blocks else 1)
@@ -333,6 +343,6 @@ def model_attend(placement: Placement, q, k, v, spec, *, q_positions, kv_lengths
             sliding_window=sliding_window, scale=scale)
   if spec is None:
     return dense_attention(q, k, v, **kw)
-  if spec.selection != "indexed":
+  if not spec.uses_index:
     index = None
   return condensate_attention(q, k, v, spec, return_stats=return_stats, index=index, **kw)

@@ -4,6 +4,7 @@ merged statistics. Every function runs inside `jax.shard_map` (seq_axis None: on
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -14,6 +15,7 @@ from condensate_jax.impl.xla_indexed import LOG_MARGIN
 from condensate_jax.selection import bounds, order as order_lib, summaries as summaries_lib
 from condensate_jax.selection import index as index_lib
 from condensate_jax.softmax import NEG_INF, AttentionStats
+from pallas_kernels.top_select import reference as top_reference
 
 
 def psum(x, axis):
@@ -84,6 +86,71 @@ def indexed_set(scores, q, index, masks, spec, scale, seq_axis, n_seq, s_len):
   bound = jnp.where(middle & ~in_set, jnp.where(candidates, scores, est + slack), NEG_INF)
   log_delta = merged_logsumexp(bound, seq_axis) + jnp.float32(LOG_MARGIN)
   return in_set, SetCertificate(log_delta, scored_keys(masks, candidates, seq_axis))
+
+
+# "certified" (bounds="index") chooses against this fraction of epsilon, as on one device
+_CHOICE_MARGIN = 0.999
+_INT_MAX = 2 ** 31 - 1
+
+
+def certified_index_set(scores, q, index, masks, spec, scale, seq_axis, offset):
+  """(in_set, certificate) of selection="certified" on the key index over the shards
+  (`impl.xla_indexed.select_certified`'s set): anchor + window + the first n middle keys
+  in the global order of their upper bound U_j (highest first, ties to the lower
+  position; keys with a non-finite bound never counted), n the smallest with
+  eps_n <= 0.999 epsilon and n >= min(top_k, keys with a finite bound). The n-th key is
+  found by a bitwise search over the keys' (order key of U_j, reversed global position):
+  the largest threshold whose set (the keys at or above it) meets the rule, each probe one
+  merged count and two merged log-sum-exps (63 probes). Sums are per shard, then merged,
+  where one device takes cumulative sums in order: an eps within rounding of the target
+  can stop at another key."""
+  middle = jnp.broadcast_to(masks.middle, scores.shape)
+  static = jnp.broadcast_to(masks.anchor | masks.window, scores.shape)
+  est, slack = index_lib.index_bounds(q, index, scale)
+  ub = jnp.where(middle, est + slack, NEG_INF)
+  live = middle & jnp.isfinite(ub)
+  hi = top_reference.order_keys(jnp.where(ub == 0, 0.0, ub))   # -0 ties +0, as argsort
+  lo = jnp.int32(_INT_MAX) - (offset + jnp.arange(scores.shape[-1], dtype=jnp.int32))
+  m = pmax(jnp.maximum(jnp.max(jnp.where(static, scores, NEG_INF), axis=-1),
+                       jnp.max(jnp.where(live, ub, NEG_INF), axis=-1)), seq_axis)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]
+  lz_static = merged_logsumexp(jnp.where(static, scores - m, NEG_INF), seq_axis)
+  n_live = psum(jnp.sum(live, axis=-1, dtype=jnp.int32), seq_axis)
+  need = jnp.minimum(spec.top_k, n_live)
+  target = _CHOICE_MARGIN * spec.epsilon
+  limit = jnp.float32(math.log(target / (1.0 - target)))
+
+  def take(c_hi, c_lo):
+    ch, cl = c_hi[..., None], c_lo[..., None]
+    return live & ((hi > ch) | ((hi == ch) & (lo >= cl)))
+
+  def holds(c_hi, c_lo):
+    sel = take(c_hi, c_lo)
+    n = psum(jnp.sum(sel, axis=-1, dtype=jnp.int32), seq_axis)
+    lz_in = jnp.logaddexp(lz_static, merged_logsumexp(jnp.where(sel, scores - m, NEG_INF),
+                                                      seq_axis))
+    ld_out = merged_logsumexp(jnp.where(live & ~sel, ub - m, NEG_INF), seq_axis)
+    return ((ld_out - lz_in <= limit) & (n >= need)) | (n >= n_live)
+
+  shape = scores.shape[:-1]
+  zero = jnp.zeros(shape, jnp.int32)
+  c_hi = jnp.where(holds(zero, zero), zero, jnp.full(shape, -_INT_MAX - 1, jnp.int32))
+
+  def bit_hi(i, c):
+    cand = c | jnp.left_shift(jnp.int32(1), 30 - i)
+    return jnp.where(holds(cand, zero), cand, c)
+
+  def bit_lo(i, c):
+    cand = c | jnp.left_shift(jnp.int32(1), 30 - i)
+    return jnp.where(holds(c_hi, cand), cand, c)
+
+  c_hi = jax.lax.fori_loop(0, 31, bit_hi, c_hi)
+  c_lo = jax.lax.fori_loop(0, 31, bit_lo, zero)
+  chosen = take(c_hi, c_lo)
+  in_set = static | chosen
+  log_delta = merged_logsumexp(jnp.where(in_set, NEG_INF, ub), seq_axis)
+  log_delta = jnp.where(jnp.isneginf(log_delta), NEG_INF, log_delta + jnp.float32(LOG_MARGIN))
+  return in_set, SetCertificate(log_delta, scored_keys(masks, chosen, seq_axis))
 
 
 def blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks, spec, scale, seq_axis,

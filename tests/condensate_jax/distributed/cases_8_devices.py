@@ -127,14 +127,11 @@ def test_bad_mesh_or_axes_are_clear_errors():
         2, 4), ("seq", "heads")), head_axis="heads")
   with pytest.raises(ValueError, match="expected a jax.sharding.Mesh"):
     dist.condensate_attention(q, k, v, spec, mesh="mesh", seq_axis="seq")
-  with pytest.raises(ValueError, match="bounds='index'.*implements selection in"):
-    dist.condensate_attention(q, k, v, cj.CondensateSpec(
-        anchor=1, window=1, selection="certified", top_k=2), mesh=MESH)
   with pytest.raises(ValueError, match="query_blocks=True.*implements selection in"):
     dist.condensate_attention(q, k, v, cj.CondensateSpec(
         anchor=1, window=1, selection="blocks", block_size=8, top_blocks=2,
         query_blocks=True), mesh=MESH)
-  with pytest.raises(ValueError, match="a key index serves selection='indexed'"):
+  with pytest.raises(ValueError, match="a key index serves selection='indexed' and "):
     dist.condensate_attention(q, k, v, spec, mesh=MESH, index=build_index(k))
   with pytest.raises(ValueError, match="expected spec.index_bits=4"):
     dist.condensate_attention(q, k, v, INDEXED, mesh=MESH, index=build_index(k, bits=8))
@@ -254,6 +251,54 @@ def test_block_loop_sets_key_by_key_with_ties_across_shards():
   assert (sets.sum(axis=-1) < visible).any()            # some loop stopped early
 
 
+# selection="certified" on the key index (its default bounds)
+CERTIFIED = {
+    "eps 0.02": cj.CondensateSpec(anchor=2, window=4, top_k=2, selection="certified",
+                                  epsilon=0.02),
+    "eps 1e-3, top_k 0": cj.CondensateSpec(anchor=1, window=3, top_k=0,
+                                           selection="certified", epsilon=1e-3),
+    "2-bit index, top_k 9": cj.CondensateSpec(anchor=2, window=2, top_k=9,
+                                              selection="certified", epsilon=0.05,
+                                              index_bits=2),
+}
+
+
+@pytest.mark.parametrize("name", CERTIFIED)
+@pytest.mark.parametrize("axes", AXES, ids=str)
+def test_certified_on_the_index_equals_single_device(name, axes):
+  """The same index on both sides: the same set (sizes, keys scored: the first n keys in
+  bound order), outputs and the certificate to rounding; prefill rows and decode, ragged,
+  GQA, a sliding window; peaked queries so that the set stops short of every key."""
+  spec = CERTIFIED[name]
+  for t, seed, window in ((5, 40, 30), (1, 41, None)):
+    q, k, v = _inputs(seed, t=t)
+    rng = np.random.default_rng(seed)
+    k = 0.3 * k
+    for b, j in zip(rng.integers(0, 2, 10), rng.integers(0, 50, 10)):
+      k = k.at[b, j].set(3.0 * q[b, -1].reshape(2, 2, -1).mean(1))
+    kw = dict(kv_lengths=jnp.array([64, 41]), sliding_window=window, return_stats=True)
+    index = build_index(k, spec.index_bits, kw["kv_lengths"])
+    want = cj.condensate_attention(q, k, v, spec, index=index, **kw)
+    got = dist.condensate_attention(q, k, v, spec, mesh=MESH, seq_axis=axes[0],
+                                    head_axis=axes[1], index=index, **kw)
+    _compare(want, got)
+    scored, visible = np.asarray(want[1].keys_scored), np.asarray(want[1].visible)
+    assert (scored < visible).any(), "some query's set stops short"
+    assert (np.asarray(want[1].dropped_mass_bound) <= spec.epsilon * (1 + 1e-3)).all()
+  got = dist.condensate_attention(q, k, v, spec, mesh=MESH_8, seq_axis="seq",
+                                  **kw)                   # the index built inside the call
+  _compare(cj.condensate_attention(q, k, v, spec, **kw), got)
+
+
+def test_certified_on_the_index_key_by_key_with_ties_across_shards():
+  """Integer keys (ties of bounds across the 8 shard borders: the lower position first)
+  and one-hot values: the set of the mesh call key by key."""
+  for seed, eps in ((50, 0.3), (51, 0.05)):
+    spec = CERTIFIED["eps 0.02"].replace(epsilon=eps)
+    sets, _ = _one_hot_case(seed, spec, index=lambda k: build_index(k, 4))
+    assert (sets.sum(axis=-1) < np.arange(62, 65)[None, :, None]).any()
+
+
 def test_blocks_need_whole_blocks_per_shard():
   q, k, v = _inputs(15)
   with pytest.raises(ValueError, match="not whole blocks of spec.block_size=16"):
@@ -344,7 +389,9 @@ def test_models_over_a_mesh_equal_one_device(family):
                               block_size=4)
   certified = cj.CondensateSpec(anchor=2, window=4, selection="certified",
                                 bounds="blocks", block_size=4, epsilon=0.05)
-  for attention in ((None, spec, indexed, blocks, bounded, certified)
+  on_index = cj.CondensateSpec(anchor=2, window=4, top_k=2, selection="certified",
+                               epsilon=0.05)
+  for attention in ((None, spec, indexed, blocks, bounded, certified, on_index)
                     if family == "llamalike" else (spec,)):
     want = lm.generate(tokens, 5, attention, prompt_lengths=lengths)
     got = lm.generate(tokens, 5, attention, implementation=placement, prompt_lengths=lengths)
@@ -355,8 +402,8 @@ def test_model_placement_errors():
   lm = tiny.tiny_random("llamalike")
   tokens = np.zeros((1, 8), np.int32)
   with pytest.raises(ValueError, match="implements selection in"):
-    lm.logits(tokens, attention=cj.CondensateSpec(anchor=1, window=1, selection="certified",
-                                                  block_size=8),
+    lm.logits(tokens, attention=cj.CondensateSpec(anchor=1, window=1, selection="blocks",
+                                                  block_size=8, query_blocks=True),
               implementation=dist.Placement(MESH, seq_axis="seq"))
   with pytest.raises(ValueError, match=r"Placement.seq_axis='rows': not an axis"):
     lm.logits(tokens, implementation=dist.Placement(MESH, seq_axis="rows"))
