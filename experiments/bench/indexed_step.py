@@ -31,7 +31,7 @@ import numpy as np
 import condensate_jax as cj
 from condensate_jax import fast
 from condensate_jax.selection import index as index_lib
-from experiments.bench import retrieval, timing
+from experiments.bench import retrieval, tables, timing
 
 SHAPES = {
     # name: (S, Hq, Hkv, D, top_k, candidates)
@@ -148,12 +148,8 @@ def main(argv=None):
   ap.add_argument("--profile", action="store_true",
                   help="also print the step's kernels from a profiler trace (GPU)")
   a = ap.parse_args(argv)
-  names = [x for x in a.shapes.split(",") if x]
-  for x in names:
-    if x not in SHAPES:
-      raise ValueError(f"--shapes: {x!r} is not one of {list(SHAPES)}.")
-  if a.iterations < 1 or a.repeats < 1:
-    raise ValueError(f"--iterations={a.iterations}, --repeats={a.repeats}: expected >= 1.")
+  names = tables.names_arg("--shapes", a.shapes, SHAPES)
+  tables.check_loops(a.iterations, a.repeats)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   rows, ok = [], True
   for x in names:

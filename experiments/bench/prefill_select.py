@@ -30,7 +30,7 @@ import numpy as np
 
 import condensate_jax as cj
 from condensate_jax.models import fast_path
-from experiments.bench import indexed_step, timing
+from experiments.bench import indexed_step, tables, timing
 
 SHAPES = {
     # name: (T = S, Hq, Hkv, D)
@@ -130,14 +130,9 @@ def main(argv=None):
   ap.add_argument("--iterations", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=3)
   a = ap.parse_args(argv)
-  names = [x for x in a.shapes.split(",") if x]
-  specs = [x for x in a.specs.split(",") if x]
-  for flag, got, allowed in (("--shapes", names, SHAPES), ("--specs", specs, SPECS)):
-    for x in got:
-      if x not in allowed:
-        raise ValueError(f"{flag}: {x!r} is not one of {list(allowed)}.")
-  if a.iterations < 1 or a.repeats < 1:
-    raise ValueError(f"--iterations={a.iterations}, --repeats={a.repeats}: expected >= 1.")
+  names = tables.names_arg("--shapes", a.shapes, SHAPES)
+  specs = tables.names_arg("--specs", a.specs, SPECS)
+  tables.check_loops(a.iterations, a.repeats)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   rows = [r for x in names for r in run_shape(x, specs, a.iterations, a.repeats)]
   print("| " + " | ".join(COLUMNS) + " |\n|" + " --- |" * len(COLUMNS))

@@ -95,3 +95,19 @@ def _kernel_cells(r):
 def kernel_table(rows):
   """kernel_bench's table: one row per case."""
   return markdown(_KERNEL_HEADER, [_kernel_cells(r) for r in rows])
+
+
+def names_arg(flag: str, text: str, allowed) -> list:
+  """The comma-separated names of a bench's flag, each one of `allowed` (ValueError
+  naming the flag otherwise)."""
+  names = [x for x in text.split(",") if x]
+  for x in names:
+    if x not in allowed:
+      raise ValueError(f"{flag}: {x!r} is not one of {list(allowed)}.")
+  return names
+
+
+def check_loops(iterations: int, repeats: int) -> None:
+  """ValueError unless a timed bench's --iterations and --repeats are >= 1."""
+  if iterations < 1 or repeats < 1:
+    raise ValueError(f"--iterations={iterations}, --repeats={repeats}: expected >= 1.")

@@ -204,6 +204,17 @@ BOUNDED = {
 STOPS_EARLY = ("bounded", "bounded, 8-key blocks", "certified on blocks")
 
 
+def _peaked(seed, t, *, faint, loud, n, span):
+  """_inputs with the keys scaled by `faint` and n keys (among the first `span`) set to
+  `loud` times the last query's group mean: a few keys hold the mass."""
+  q, k, v = _inputs(seed, t=t)
+  rng = np.random.default_rng(seed)
+  k = faint * k
+  for b, j in zip(rng.integers(0, 2, n), rng.integers(0, span, n)):
+    k = k.at[b, j].set(loud * q[b, -1].reshape(2, 2, -1).mean(1))
+  return q, k, v
+
+
 @pytest.mark.parametrize("name", BOUNDED)
 @pytest.mark.parametrize("axes", AXES, ids=str)
 def test_block_loops_equal_single_device(name, axes):
@@ -212,13 +223,9 @@ def test_block_loops_equal_single_device(name, axes):
   prefill rows and decode, ragged, GQA, a sliding window; peaked queries so that the loop
   stops before the last block."""
   for t, seed, window in ((5, 30, 30), (1, 31, None)):
-    q, k, v = _inputs(seed, t=t)
     # faint keys and a few loud ones along each query: their blocks are expanded first
     # and the bound rule then stops the loop (keys_scored < visible below)
-    rng = np.random.default_rng(seed)
-    k = 0.05 * k
-    for b, j in zip(rng.integers(0, 2, 12), rng.integers(0, 40, 12)):
-      k = k.at[b, j].set(4.0 * q[b, -1].reshape(2, 2, -1).mean(1))
+    q, k, v = _peaked(seed, t, faint=0.05, loud=4.0, n=12, span=40)
     kw = dict(kv_lengths=jnp.array([64, 41]), sliding_window=window, return_stats=True)
     want = cj.condensate_attention(q, k, v, BOUNDED[name], **kw)
     got = dist.condensate_attention(q, k, v, BOUNDED[name], mesh=MESH, seq_axis=axes[0],
@@ -271,11 +278,7 @@ def test_certified_on_the_index_equals_single_device(name, axes):
   GQA, a sliding window; peaked queries so that the set stops short of every key."""
   spec = CERTIFIED[name]
   for t, seed, window in ((5, 40, 30), (1, 41, None)):
-    q, k, v = _inputs(seed, t=t)
-    rng = np.random.default_rng(seed)
-    k = 0.3 * k
-    for b, j in zip(rng.integers(0, 2, 10), rng.integers(0, 50, 10)):
-      k = k.at[b, j].set(3.0 * q[b, -1].reshape(2, 2, -1).mean(1))
+    q, k, v = _peaked(seed, t, faint=0.3, loud=3.0, n=10, span=50)
     kw = dict(kv_lengths=jnp.array([64, 41]), sliding_window=window, return_stats=True)
     index = build_index(k, spec.index_bits, kw["kv_lengths"])
     want = cj.condensate_attention(q, k, v, spec, index=index, **kw)
