@@ -34,7 +34,8 @@ KERNEL_IMPLEMENTATION = None
 SELECTIONS = ("exact", "indexed")
 
 
-def _top(x, k):
+def top_fn(x, k):
+  """Top-k ids and threshold of `x`'s rows on the top_select kernel (the `top_fn` of selection)."""
   _, ids, tau = _top_api.top_set(x, k, implementation=KERNEL_IMPLEMENTATION)
   return ids, tau
 
@@ -52,10 +53,10 @@ def condensate_pallas_select(q, k, v, q_positions, kv_lengths, *, spec, causal,
     return xla_indexed.indexed_attention(
         q, k, v, q_positions, kv_lengths, spec=spec, causal=causal,
         sliding_window=sliding_window, scale=scale, return_stats=return_stats,
-        index=index, top_fn=_top)
+        index=index, top_fn=top_fn)
   lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
                                   sliding_window=sliding_window)
   scores = softmax.scores(q, k, scale)
-  selection = exact.select(scores, lo, hi, spec, top_fn=_top)
+  selection = exact.select(scores, lo, hi, spec, top_fn=top_fn)
   out = softmax.masked_softmax(scores, selection.in_set, v, q.dtype)
   return (out, xla_masked.exact_stats(scores, selection)) if return_stats else out

@@ -59,7 +59,7 @@ def same_sets(q, k, spec, lengths, scale):
   c = min(fast_path.PREFILL_CHUNK, t_len)
   qc = q[:, t_len - c:]
   pos = jnp.arange(t_len - c, t_len, dtype=jnp.int32)[None]
-  top = pallas_select._top   # pylint: disable=protected-access
+  top = pallas_select.top_fn
 
   @jax.jit
   def sets(qc, k):

@@ -81,11 +81,11 @@ def test_the_sets_are_the_specifications(case, spec_name):
   scores = softmax.scores(q, k, 0.25)
   if spec.selection == "exact":
     sets = [exact.select(scores, lo, hi, spec, top_fn=f).in_set
-            for f in (None, pallas_select._top)]   # pylint: disable=protected-access
+            for f in (None, pallas_select.top_fn)]
   else:
     index = index_lib.build(k, lengths, spec.index_bits)
     sets = [xla_indexed.select(scores, q, index, lo, hi, spec, 0.25, f).in_set
-            for f in (None, pallas_select._top)]   # pylint: disable=protected-access
+            for f in (None, pallas_select.top_fn)]
   np.testing.assert_array_equal(np.asarray(sets[1]), np.asarray(sets[0]))
   assert not np.asarray(sets[0]).all()
 
