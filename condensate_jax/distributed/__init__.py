@@ -50,11 +50,11 @@ all shards, ties to the lower block) among those holding middle keys, and the ce
 sums n_b e^{U_b} over the other blocks of every shard. The summaries are built from the
 shard's keys in every call (a cache's summaries are not taken). Sets, set sizes and keys
 scored as one device's; outputs and the certificate to rounding. (`distributed.sets`
-holds the sets and the merged statistics.)
+and `distributed.block_sets` hold the sets, `sets` the merged statistics.)
 
 selection="bounded" and "certified" with bounds="blocks" across shards
-(`impl.xla_blocks`'s sets, `sets.block_loop_set`): the blocks' bounds and middle counts of
-every shard are gathered (per block and head: a few numbers), so each shard knows the
+(`impl.xla_blocks`'s sets, `block_sets.block_loop_set`): the blocks' bounds and middle
+counts of every shard are gathered (per block and head: a few numbers), so each shard knows the
 single-device block order; the number of blocks the single-device loop expands is found
 by bisection over the order (log2 of the block count probes; "bounded": each a global
 top-k of the expanded keys as for "exact"; "certified": each the merged mass of the set
@@ -78,8 +78,16 @@ so far against the rest's bounds. Sets, set sizes and keys scored as one device'
 certificate to rounding (the sums merge per shard where one device takes cumulative sums:
 an eps within rounding of the target can stop at another key).
 
-Limits: selection "exact", "indexed", "blocks", "bounded", "certified" (query_blocks is
-not distributed yet);
+selection="blocks" with query_blocks=True and T > 1 (`impl.xla_blocks.query_block_prefill`'s
+set, `block_sets.query_blocks_set`): each block of block_size query rows ranks every shard's
+key-block boxes with its centre query (`selection.prefill_lists`' ranking), the global
+top_blocks blocks holding middle keys of its rows (ties to the lower block); each query's
+certificate from its own block bounds, merged over shards. Sets, set sizes and keys
+scored as one device's; per call it gathers each shard's top_blocks candidate blocks
+(B * Hq * nq * top_blocks scores and flags per shard) and merges a [B, Hq, T]
+log-sum-exp and the keys-scored counts.
+
+Limits: selection "exact", "indexed", "blocks" (query_blocks too), "bounded", "certified";
 queries are replicated over seq_axis (each shard scores T x S_local:
 prefill at long T is memory-bound by that); no top_k_capacity (static sizes).
 """
@@ -94,7 +102,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from condensate_jax import finite, geometry, softmax, validation
-from condensate_jax.distributed import sets
+from condensate_jax.distributed import block_sets, sets
+from condensate_jax.impl import xla_blocks
 from condensate_jax.selection import index as index_lib
 from condensate_jax.softmax import HIGHEST, NEG_INF, AttentionStats
 from condensate_jax.spec import CondensateSpec, check_spec
@@ -208,12 +217,10 @@ SELECTIONS = ("exact", "indexed", "blocks", "bounded", "certified")
 
 
 def _check_selection(spec, name):
-  if spec.selection not in SELECTIONS or spec.top_k_capacity or spec.query_blocks:
+  if spec.selection not in SELECTIONS or spec.top_k_capacity:
     raise ValueError(f"{name}.selection={spec.selection!r}, top_k_capacity="
-                     f"{spec.top_k_capacity}, query_blocks={spec.query_blocks}: the "
-                     f"distributed call implements selection in {SELECTIONS} with static "
-                     "sizes (a spec without top_k_capacity; query_blocks is not "
-                     "distributed yet).")
+                     f"{spec.top_k_capacity}: the distributed call implements selection "
+                     f"in {SELECTIONS} with static sizes (a spec without top_k_capacity).")
 
 
 def dense_attention(q, k, v, *, mesh, seq_axis=None, head_axis=None, causal: bool = True,
@@ -232,6 +239,8 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
   n_seq, _ = _check_mesh(mesh, seq_axis, head_axis, k, q)
+  if spec is not None and spec.query_blocks and q.shape[1] > 1:
+    xla_blocks.check_query_blocks(causal, sliding_window)
   if spec is not None and spec.uses_blocks and (k.shape[1] // n_seq) % spec.block_size:
     raise ValueError(f"k.shape[1]={k.shape[1]} over {n_seq} sequence shards: "
                      f"{k.shape[1] // n_seq} keys per shard, not whole blocks of "
@@ -290,18 +299,22 @@ def _local(q, k, v, q_positions, kv_lengths, index, *, spec, seq_axis, n_seq, s_
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = sets.indexed_set(scores, q, index, masks, spec, scale, seq_axis,
                                     n_seq, s_len)
+  elif spec.selection == "blocks" and spec.query_blocks and q.shape[1] > 1:
+    masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
+    in_set, topk = block_sets.query_blocks_set(scores, q, k, q_positions, kv_lengths, lo,
+                                               hi, offset, masks, spec, scale, seq_axis, n_seq)
   elif spec.selection == "blocks":
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
-    in_set, topk = sets.blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
-                                   spec, scale, seq_axis, n_seq)
+    in_set, topk = block_sets.blocks_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
+                                         spec, scale, seq_axis, n_seq)
   elif spec.selection == "certified" and spec.uses_index:
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = sets.certified_index_set(scores, q, index, masks, spec, scale, seq_axis,
                                             offset)
   elif spec.selection in ("bounded", "certified"):
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
-    in_set, topk = sets.block_loop_set(scores, q, k, kv_lengths, lo, hi, offset, masks,
-                                       spec, scale, seq_axis, n_seq, s_len)
+    in_set, topk = block_sets.block_loop_set(scores, q, k, kv_lengths, lo, hi, offset,
+                                             masks, spec, scale, seq_axis, n_seq, s_len)
   else:
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc, spec)
     in_set, topk = sets.exact_set(scores, masks, spec, seq_axis, n_seq, s_len)

@@ -18,6 +18,36 @@ from condensate_jax.softmax import NEG_INF
 PREFILL_RANK_ENTRIES = 1 << 27
 
 
+def query_block_centres(q, num_kv_heads: int, p: int):
+  """[B, nq, K, G, 2D] float32: per block of p query rows, its centre query
+  c = (min + max) / 2 over the rows and |c| (the ranking side of `prefill_lists`)."""
+  b, t, hq, d = q.shape
+  nq = -(-t // p)
+  qq = jnp.pad(q, ((0, 0), (0, nq * p - t), (0, 0), (0, 0))).reshape(b, nq, p, hq, d)
+  q_ok = (jnp.arange(nq * p) < t).reshape(1, nq, p, 1, 1)
+  qmin = jnp.min(jnp.where(q_ok, qq, jnp.inf), axis=2).astype(jnp.float32)
+  qmax = jnp.max(jnp.where(q_ok, qq, -jnp.inf), axis=2).astype(jnp.float32)
+  cq = 0.5 * (qmin + qmax)   # [B, nq, Hq, D]; the box over the block's queries is loose
+  return jnp.concatenate([cq, jnp.abs(cq)], -1).reshape(b, nq, num_kv_heads,
+                                                        hq // num_kv_heads, 2 * d)
+
+
+def key_block_features(kmin, kmax, dtype):
+  """[B, nk, K, 2D] in `dtype`: each key block's box centre and radius (empty boxes 0)."""
+  kmn, kmx = kmin.astype(jnp.float32), kmax.astype(jnp.float32)
+  empty = ~(kmn <= kmx)
+  ck = jnp.where(empty, 0.0, 0.5 * (kmn + kmx))
+  rk = jnp.where(empty, 0.0, 0.5 * (kmx - kmn))
+  return jnp.concatenate([ck, rk], -1).astype(dtype)
+
+
+def centre_ranking(qf, kf, dtype):
+  """U_IJ = c_I . c_J + |c_I| . r_J [B, Hq, nq, nk] float32 (one matmul in `dtype`)."""
+  b, nq, hkv, g, _ = qf.shape
+  return jnp.einsum("bikgc,bjkc->bkgij", qf.astype(dtype), kf,
+                    preferred_element_type=jnp.float32).reshape(b, hkv * g, nq, kf.shape[1])
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "method", "chunk", "max_entries"))
 def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chunk=16,
                   max_entries=PREFILL_RANK_ENTRIES, q_offset=None, kv_lengths=None):
@@ -50,17 +80,8 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chun
     summ = summaries_lib.build(k, n_keys, p)
     kmin, kmax = summ.kmin, summ.kmax
   n_keys = n_keys[:, None, None]
-  qq = jnp.pad(q, ((0, 0), (0, nq * p - t), (0, 0), (0, 0))).reshape(b, nq, p, hq, d)
-  q_ok = (jnp.arange(nq * p) < t).reshape(1, nq, p, 1, 1)
-  qmin = jnp.min(jnp.where(q_ok, qq, jnp.inf), axis=2).astype(jnp.float32)
-  qmax = jnp.max(jnp.where(q_ok, qq, -jnp.inf), axis=2).astype(jnp.float32)
-  cq = 0.5 * (qmin + qmax)   # [B, nq, Hq, D]; the box over the block's queries is loose
-  kmn, kmx = kmin.astype(jnp.float32), kmax.astype(jnp.float32)
-  empty = ~(kmn <= kmx)
-  ck = jnp.where(empty, 0.0, 0.5 * (kmn + kmx))
-  rk = jnp.where(empty, 0.0, 0.5 * (kmx - kmn))
-  qf = jnp.concatenate([cq, jnp.abs(cq)], -1).reshape(b, nq, hkv, hq // hkv, 2 * d)
-  kf = jnp.concatenate([ck, rk], -1).astype(q.dtype)                    # [B, nk, K, 2D]
+  qf = query_block_centres(q, hkv, p)                                  # [B,nq,K,G,2D]
+  kf = key_block_features(kmin, kmax, q.dtype)                          # [B, nk, K, 2D]
   m = min(spec.top_blocks, nk)
   n_anchor = -(-spec.anchor // p) if spec.anchor else 0
   n_band = (p + max(spec.window, 1) - 2) // p + 2 if spec.window else 0
@@ -69,8 +90,7 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chun
   def lists(qf_c, i0):
     """Lists of query blocks i0 .. i0 + nc - 1 (qf_c [B, nc, K, G, 2D])."""
     nc = qf_c.shape[1]
-    u = jnp.einsum("bikgc,bjkc->bkgij", qf_c.astype(q.dtype), kf,
-                   preferred_element_type=jnp.float32).reshape(b, hq, nc, nk)
+    u = centre_ranking(qf_c, kf, q.dtype)                                # [B,Hq,nc,nk]
     i = i0 + jnp.arange(nc)[:, None]                                      # [nc, 1]
     last = jnp.minimum(off + jnp.minimum(i * p + p, t) - 1, n_keys - 1)   # [B, nc, 1]
     first = off + i * p

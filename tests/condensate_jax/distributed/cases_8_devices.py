@@ -127,10 +127,11 @@ def test_bad_mesh_or_axes_are_clear_errors():
         2, 4), ("seq", "heads")), head_axis="heads")
   with pytest.raises(ValueError, match="expected a jax.sharding.Mesh"):
     dist.condensate_attention(q, k, v, spec, mesh="mesh", seq_axis="seq")
-  with pytest.raises(ValueError, match="query_blocks=True.*implements selection in"):
-    dist.condensate_attention(q, k, v, cj.CondensateSpec(
-        anchor=1, window=1, selection="blocks", block_size=8, top_blocks=2,
-        query_blocks=True), mesh=MESH)
+  with pytest.raises(ValueError, match="top_k_capacity=8: the distributed call implements"):
+    dist.condensate_attention(q, k, v, spec.replace(top_k_capacity=8), mesh=MESH)
+  with pytest.raises(ValueError, match="query_blocks=True with causal=True, sliding_window=9"):
+    dist.condensate_attention(q, k, v, QUERY_BLOCKS["4-key blocks"], mesh=MESH,
+                              seq_axis="seq", sliding_window=9)
   with pytest.raises(ValueError, match="a key index serves selection='indexed' and "):
     dist.condensate_attention(q, k, v, spec, mesh=MESH, index=build_index(k))
   with pytest.raises(ValueError, match="expected spec.index_bits=4"):
@@ -181,6 +182,48 @@ def test_blocks_equals_single_device(name, axes):
                                     head_axis=axes[1], **kw)
     _compare(want, got)
     assert np.asarray(want[1].set_size).min() < np.asarray(want[1].visible).max()
+
+
+QUERY_BLOCKS = {
+    "4-key blocks": cj.CondensateSpec(anchor=2, window=4, selection="blocks", block_size=4,
+                                      top_blocks=3, query_blocks=True),
+    "8-key blocks, anchor 9": cj.CondensateSpec(anchor=9, window=3, selection="blocks",
+                                                block_size=8, top_blocks=2,
+                                                query_blocks=True),
+    "no anchor or window": cj.CondensateSpec(anchor=0, window=0, selection="blocks",
+                                             block_size=4, top_blocks=5, query_blocks=True),
+}
+
+
+@pytest.mark.parametrize("name", QUERY_BLOCKS)
+@pytest.mark.parametrize("axes", AXES, ids=str)
+def test_query_blocks_equal_single_device(name, axes):
+  """query_blocks: per block of query rows the prefill lists' blocks, found over the
+  shards; the same sets (set sizes, keys scored), outputs and certificates to rounding.
+  A prefill chunk of 13 rows (a partial last query block) at ragged positions, a chunk
+  starting mid-block, and decode (per-query blocks)."""
+  for t, seed, pos in ((13, 30, None), (13, 31, [[40], [20]]), (1, 32, None)):
+    q, k, v = _inputs(seed, t=t)
+    kw = dict(kv_lengths=jnp.array([64, 41]), return_stats=True)
+    if pos is not None:
+      kw["q_positions"] = jnp.asarray(pos) + jnp.arange(t)[None]
+      kw["kv_lengths"] = jnp.asarray(pos)[:, 0] + t
+    want = cj.condensate_attention(q, k, v, QUERY_BLOCKS[name], **kw)
+    got = dist.condensate_attention(q, k, v, QUERY_BLOCKS[name], mesh=MESH,
+                                    seq_axis=axes[0], head_axis=axes[1], **kw)
+    _compare(want, got)
+    if t > 1:
+      blocks = cj.condensate_attention(q, k, v, QUERY_BLOCKS[name].replace(
+          query_blocks=False), **kw)
+      assert not np.array_equal(np.asarray(blocks[1].set_size),
+                                np.asarray(want[1].set_size))   # per-block lists differ
+    assert np.asarray(want[1].set_size).min() < np.asarray(want[1].visible).max()
+
+
+def test_query_blocks_key_by_key_with_ties_across_shards():
+  sets, _ = _one_hot_case(22, QUERY_BLOCKS["4-key blocks"].replace(top_blocks=4))
+  per_query, _ = _one_hot_case(22, BLOCKS["blocks"].replace(top_blocks=4))
+  assert (sets != per_query).any()
 
 
 BOUNDED = {
@@ -394,7 +437,8 @@ def test_models_over_a_mesh_equal_one_device(family):
                                 bounds="blocks", block_size=4, epsilon=0.05)
   on_index = cj.CondensateSpec(anchor=2, window=4, top_k=2, selection="certified",
                                epsilon=0.05)
-  for attention in ((None, spec, indexed, blocks, bounded, certified, on_index)
+  query_blocks = blocks.replace(query_blocks=True)
+  for attention in ((None, spec, indexed, blocks, query_blocks, bounded, certified, on_index)
                     if family == "llamalike" else (spec,)):
     want = lm.generate(tokens, 5, attention, prompt_lengths=lengths)
     got = lm.generate(tokens, 5, attention, implementation=placement, prompt_lengths=lengths)
@@ -405,8 +449,8 @@ def test_model_placement_errors():
   lm = tiny.tiny_random("llamalike")
   tokens = np.zeros((1, 8), np.int32)
   with pytest.raises(ValueError, match="implements selection in"):
-    lm.logits(tokens, attention=cj.CondensateSpec(anchor=1, window=1, selection="blocks",
-                                                  block_size=8, query_blocks=True),
+    lm.logits(tokens, attention=cj.CondensateSpec(anchor=1, window=1, top_k=4,
+                                                  top_k_capacity=8),
               implementation=dist.Placement(MESH, seq_axis="seq"))
   with pytest.raises(ValueError, match=r"Placement.seq_axis='rows': not an axis"):
     lm.logits(tokens, implementation=dist.Placement(MESH, seq_axis="rows"))
