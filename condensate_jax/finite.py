@@ -54,8 +54,9 @@ def nonfinite_rows(*xs: jax.Array) -> jax.Array:
   return bad
 
 
-def _count_in_range(bad: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-  """bad [B, S, K] -> [B, K, T]: bad keys in lo..hi (inclusive, [B, T]; hi < lo: 0)."""
+def count_in_range(bad: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """bad [B, S, K] -> [B, K, T]: bad keys in lo..hi (inclusive, [B, T]; hi < lo: 0;
+  positions outside 0..S-1 count nothing, so a shard passes lo, hi minus its offset)."""
   c = jnp.cumsum(bad.astype(jnp.int32), axis=1)
   c = jnp.pad(c, ((0, 0), (1, 0), (0, 0)))                       # c[j] = bad keys < j
   s = bad.shape[1]
@@ -85,8 +86,7 @@ def reads_nonfinite(q, k, v, q_positions, kv_lengths, *, causal, sliding_window,
   """[B, T, Hq] bool: the queries whose attention reads a non-finite value (module doc).
   summaries: optional (kmin, kmax, P): block summaries [B, nb, Hkv, D] of P keys each.
   bad_keys: optional [B, S, Hkv] bool: keys whose index entry is broken."""
-  b, t, hq, _ = q.shape
-  s, hkv = k.shape[1], k.shape[2]
+  hq, s = q.shape[2], k.shape[1]
   lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
                                   sliding_window=sliding_window)
   bad = nonfinite_rows(k, v)
@@ -97,9 +97,12 @@ def reads_nonfinite(q, k, v, q_positions, kv_lengths, *, causal, sliding_window,
     bad = bad | jnp.pad(per_key, ((0, 0), (0, s - per_key.shape[1]), (0, 0)))
   if bad_keys is not None:
     bad = bad | bad_keys
-  n = _count_in_range(bad, lo, hi)                                       # [B, K, T]
-  per_head = jnp.repeat(n > 0, hq // hkv, axis=1).transpose(0, 2, 1)     # [B, T, Hq]
-  return per_head | ~jnp.all(jnp.isfinite(q), axis=-1)
+  return per_query_head(count_in_range(bad, lo, hi), hq) | ~jnp.all(jnp.isfinite(q), -1)
+
+
+def per_query_head(counts: jax.Array, hq: int) -> jax.Array:
+  """counts [B, K, T] of bad keys read per K/V head -> [B, T, Hq] bool (any read)."""
+  return jnp.repeat(counts > 0, hq // counts.shape[1], axis=1).transpose(0, 2, 1)
 
 
 def poison(out: jax.Array, bad: jax.Array) -> jax.Array:

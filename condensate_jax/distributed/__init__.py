@@ -31,7 +31,12 @@ set, set sizes and counts exactly (tested on 8 CPU devices, ties across shard bo
 Communication per call (seq_axis of n devices; per head shard): the candidates' scores and
 validity, n * k' * T * Hq * 5 bytes gathered (decode, T = 1, top_k 1024, 32 heads, 8
 devices: 1.3 MB), and the merge: pmax of [B, Hq, T] and psum of [B, Hq, T] + [B, T, Hq, D]
-float32 (decode, Hq = 32, D = 128: 16 KB). head_axis alone needs none.
+float32 (decode, Hq = 32, D = 128: 16 KB), and a psum of the bad keys each query's K/V
+head reads, [B, Hkv, T] int32 (the non-finite check counted per shard: counted over the
+whole sequence outside the shards, XLA gathered a [B, S, Hkv] int32 array to every
+device, 32 MB per call at 1M keys and 8 KV heads). head_axis alone needs none. These
+are the compiled program's collectives exactly (`experiments.bench.mesh_bench`'s
+`compiled_collectives` on the HLO; tested on 8 CPU devices for dense and "exact").
 
 selection="indexed" across shards (`impl.xla_indexed.select`'s set): the key index
 (`index=`, a `KeyIndex` of k sharded like it, mu and sigma per KV head; None: built from
@@ -250,45 +255,64 @@ def _call(q, k, v, spec, *, mesh, seq_axis, head_axis, causal, q_positions, kv_l
   bad_keys = None
   if index is not None:    # a broken entry poisons its readers, as on one device
     bad_keys, index = finite.sanitize_index(index)
-  bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
-                               sliding_window=window, bad_keys=bad_keys)
   if spec is not None and spec.uses_index and index is None:
     # from the sanitized keys, as the single-device call; partitioned by XLA
     index = index_lib.build(finite.sanitize(k), kv_lengths, spec.index_bits)
-  out = _sharded(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v), q_positions,
-                 kv_lengths, index, spec=spec, mesh=mesh, seq_axis=seq_axis,
-                 head_axis=head_axis,
-                 n_seq=n_seq, causal=bool(causal), sliding_window=window, scale=scale,
-                 return_stats=return_stats)
+  out, bad = _sharded(finite.sanitize(q), k, v, q_positions, kv_lengths, index, bad_keys,
+                      spec=spec, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis,
+                      n_seq=n_seq, causal=bool(causal), sliding_window=window, scale=scale,
+                      return_stats=return_stats)
+  bad = bad | ~jnp.all(jnp.isfinite(q), axis=-1)
   return finite.poison_result(out, bad, return_stats)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "mesh", "seq_axis", "head_axis",
                                              "n_seq", "causal", "sliding_window", "scale",
                                              "return_stats"))
-def _sharded(q, k, v, q_positions, kv_lengths, index, *, spec, mesh, seq_axis, head_axis,
-             n_seq, causal, sliding_window, scale, return_stats):
+def _sharded(q, k, v, q_positions, kv_lengths, index, bad_keys, *, spec, mesh, seq_axis,
+             head_axis, n_seq, causal, sliding_window, scale, return_stats):
+  """(out, bad [B, T, Hq]: the queries that read a non-finite key or value row or a
+  broken index entry) of the shards; k, v as given (sanitized per shard)."""
   s_len = k.shape[1]
   local = functools.partial(_local, spec=spec, seq_axis=seq_axis, n_seq=n_seq,
                             s_len=s_len, causal=causal, sliding_window=sliding_window,
                             scale=scale, return_stats=return_stats)
   qs, kvs = P(None, None, head_axis, None), P(None, seq_axis, head_axis, None)
-  out_specs = (qs, AttentionStats(*[P(None, head_axis, None)] * 6)) if return_stats else qs
+  per_key = P(None, seq_axis, head_axis)
+  out_spec = (qs, AttentionStats(*[P(None, head_axis, None)] * 6)) if return_stats else qs
   ixs = None if index is None else index_lib.KeyIndex(
-      kvs, P(None, seq_axis, head_axis), P(None, seq_axis, head_axis),
-      P(None, head_axis, None), P(None, head_axis, None), index.bits)
-  return jax.shard_map(local, mesh=mesh, in_specs=(qs, kvs, kvs, P(), P(), ixs),
-                       out_specs=out_specs, check_vma=False)(q, k, v, q_positions,
-                                                            kv_lengths, index)
+      kvs, per_key, per_key, P(None, head_axis, None), P(None, head_axis, None), index.bits)
+  bks = None if bad_keys is None else per_key
+  return jax.shard_map(local, mesh=mesh, in_specs=(qs, kvs, kvs, P(), P(), ixs, bks),
+                       out_specs=(out_spec, P(None, None, head_axis)),
+                       check_vma=False)(q, k, v, q_positions, kv_lengths, index, bad_keys)
 
 
-def _local(q, k, v, q_positions, kv_lengths, index, *, spec, seq_axis, n_seq, s_len,
-           causal, sliding_window, scale, return_stats):
-  """One shard: its keys' part of every query's set, attended and merged."""
+def _local(q, k, v, q_positions, kv_lengths, index, bad_keys, *, spec, seq_axis, n_seq,
+           s_len, causal, sliding_window, scale, return_stats):
+  """One shard: its keys' part of every query's set, attended and merged; and which
+  queries read a bad key of any shard (counted per shard, summed: [B, K, T] int32, where
+  a count over the whole sequence outside the shards made XLA gather a [B, S, Hkv]
+  array to every device)."""
   s_loc = k.shape[1]
   offset = 0 if seq_axis is None else jax.lax.axis_index(seq_axis) * s_loc
   lo, hi = geometry.visible_range(q_positions, kv_lengths, causal=causal,
                                   sliding_window=sliding_window)
+  bad = finite.nonfinite_rows(k, v)
+  if bad_keys is not None:
+    bad = bad | bad_keys
+  bad = finite.per_query_head(
+      sets.psum(finite.count_in_range(bad, lo - offset, hi - offset), seq_axis), q.shape[2])
+  k, v = finite.sanitize(k), finite.sanitize(v)
+  return _attend(q, k, v, q_positions, kv_lengths, index, lo, hi, offset, spec=spec,
+                 seq_axis=seq_axis, n_seq=n_seq, s_len=s_len, scale=scale,
+                 return_stats=return_stats), bad
+
+
+def _attend(q, k, v, q_positions, kv_lengths, index, lo, hi, offset, *, spec, seq_axis,
+            n_seq, s_len, scale, return_stats):
+  """One shard's sets, attended and merged (k, v finite)."""
+  s_loc = k.shape[1]
   scores = softmax.scores(q, k, scale)                                  # [B,K,G,T,S_l]
   if spec is None:
     masks = geometry.static_masks(lo - offset, hi - offset, s_loc,

@@ -16,6 +16,8 @@ paths: dense reads everything, exact top-k scores everything).
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,13 +42,41 @@ def device_counts(config) -> list[int]:
 
 
 def collective_bytes(config, s: int, b: int, n: int) -> dict[str, int]:
-  """Bytes per call of the sequence-sharded collectives (float32 merge; the candidates'
-  scores float32 + a validity byte): what `distributed.condensate_attention` sends."""
-  hq, d = config.q_heads, config.head_dim
+  """Bytes per call and device of the sequence-sharded collectives, stated from the
+  shapes: the gathered top-k candidates of `distributed.condensate_attention` (scores
+  float32 + a validity byte, every shard's) and the merge both calls share (float32 pmax
+  m, psum l and o; int32 psum of the bad keys each K/V head reads). Checked against the
+  compiled program (`compiled_collectives`)."""
+  hq, hkv, d = config.q_heads, config.kv_heads, config.head_dim
   kk = min(config.attention.top_k, s // n)
   gather = n * kk * b * hq * 5 if n > 1 else 0
-  merge = (b * hq * 4 * 2 + b * hq * d * 4) if n > 1 else 0    # pmax m, psum l, psum o
+  merge = (b * hq * 4 * 2 + b * hq * d * 4 + b * hkv * 4) if n > 1 else 0
   return {"gather_bytes": gather, "merge_bytes": merge}
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute|collective-broadcast)(-start)?\(")
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def compiled_collectives(hlo_text: str) -> dict[str, int]:
+  """Bytes per device of the collectives in a compiled program's HLO text: each
+  all-gather's and all-reduce's result (an async all-gather-start's tuple holds operands,
+  then results: the results counted), every other collective under "other"."""
+  out = {"gather": 0, "reduce": 0, "other": 0}
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    sizes = [_DTYPE_BYTES[dt] * int(np.prod([int(x) for x in dims.split(",") if x]))
+             for dt, dims in _SHAPE.findall(m.group(1))]
+    if m.group(2) == "all-gather" and m.group(3):
+      sizes = sizes[len(sizes) // 2:]
+    kind = {"all-gather": "gather", "all-reduce": "reduce"}.get(m.group(2), "other")
+    out[kind] += sum(sizes)
+  return out
 
 
 def _inputs(config, s, b, seed):
@@ -77,6 +107,8 @@ def run_row(config, n, s, b, spec):
       _out_of_memory_or_raise(err)
       row[f"{name}_s"], row[f"{name}_error"] = None, "out of memory"
       continue
+    compiled = compiled_collectives(jax.jit(fn).lower(q, k, v).compile().as_text())
+    row.update({f"{name}_compiled_{kind}_bytes": x for kind, x in compiled.items()})
     if s <= config.check_max_keys:
       try:    # the one-device reference may not fit where the sharded call does
         got = jax.jit(fn)(q, k, v)
@@ -100,13 +132,17 @@ def table(rows) -> str:
   ms = lambda x: "OOM" if x is None else f"{1e3 * x:.3f}"
   err = lambda r, n: ("—" if f"{n}_max_abs_vs_one_device" not in r
                       else f"{r[f'{n}_max_abs_vs_one_device']:.1e}")
+  got = lambda r, kind, unit: ("—" if f"condensate_compiled_{kind}_bytes" not in r
+                               else f"{r[f'condensate_compiled_{kind}_bytes'] / unit:.{2 if unit > 1e3 else 1}f}")
   body = [[str(r["devices"]), f"{r['keys'] // 1024}K", str(r["batch"]), ms(r["dense_s"]),
            ms(r["condensate_s"]), err(r, "dense"), err(r, "condensate"),
-           f"{r['gather_bytes'] / 1e6:.2f}", f"{r['merge_bytes'] / 1e3:.1f}"]
+           f"{r['gather_bytes'] / 1e6:.2f} / {got(r, 'gather', 1e6)}",
+           f"{r['merge_bytes'] / 1e3:.1f} / {got(r, 'reduce', 1e3)}", got(r, "other", 1e3)]
           for r in rows]
   return tables.markdown(["devices", "keys", "B", "dense ms", "condensate ms",
                           "dense vs 1 device", "condensate vs 1 device",
-                          "gathered MB", "merged KB"], body)
+                          "gathered MB (stated / compiled)", "merged KB (stated / compiled)",
+                          "other collectives KB (compiled)"], body)
 
 
 def run(config, workdir, progress: bool = True):

@@ -494,6 +494,13 @@ def test_mesh_bench_job(tmp_path):
   one, four = result["rows"]
   assert (one["devices"], four["devices"]) == (1, 4)
   assert one["gather_bytes"] == 0 and four["gather_bytes"] == 4 * 64 * 1 * 4 * 5
+  # the stated bytes are the compiled program's: no collective beyond them (a global
+  # count over the sequence outside the shards once gathered a [B, S, Hkv] array)
+  for name in ("dense", "condensate"):
+    assert four[f"{name}_compiled_gather_bytes"] == (four["gather_bytes"]
+                                                     if name == "condensate" else 0)
+    assert four[f"{name}_compiled_reduce_bytes"] == four["merge_bytes"]
+    assert four[f"{name}_compiled_other_bytes"] == 0
   for r in (one, four):
     assert r["dense_s"] > 0 and r["condensate_s"] > 0
     assert r["dense_max_abs_vs_one_device"] <= 1e-6
