@@ -47,7 +47,7 @@ from pallas_kernels.index_scan import api as scan_api
 from pallas_kernels.top_select import api as top_api
 from pallas_kernels.top_select import reference as top_reference
 
-SCANS = (None, "triton", "triton_mma", "reference")
+SCANS = (None, "triton", "triton_mma", "mosaic_gpu", "reference")
 SELECTS = (None, "triton", "reference", "xla")
 
 
@@ -109,9 +109,10 @@ def _gather_keys(k, ids):
   return k[jnp.arange(b)[:, None, None, None], ids, jnp.arange(hkv)[None, :, None, None]]
 
 
-def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None):
+def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None, **scan_kw):
   """Phase 1 alone (traceable, inputs as `indexed_decode_step`'s): est [B, K, G, S]
-  float32, -inf where a key is not a middle key of the row's decode query."""
+  float32, -inf where a key is not a middle key of the row's decode query. scan_kw: the
+  scan kernel's tuning (`pallas_kernels.index_scan.api.index_scan`'s kernel_kw)."""
   b, _, hq, d = q.shape
   hkv = index.packed.shape[1]
   g = hq // hkv
@@ -122,7 +123,7 @@ def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None):
   qmu = jnp.einsum("bkgd,bkd->bkg", qg, index.mu, precision=HIGHEST)
   return scan_api.index_scan(pad(qs), pad(qmu), index.packed, index.step, kv_lengths,
                              scale=scale, bits=index.bits, group=g, anchor=spec.anchor,
-                             window=spec.window, implementation=scan)[:, :, :g]
+                             window=spec.window, implementation=scan, **scan_kw)[:, :, :g]
 
 
 # select="xla" keeps the earlier step's candidates: one lax.top_k up to this many keys,

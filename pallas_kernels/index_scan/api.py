@@ -7,6 +7,10 @@ implementation:
   "triton_mma" GPU kernel (gpu_triton_mma.py), the same on tensor cores (bf16 codes,
                q * sigma in three bf16 parts, float32 accumulation; ~1.8x faster on an
                H200, where its jitted rounding test passed: jax 0.11.2, 2026-12-04);
+  "mosaic_gpu" Hopper kernel (gpu_mosaic.py): triton_mma's arithmetic through Mosaic GPU
+               (wgmma, TMA pipelining), off the deprecated Triton backend; correct on an
+               H200 but 0.84-0.88x triton_mma's speed there (2026-12-04), so opt-in (no
+               interpret mode: GPU tests only);
   None         the best for the platform: GPU "triton_mma" (packed rows it refuses:
                "triton"), CPU "triton" interpreted, else
                "reference"; a backend raising NotImplementedError falls back to the next.
@@ -20,12 +24,13 @@ import types
 import jax
 
 from pallas_kernels import util
-from pallas_kernels.index_scan import gpu_triton, gpu_triton_mma, reference
+from pallas_kernels.index_scan import gpu_mosaic, gpu_triton, gpu_triton_mma, reference
 
 IMPLEMENTATIONS = types.MappingProxyType({
     "reference": reference.index_scan,
     "triton": gpu_triton.index_scan,
     "triton_mma": gpu_triton_mma.index_scan,
+    "mosaic_gpu": gpu_mosaic.index_scan,
 })
 _BEST = types.MappingProxyType({"gpu": ("triton_mma", "triton", "reference"),
                                 "cpu": ("triton", "reference")})

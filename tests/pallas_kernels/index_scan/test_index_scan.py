@@ -18,6 +18,8 @@ from tests.conftest import kernels
 TRITON = kernels("triton")
 # the tensor-core scan: interpreted on a CPU, compiled where the GPU kernels are
 MMA = tuple(("triton_mma", interpret) for _, interpret in TRITON)
+# the Mosaic GPU scan: compiled on a GPU only (no interpret mode for its pipelined kernel)
+MOSAIC = (("mosaic_gpu", False),) if jax.default_backend() == "gpu" else ()
 
 
 def _inputs(seed, b, s, hkv, g, d, bits, lengths):
@@ -45,13 +47,16 @@ def test_pack_round_trip(bits):
   np.testing.assert_array_equal(np.asarray(packed.step), np.asarray(idx.step).transpose(0, 2, 1))
 
 
-@pytest.mark.parametrize("impl,interpret", TRITON + MMA)
+@pytest.mark.parametrize("impl,interpret", TRITON + MMA + MOSAIC)
 @pytest.mark.parametrize("bits,g,block_keys,d", [(2, 4, 32, 32), (4, 3, 64, 32),
                                                  (8, 1, 16, 32), (2, 8, 64, 64),
                                                  (4, 4, 128, 128)])
 def test_matches_reference(impl, interpret, bits, g, block_keys, d):
   if impl == "triton_mma" and d * bits // 8 < 16:
     pytest.skip("packed width < 16: the tensor-core scan refuses it (tested below)")
+  if impl == "mosaic_gpu" and d * bits // 8 not in (32, 64, 128):
+    pytest.skip("packed width not 32, 64 or 128 bytes: the Mosaic GPU scan refuses it")
+  tuning = {} if impl == "mosaic_gpu" else dict(block_keys=block_keys)
   b, s, hkv = 2, 128, 2
   lengths = [128, 57]
   idx, packed, qs, qmu = _inputs(1, b, s, hkv, g, d, bits, lengths)
@@ -60,7 +65,7 @@ def test_matches_reference(impl, interpret, bits, g, block_keys, d):
                         implementation="reference", **kw)
   # under jit, as the decode step runs it (XLA may fold rounding steps a caller makes)
   scan = jax.jit(lambda *a: api.index_scan(*a, implementation=impl, interpret=interpret,
-                                           block_keys=block_keys, **kw))
+                                           **tuning, **kw))
   got = scan(qs, qmu, packed.packed, packed.step, jnp.asarray(lengths))
   want, got = np.asarray(want), np.asarray(got)
   np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
@@ -125,6 +130,15 @@ def test_tensor_core_parts_hold_float32(jit):
   assert all(p.dtype == jnp.bfloat16 for p in parts)
   back = sum(p.astype(jnp.float32) for p in parts)
   assert np.all(np.abs(np.asarray(back - x)) <= 2.0**-24 * np.abs(np.asarray(x)))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the off-GPU refusal")
+def test_mosaic_scan_refuses_off_gpu_and_is_not_a_default():
+  idx, packed, qs, qmu = _inputs(0, 1, 128, 1, 4, 128, 4, [128])
+  with pytest.raises(NotImplementedError, match="Hopper GPU"):
+    api.index_scan(qs, qmu, packed.packed, packed.step, jnp.asarray([128]), scale=0.3,
+                   bits=4, group=4, implementation="mosaic_gpu")
+  assert "mosaic_gpu" not in api.default_implementations("gpu")
 
 
 def test_pack_refuses_bad_input():
