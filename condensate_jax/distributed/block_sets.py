@@ -73,7 +73,8 @@ def query_blocks_set(scores, q, k, q_positions, kv_lengths, lo, hi, offset, mask
   last = jnp.minimum(q_positions[:, :1, None] + jnp.minimum(i * p + p, t) - 1,
                      kv_lengths[:, None, None] - 1)
   has_mid = (j * p <= last - spec.window) & (j * p + p - 1 >= spec.anchor)   # [B,nq,nb]
-  chosen, _ = global_top(u, jnp.broadcast_to(has_mid[:, None], u.shape), spec.top_blocks,
+  # a block ranked -inf is not chosen (as prefill_lists drops it), even with slots left
+  chosen, _ = global_top(u, has_mid[:, None] & ~jnp.isneginf(u), spec.top_blocks,
                          seq_axis, n_seq, n_seq * nb)
   listed = chosen
   if spec.anchor:

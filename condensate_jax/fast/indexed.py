@@ -112,7 +112,11 @@ def _gather_keys(k, ids):
 def scan_estimates(q, index, kv_lengths, *, spec, scale, scan=None, **scan_kw):
   """Phase 1 alone (traceable, inputs as `indexed_decode_step`'s): est [B, K, G, S]
   float32, -inf where a key is not a middle key of the row's decode query. scan_kw: the
-  scan kernel's tuning (`pallas_kernels.index_scan.api.index_scan`'s kernel_kw)."""
+  scan kernel's tuning (`pallas_kernels.index_scan.api.index_scan`'s kernel_kw), for a
+  named scan only (the default chain's kernels take different tuning)."""
+  if scan_kw and scan is None:
+    raise ValueError(f"scan_kw={scan_kw!r}: kernel tuning needs a named scan (one of "
+                     f"{[x for x in SCANS if x]}), not scan=None.")
   b, _, hq, d = q.shape
   hkv = index.packed.shape[1]
   g = hq // hkv

@@ -56,22 +56,31 @@ def collective_bytes(config, s: int, b: int, n: int) -> dict[str, int]:
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_COLLECTIVE = re.compile(r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                         r"collective-permute|collective-broadcast)(-start)?\(")
-_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s+(all-gather|all-reduce|reduce-scatter|"
+                         r"(?:ragged-)?all-to-all|collective-permute|collective-broadcast)"
+                         r"(-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
 
 
 def compiled_collectives(hlo_text: str) -> dict[str, int]:
   """Bytes per device of the collectives in a compiled program's HLO text: each
   all-gather's and all-reduce's result (an async all-gather-start's tuple holds operands,
-  then results: the results counted), every other collective under "other"."""
+  then results: the results counted), every other collective under "other". A static
+  count: a collective inside a while loop's body counts once, not once per iteration
+  (the bench's "exact" and dense calls have none). ValueError on an element type it has
+  no size for."""
   out = {"gather": 0, "reduce": 0, "other": 0}
   for line in hlo_text.splitlines():
     m = _COLLECTIVE.search(line)
     if not m:
       continue
+    shapes = _SHAPE.findall(m.group(1))
+    unknown = sorted({dt for dt, _ in shapes if dt not in _DTYPE_BYTES})
+    if unknown:
+      raise ValueError(f"compiled_collectives: element types {unknown} in {m.group(1)!r} "
+                       f"have no size here (known: {sorted(_DTYPE_BYTES)}).")
     sizes = [_DTYPE_BYTES[dt] * int(np.prod([int(x) for x in dims.split(",") if x]))
-             for dt, dims in _SHAPE.findall(m.group(1))]
+             for dt, dims in shapes]
     if m.group(2) == "all-gather" and m.group(3):
       sizes = sizes[len(sizes) // 2:]
     kind = {"all-gather": "gather", "all-reduce": "reduce"}.get(m.group(2), "other")

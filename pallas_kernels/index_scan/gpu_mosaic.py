@@ -22,7 +22,7 @@ output tile.
 
 Needs a Hopper GPU (compute capability 9.0), S divisible by 128, Gp <= 8 a power of two
 and a packed width D' = D * bits / 8 in (32, 64, 128); NotImplementedError otherwise
-(api.py falls back to the Triton scans).
+(it is never a default, so no fallback: name another implementation there).
 
 Measured on an H200 (jax 0.11.2, 2026-12-04, `python -m experiments.bench.scan_bench`):
 the reference's -inf pattern and estimates to 4e-7 relative, the same top-C candidates on
@@ -124,8 +124,8 @@ def index_scan(qs, qmu, packed, step, kv_lengths, *, scale, bits, group, anchor,
   4 programs per multiprocessor: measured on an H200, SmolLM2's 8K shape ran 23.5 µs at
   4 tiles against 35.5 at 8, the 128K shape alike from 4 to 32). NotImplementedError
   where it can't run (module docstring; interpret=True
-  too: the GPU interpreter of JAX 0.10 has no layouts, no transposed refs and no
-  predicated copies, all of which this kernel uses). a_operand: "registers" (the codes go to
+  too: the GPU interpreter of the CPU machines' JAX 0.10.2 has no layouts, no transposed
+  refs and no predicated copies, all of which this kernel uses). a_operand: "registers" (the codes go to
   the tensor cores from registers) or "smem" (through a shared-memory tile)."""
   if a_operand not in ("registers", "smem"):
     raise ValueError(f"a_operand={a_operand!r}: expected 'registers' or 'smem'.")

@@ -226,6 +226,23 @@ def test_query_blocks_key_by_key_with_ties_across_shards():
   assert (sets != per_query).any()
 
 
+def test_query_blocks_skip_blocks_ranked_minus_inf():
+  """A ranking that overflows to -inf drops the block on one device (prefill_lists);
+  the mesh must not fill the free top_blocks slots with such blocks."""
+  rng = np.random.default_rng(0)
+  q = jnp.full((1, 4, 1, 4), 1e20, jnp.float32)
+  k = jnp.asarray(rng.uniform(0.5, 1, (1, 64, 1, 4)), jnp.float32).at[:, :48].set(-1e20)
+  v = jnp.asarray(rng.standard_normal((1, 64, 1, 4)), jnp.float32)
+  spec = cj.CondensateSpec(anchor=0, window=4, selection="blocks", block_size=4,
+                           top_blocks=5, query_blocks=True)
+  want = cj.condensate_attention(q, k, v, spec, return_stats=True)
+  got = dist.condensate_attention(q, k, v, spec, mesh=MESH_8, seq_axis="seq",
+                                  return_stats=True)
+  np.testing.assert_array_equal(np.asarray(got[1].set_size), np.asarray(want[1].set_size))
+  np.testing.assert_array_equal(np.asarray(got[1].keys_scored),
+                                np.asarray(want[1].keys_scored))
+
+
 BOUNDED = {
     # top_k 5 with 4-key blocks: the bound rule stops the loop early on some queries
     "bounded": cj.CondensateSpec(anchor=2, window=4, top_k=5, selection="bounded",

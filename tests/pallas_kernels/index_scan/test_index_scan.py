@@ -57,8 +57,20 @@ def test_matches_reference(impl, interpret, bits, g, block_keys, d):
   if impl == "mosaic_gpu" and d * bits // 8 not in (32, 64, 128):
     pytest.skip("packed width not 32, 64 or 128 bytes: the Mosaic GPU scan refuses it")
   tuning = {} if impl == "mosaic_gpu" else dict(block_keys=block_keys)
-  b, s, hkv = 2, 128, 2
-  lengths = [128, 57]
+  _check_scan(impl, interpret, bits, g, d, 128, [128, 57], tuning)
+
+
+# the Mosaic GPU scan over several tiles per program, 2-bit fields and padding rows
+@pytest.mark.parametrize("impl,interpret", MOSAIC)
+@pytest.mark.parametrize("bits,g,d,tiles", [(2, 3, 128, 2), (4, 3, 64, 4), (8, 2, 32, 8)])
+def test_mosaic_scan_over_tiles(impl, interpret, bits, g, d, tiles):
+  _check_scan(impl, interpret, bits, g, d, 1024, [1024, 700], dict(tiles=tiles))
+
+
+def _check_scan(impl, interpret, bits, g, d, s, lengths, tuning):
+  """impl's estimates against the reference, the XLA specification's and the float64
+  score within the index's rounding slack, on rows of kv lengths `lengths`."""
+  b, hkv = len(lengths), 2
   idx, packed, qs, qmu = _inputs(1, b, s, hkv, g, d, bits, lengths)
   kw = dict(scale=0.3, bits=bits, group=g, anchor=3, window=5)
   want = api.index_scan(qs, qmu, packed.packed, packed.step, jnp.asarray(lengths),
