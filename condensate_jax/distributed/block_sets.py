@@ -68,21 +68,15 @@ def query_blocks_set(scores, q, k, q_positions, kv_lengths, lo, hi, offset, mask
                                q.dtype)                                 # [B,Hq,nq,nb]
   nq = u.shape[2]
   j = offset // p + jnp.arange(nb)                                      # global blocks
-  i = jnp.arange(nq)[:, None]
-  first = q_positions[:, :1, None] + i * p                              # [B, nq, 1]
-  last = jnp.minimum(q_positions[:, :1, None] + jnp.minimum(i * p + p, t) - 1,
-                     kv_lengths[:, None, None] - 1)
-  has_mid = (j * p <= last - spec.window) & (j * p + p - 1 >= spec.anchor)   # [B,nq,nb]
+  band0, last = lists_lib.query_block_rows(q_positions[:, :1, None], jnp.arange(nq)[:, None],
+                                           p, t, kv_lengths[:, None, None], spec)  # [B,nq,1]
+  has_mid = lists_lib.holds_middle(j, last, p, spec)                    # [B,nq,nb]
   # a block ranked -inf is not chosen (as prefill_lists drops it), even with slots left
   chosen, _ = global_top(u, has_mid[:, None] & ~jnp.isneginf(u), spec.top_blocks,
                          seq_axis, n_seq, n_seq * nb)
-  listed = chosen
-  if spec.anchor:
-    listed = listed | (j < -(-spec.anchor // p))
-  if spec.window:
-    n_band = (p + spec.window - 2) // p + 2
-    band = jnp.maximum(first - spec.window + 1, 0) // p
-    listed = listed | ((j >= band) & (j < band + n_band) & (j <= last // p))[:, None]
+  n_anchor, n_band = lists_lib.static_block_counts(spec, p)
+  band = (j >= band0) & (j < band0 + n_band) & (j <= last // p)
+  listed = chosen | ((j < n_anchor) | band)[:, None]
   rows = jnp.arange(t) // p
   per_query = lambda x: x[:, :, rows].reshape(b, hkv, hq // hkv, t, nb)
   taken, listed = per_query(chosen), per_query(listed)                 # [B,K,G,T,nb]

@@ -48,6 +48,27 @@ def centre_ranking(qf, kf, dtype):
                     preferred_element_type=jnp.float32).reshape(b, hkv * g, nq, kf.shape[1])
 
 
+def static_block_counts(spec, p: int):
+  """(anchor blocks, window band blocks) listed for every query block of p rows."""
+  n_anchor = -(-spec.anchor // p) if spec.anchor else 0
+  n_band = (p + max(spec.window, 1) - 2) // p + 2 if spec.window else 0
+  return n_anchor, n_band
+
+
+def query_block_rows(off, i, p: int, t: int, n_keys, spec):
+  """(band0, last) of query blocks i (off, n_keys [B, 1, 1]: the first query's position
+  and the row's keys): the first block of the window band of each block's first row,
+  and its last row's position (clipped to the row's last key)."""
+  first = off + i * p
+  last = jnp.minimum(off + jnp.minimum(i * p + p, t) - 1, n_keys - 1)
+  return jnp.maximum(first - spec.window + 1, 0) // p, last
+
+
+def holds_middle(j, last, p: int, spec):
+  """Key blocks j holding a middle key of a query block whose last row sits at last."""
+  return (j * p <= last - spec.window) & (j * p + p - 1 >= spec.anchor)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "method", "chunk", "max_entries"))
 def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chunk=16,
                   max_entries=PREFILL_RANK_ENTRIES, q_offset=None, kv_lengths=None):
@@ -83,8 +104,7 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chun
   qf = query_block_centres(q, hkv, p)                                  # [B,nq,K,G,2D]
   kf = key_block_features(kmin, kmax, q.dtype)                          # [B, nk, K, 2D]
   m = min(spec.top_blocks, nk)
-  n_anchor = -(-spec.anchor // p) if spec.anchor else 0
-  n_band = (p + max(spec.window, 1) - 2) // p + 2 if spec.window else 0
+  n_anchor, n_band = static_block_counts(spec, p)
   j = jnp.arange(nk)[None, :]
 
   def lists(qf_c, i0):
@@ -92,13 +112,12 @@ def prefill_lists(q, k, spec, *, kmin=None, kmax=None, method="superblock", chun
     nc = qf_c.shape[1]
     u = centre_ranking(qf_c, kf, q.dtype)                                # [B,Hq,nc,nk]
     i = i0 + jnp.arange(nc)[:, None]                                      # [nc, 1]
-    last = jnp.minimum(off + jnp.minimum(i * p + p, t) - 1, n_keys - 1)   # [B, nc, 1]
-    first = off + i * p
-    has_mid = (j * p <= last - spec.window) & (j * p + p - 1 >= spec.anchor)
+    band0, last = query_block_rows(off, i, p, t, n_keys, spec)          # [B, nc, 1]
+    has_mid = holds_middle(j, last, p, spec)
     top_u, top = top_m(jnp.where(has_mid[:, None], u, NEG_INF), m, method, chunk)
     top = jnp.where(jnp.isneginf(top_u), -1, top)
     anchor = jnp.broadcast_to(jnp.arange(n_anchor), (b, nc, n_anchor))
-    band = jnp.maximum(first - spec.window + 1, 0) // p + jnp.arange(n_band)
+    band = band0 + jnp.arange(n_band)
     band = jnp.where(band <= last // p, band, -1)                         # [B, nc, nbd]
     static = jnp.concatenate([anchor, band], -1)
     static = jnp.broadcast_to(static[:, None], (b, hq) + static.shape[1:]).astype(jnp.int32)

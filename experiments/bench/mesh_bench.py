@@ -116,11 +116,12 @@ def run_row(config, n, s, b, spec):
       _out_of_memory_or_raise(err)
       row[f"{name}_s"], row[f"{name}_error"] = None, "out of memory"
       continue
-    compiled = compiled_collectives(jax.jit(fn).lower(q, k, v).compile().as_text())
-    row.update({f"{name}_compiled_{kind}_bytes": x for kind, x in compiled.items()})
+    program = jax.jit(fn).lower(q, k, v).compile()
+    row.update({f"{name}_compiled_{kind}_bytes": x
+                for kind, x in compiled_collectives(program.as_text()).items()})
     if s <= config.check_max_keys:
       try:    # the one-device reference may not fit where the sharded call does
-        got = jax.jit(fn)(q, k, v)
+        got = program(q, k, v)
         host = [jax.device_get(x) for x in (q, k, v)]
         want = (cj.dense_attention(*host) if name == "dense"
                 else cj.condensate_attention(*host, spec))
@@ -141,12 +142,15 @@ def table(rows) -> str:
   ms = lambda x: "OOM" if x is None else f"{1e3 * x:.3f}"
   err = lambda r, n: ("—" if f"{n}_max_abs_vs_one_device" not in r
                       else f"{r[f'{n}_max_abs_vs_one_device']:.1e}")
-  got = lambda r, kind, unit: ("—" if f"condensate_compiled_{kind}_bytes" not in r
-                               else f"{r[f'condensate_compiled_{kind}_bytes'] / unit:.{2 if unit > 1e3 else 1}f}")
+  def got(r, kind, unit, digits):
+    x = r.get(f"condensate_compiled_{kind}_bytes")
+    return "—" if x is None else f"{x / unit:.{digits}f}"
+
   body = [[str(r["devices"]), f"{r['keys'] // 1024}K", str(r["batch"]), ms(r["dense_s"]),
            ms(r["condensate_s"]), err(r, "dense"), err(r, "condensate"),
-           f"{r['gather_bytes'] / 1e6:.2f} / {got(r, 'gather', 1e6)}",
-           f"{r['merge_bytes'] / 1e3:.1f} / {got(r, 'reduce', 1e3)}", got(r, "other", 1e3)]
+           f"{r['gather_bytes'] / 1e6:.2f} / {got(r, 'gather', 1e6, 2)}",
+           f"{r['merge_bytes'] / 1e3:.1f} / {got(r, 'reduce', 1e3, 1)}",
+           got(r, "other", 1e3, 1)]
           for r in rows]
   return tables.markdown(["devices", "keys", "B", "dense ms", "condensate ms",
                           "dense vs 1 device", "condensate vs 1 device",
