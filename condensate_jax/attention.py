@@ -63,6 +63,15 @@ INDEXED_IMPLEMENTATIONS = types.MappingProxyType({"xla": "xla_indexed",
 BITWISE_DENSE = frozenset({"xla", "xla_masked", "pallas_select"})
 # Implementations added by outside code (`register_implementation`), exact specs only.
 REGISTERED: dict[str, Callable] = {}
+# Implementations that hold [B, Hq, T, S] scores (and, for a top-k, a sort of every row)
+# and choose each query's set from its own scores: a call runs them over chunks of
+# queries (`query_chunk`), so a long prompt's teacher-forced pass fits in memory. Every
+# query's operations are those of the unchunked call, on a slice of the inputs.
+CHUNKED = frozenset({"xla_masked", "xla_gathered", "xla_blocks", "xla_indexed",
+                     "pallas_select"})
+# query_chunk=None: the largest chunk whose scores have at most this many elements
+# (B * Hq * chunk * S; float32: 1 GiB per buffer). A call within it runs unchunked.
+QUERY_CHUNK_ELEMENTS = 2**28
 
 
 def register_implementation(name: str, fn: Callable) -> None:
@@ -86,6 +95,11 @@ def _load(target: str) -> Callable:
 
 def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
   """The function `implementation=` names for this spec; bad names -> ValueError."""
+  return _resolve(implementation, spec)[1]
+
+
+def _resolve(implementation, spec: CondensateSpec) -> tuple[str, Callable]:
+  """(resolved name, function) of `implementation=` for this spec."""
   if not isinstance(implementation, str):
     raise ValueError(f"implementation={implementation!r}: expected a str, one of "
                      f"{implementation_names()}.")
@@ -121,12 +135,12 @@ def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
                      f"index (selection='indexed', or 'certified' with bounds='index'), "
                      f"got selection={spec.selection!r}.")
   if name in REGISTERED:
-    return REGISTERED[name]
+    return name, REGISTERED[name]
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}: expected one of "
                      f"{implementation_names()}.")
   try:
-    return _load(IMPLEMENTATIONS[name])
+    return name, _load(IMPLEMENTATIONS[name])
   except ImportError as err:   # the Pallas implementations need jax.experimental.pallas
     raise ValueError(f"implementation={implementation!r}: {IMPLEMENTATIONS[name]} did not "
                      f"import ({type(err).__name__}: {err}); 'xla' needs no Pallas.") from err
@@ -134,7 +148,8 @@ def resolve_implementation(implementation, spec: CondensateSpec) -> Callable:
 
 def dense_attention(q, k, v, *, causal: bool = True, q_positions=None, kv_lengths=None,
                     sliding_window: Optional[int] = None,
-                    scale: Optional[float] = None) -> jax.Array:
+                    scale: Optional[float] = None,
+                    query_chunk: Optional[int] = None) -> jax.Array:
   """Softmax attention over every visible key.
 
   Args:
@@ -145,19 +160,72 @@ def dense_attention(q, k, v, *, causal: bool = True, q_positions=None, kv_length
     kv_lengths: [B] valid keys per row (a padded cache); default S.
     sliding_window: the model's own local-attention limit w: keys j > pos - w.
     scale: score scale; default 1/sqrt(D).
+    query_chunk: queries per chunk (int >= 1); None: the largest chunk within
+      `QUERY_CHUNK_ELEMENTS` scores (a call within it is one chunk). Chunking changes no
+      query's operations: the dense [B, Hq, T, S] scores are held a chunk at a time.
   Returns:
     [B, T, Hq, D] in q's dtype. Queries with no visible key get 0.
   """
   kv_lengths, q_positions, scale = validation.prepare(
       q, k, v, causal=causal, q_positions=q_positions, kv_lengths=kv_lengths,
       sliding_window=sliding_window, scale=scale)
+  chunk = query_chunk_size(query_chunk, q, k)
   window = validation.static_window(sliding_window, k.shape[1])
   bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
                                sliding_window=window)
-  out = xla_masked.dense(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v),
-                         q_positions, kv_lengths, causal=bool(causal),
-                         sliding_window=window, scale=scale)
+  k, v = finite.sanitize(k), finite.sanitize(v)
+  out = over_query_chunks(
+      lambda qc, pc: xla_masked.dense(qc, k, v, pc, kv_lengths, causal=bool(causal),
+                                      sliding_window=window, scale=scale),
+      finite.sanitize(q), q_positions, chunk, return_stats=False)
   return finite.poison(out, bad)
+
+
+def query_chunk_size(query_chunk, q, k, spec: Optional[CondensateSpec] = None) -> int:
+  """Queries per chunk of a call (module constants `CHUNKED`, `QUERY_CHUNK_ELEMENTS`):
+  `query_chunk` checked, or the budget's; never more than T. A spec with query_blocks
+  selects per block of block_size query rows: its chunks hold whole blocks."""
+  b, t, hq, _ = q.shape
+  if query_chunk is None:
+    chunk = max(1, QUERY_CHUNK_ELEMENTS // max(1, b * hq * k.shape[1]))
+  elif (isinstance(query_chunk, bool) or not isinstance(query_chunk, (int, np.integer))
+        or not 1 <= query_chunk <= INT32_MAX):
+    raise ValueError(f"query_chunk={query_chunk!r}: expected None (the "
+                     f"QUERY_CHUNK_ELEMENTS budget) or an int in [1, {INT32_MAX}].")
+  else:
+    chunk = int(query_chunk)
+  if spec is not None and spec.query_blocks:
+    chunk = max(spec.block_size, chunk - chunk % spec.block_size)
+  return max(1, min(chunk, t))
+
+
+def over_query_chunks(call: Callable, q, q_positions, chunk: int, *, return_stats: bool):
+  """call(q [B, c, Hq, D], q_positions [B, c]) -> out [B, c, Hq, D] (or (out, stats
+  [B, Hq, c] each)) over the queries `chunk` at a time: a `lax.map` over the whole
+  chunks, then one call for the rest, joined along T. The rest is never a single query
+  (a one-query call is a decode step to the block modes): it joins the last chunk."""
+  b, t = q.shape[:2]
+  n, rest = divmod(t, chunk)
+  if rest == 1 and chunk > 1:
+    n, rest = n - 1, chunk + 1
+  if n == 0 or (n == 1 and rest == 0):
+    return call(q, q_positions)
+  m = n * chunk
+  qs = q[:, :m].reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)
+  ps = q_positions[:, :m].reshape(b, n, chunk).swapaxes(0, 1)
+  mapped = jax.lax.map(lambda a: call(*a), (qs, ps))
+  outs = [(mapped[0] if return_stats else mapped).swapaxes(0, 1).reshape(
+      b, m, *q.shape[2:])]
+  # stats fields [n, B, Hq, chunk] -> [B, Hq, n * chunk]
+  fields = ([jnp.moveaxis(f, 0, 2).reshape(*f.shape[1:3], m) for f in mapped[1]]
+            if return_stats else [])
+  if rest:
+    tail = call(q[:, m:], q_positions[:, m:])
+    outs.append(tail[0] if return_stats else tail)
+    fields = [jnp.concatenate([f, g], axis=-1) for f, g in
+              zip(fields, tail[1] if return_stats else [])]
+  out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+  return (out, type(mapped[1])(*fields)) if return_stats else out
 
 
 def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
@@ -165,7 +233,7 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
                          sliding_window: Optional[int] = None,
                          scale: Optional[float] = None, implementation: str = "xla",
                          return_stats: bool = False, summaries=None, index=None,
-                         sizes=None):
+                         sizes=None, query_chunk: Optional[int] = None):
   """Attention restricted to each query's condensate set (DESIGN.md §1).
 
   Same arguments as `dense_attention`, plus:
@@ -186,9 +254,11 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
       (anchor = window = top_k = 0); None takes them from spec itself. A program spec
       plus sizes is what a model's compiled program receives (`LanguageModel`), so one
       program serves every size.
+    query_chunk: as in `dense_attention`; implementations in `CHUNKED` only (the Pallas
+      kernels hold no [T, S] scores and run whole).
   """
   check_spec(spec)
-  fn = resolve_implementation(implementation, spec)
+  name, fn = _resolve(implementation, spec)
   spec, kwargs = _split_sizes(spec, sizes)
   return_stats = validation.check_bool("return_stats", return_stats)
   kv_lengths, q_positions, scale = validation.prepare(
@@ -216,9 +286,20 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
   bad = finite.reads_nonfinite(q, k, v, q_positions, kv_lengths, causal=bool(causal),
                                sliding_window=window, summaries=summary_arrays,
                                bad_keys=extra_bad)
-  result = fn(finite.sanitize(q), finite.sanitize(k), finite.sanitize(v), q_positions,
-              kv_lengths, spec=spec, causal=bool(causal), sliding_window=window,
-              scale=scale, return_stats=return_stats, **kwargs)
+  k, v = finite.sanitize(k), finite.sanitize(v)
+  chunk = query_chunk_size(query_chunk, q, k, spec)
+  if name not in CHUNKED:
+    chunk = q.shape[1]
+  elif chunk < q.shape[1]:    # build the structure once, not once per chunk
+    if spec.uses_index and "index" not in kwargs:
+      kwargs["index"] = index_lib.build(k, kv_lengths, spec.index_bits)
+    if spec.uses_blocks and "summaries" not in kwargs:
+      kwargs["summaries"] = summaries_lib.build(k, kv_lengths, spec.block_size)
+  result = over_query_chunks(
+      lambda qc, pc: fn(qc, k, v, pc, kv_lengths, spec=spec, causal=bool(causal),
+                        sliding_window=window, scale=scale, return_stats=return_stats,
+                        **kwargs),
+      finite.sanitize(q), q_positions, chunk, return_stats=return_stats)
   return finite.poison_result(result, bad, return_stats)
 
 

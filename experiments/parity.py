@@ -9,7 +9,12 @@ every parity level of DESIGN.md §1 (condensate_jax.metrics). One results.jsonl 
 grid point x prompt (plus one "dense" row per prompt holding the reference tokens).
 
 A covers-everything point (budget >= prompt length + N) is always added: it must be
-bitwise equal to dense (logits and tokens) or the run stops with `GateFailure`.
+bitwise equal to dense (logits and tokens) or the run stops with `GateFailure`. Its logits
+come from the program a user runs, without stats outputs (`lm.hidden(..,
+return_stats=False)`): with them XLA may fuse the layer ops around attention differently
+(measured: Gemma 3 on an H200, where one attention call is bitwise either way); the
+stats program's own bitwise fraction and largest logit difference stay in the row
+(`stats_program_*`).
 
 Block-summary selection (DESIGN.md §4): attention.selection / block_size / top_blocks /
 epsilon set the selection of every non-gate point; when any of them is a tuple they are
@@ -181,10 +186,16 @@ def condensate_row(lm, ref: DenseReference, point: grid.GridPoint, config,
                             return_stats=True)
   hidden = hidden[0]
   parity = lm.hidden_parity(ref.hidden, hidden)
+  with_stats = {}
+  if point.covering:     # the gate reads the program without stats outputs (module doc)
+    with_stats = {f"stats_program_{k}": parity[k]
+                  for k in ("bitwise_frac", "max_abs_logit_diff")}
+    hidden = lm.hidden(ref.full, attention=spec, implementation=impl)[0]
+    parity = lm.hidden_parity(ref.hidden, hidden)
   seconds = time.perf_counter() - start
   greedy = metrics.greedy_match(ref.generated, generated)
   row = {"kind": "condensate", "point": dataclasses.asdict(point), "budget": point.budget,
-         **parity,
+         **parity, **with_stats,
          **{f"greedy_{k}": v for k, v in greedy.items()},
          **metrics.attention_summary(stats), "tokens": generated.tolist(),
          "seconds": seconds, "decoding": "sampled" if sampling else "greedy"}

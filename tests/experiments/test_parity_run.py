@@ -263,3 +263,39 @@ def test_sampled_parity_run_on_a_real_model(tmp_path):
   config.generate.temperature = -0.5
   with pytest.raises(Exception, match="generate.temperature=-0.5"):
     parity.run(config, tmp_path / "bad", progress=False)
+
+
+def _nudged_with_stats(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window,
+                       scale, return_stats):
+  """The masked path, off by 1e-3 only in the program that returns stats."""
+  res = attention_lib.resolve_implementation("xla_masked", spec)(
+      q, k, v, q_positions, kv_lengths, spec=spec, causal=causal,
+      sliding_window=sliding_window, scale=scale, return_stats=return_stats)
+  return (res[0] * (1 + 1e-3), res[1]) if return_stats else res
+
+
+def test_gate_reads_the_program_without_stats(tmp_path, monkeypatch):
+  """The covering row's logits (bitwise_frac, the gate) come from the no-stats program;
+  the stats program's own bits are recorded beside them."""
+  monkeypatch.setitem(attention_lib.REGISTERED, "stats_nudged_for_test", _nudged_with_stats)
+  config = cli.load_config("smoke.py")
+  config.attention.implementation = "stats_nudged_for_test"
+  config.prompts.num = 1
+  config.plots = False
+  parity.run(config, tmp_path, progress=False)    # the registry's tiny-random model
+  covering = [r for r in _rows(tmp_path) if r.get("kind") == "condensate" and r["covers"]]
+  assert covering and all(r["exact"] and r["bitwise_frac"] == 1.0 for r in covering)
+  assert all(r["stats_program_bitwise_frac"] < 1.0 for r in covering)
+  assert all(r["stats_program_max_abs_logit_diff"] > 0 for r in covering)
+
+
+def test_gate_holds_with_attention_over_query_chunks(tmp_path, monkeypatch):
+  """A budget that chunks every teacher-forced and prefill call (dense and condensate
+  alike) keeps the covering point bitwise dense on the registry model."""
+  monkeypatch.setattr(attention_lib, "QUERY_CHUNK_ELEMENTS", 64)
+  config = cli.load_config("smoke.py")
+  config.prompts.num = 1
+  config.plots = False
+  parity.run(config, tmp_path, progress=False)
+  covering = [r for r in _rows(tmp_path) if r.get("kind") == "condensate" and r["covers"]]
+  assert covering and all(r["exact"] and r["bitwise_frac"] == 1.0 for r in covering)
