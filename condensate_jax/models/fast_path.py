@@ -131,21 +131,9 @@ def dense_decode(q, k, v, kv_lengths, *, scale, sliding_window=None):
 PREFILL_CHUNK = 1024
 
 
-def chunked_prefill(fn, q, chunk=None):
-  """Causal self-attention of a call's T queries (positions 0..T-1) `chunk` queries at a
-  time (None: PREFILL_CHUNK): fn(q_chunk [B, c, Hq, D], positions [B, c]) -> out
-  [B, c, Hq, D]. The last chunk is padded with copies of the last query (outputs
-  dropped)."""
-  chunk = chunk or PREFILL_CHUNK
-  b, t = q.shape[:2]
-  if t <= chunk:
-    return fn(q, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-  n = -(-t // chunk)
-  pos = jnp.minimum(jnp.arange(n * chunk, dtype=jnp.int32), t - 1)
-  qs = jnp.take(q, pos, axis=1).reshape((b, n, chunk) + q.shape[2:]).swapaxes(0, 1)
-  ps = jnp.broadcast_to(pos.reshape(n, 1, chunk), (n, b, chunk))
-  out = jax.lax.map(lambda xs: fn(*xs), (qs, ps))                       # [n, B, c, Hq, D]
-  return out.swapaxes(0, 1).reshape((b, n * chunk) + out.shape[3:])[:, :t]
+def _positions(q):
+  """[B, T] positions 0..T-1 of a call's queries (a prefill of an empty cache)."""
+  return jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
 
 
 def dense_prefill(q, k, v, *, scale, sliding_window=None):
@@ -160,8 +148,10 @@ def dense_prefill(q, k, v, *, scale, sliding_window=None):
     except NotImplementedError:    # a shape this cuDNN does not take: XLA below
       pass
   lengths = jnp.full((b,), t, jnp.int32)
-  return chunked_prefill(lambda qc, pos: xla_masked.dense(
-      qc, k, v, pos, lengths, causal=True, sliding_window=sliding_window, scale=scale), q)
+  return attention_lib.over_query_chunks(
+      lambda qc, pos: xla_masked.dense(qc, k, v, pos, lengths, causal=True,
+                                       sliding_window=sliding_window, scale=scale),
+      q, _positions(q), min(PREFILL_CHUNK, t), return_stats=False)
 
 
 def prefill_implementation(spec) -> str:
@@ -183,9 +173,9 @@ def spec_prefill(q, k, v, spec, kv_lengths, *, scale, implementation=None):
   if spec.uses_index:
     extra["index"] = index_lib.build(k, kv_lengths, spec.index_bits)
   implementation = implementation or prefill_implementation(spec)
-  return chunked_prefill(lambda qc, pos: attention_lib.condensate_attention(
-      qc, k, v, spec, q_positions=pos, kv_lengths=kv_lengths, scale=scale,
-      implementation=implementation, **extra), q)
+  return attention_lib.condensate_attention(
+      q, k, v, spec, q_positions=_positions(q), kv_lengths=kv_lengths, scale=scale,
+      implementation=implementation, query_chunk=PREFILL_CHUNK, **extra)
 
 
 def attend(ctx, spec, q, k_new, v_new, keys, values, structure, *, scale, sliding_window):
