@@ -70,7 +70,8 @@ REGISTERED: dict[str, Callable] = {}
 CHUNKED = frozenset({"xla_masked", "xla_gathered", "xla_blocks", "xla_indexed",
                      "pallas_select"})
 # query_chunk=None: the largest chunk whose scores have at most this many elements
-# (B * Hq * chunk * S; float32: 1 GiB per buffer). A call within it runs unchunked.
+# (B * Hq * chunk * S; float32: 1 GiB per buffer). A call within it runs unchunked. Read
+# when a program is traced: programs compiled before a change keep their chunks.
 QUERY_CHUNK_ELEMENTS = 2**28
 
 
@@ -181,10 +182,9 @@ def dense_attention(q, k, v, *, causal: bool = True, q_positions=None, kv_length
   return finite.poison(out, bad)
 
 
-def query_chunk_size(query_chunk, q, k, spec: Optional[CondensateSpec] = None) -> int:
+def query_chunk_size(query_chunk, q, k) -> int:
   """Queries per chunk of a call (module constants `CHUNKED`, `QUERY_CHUNK_ELEMENTS`):
-  `query_chunk` checked, or the budget's; never more than T. A spec with query_blocks
-  selects per block of block_size query rows: its chunks hold whole blocks."""
+  `query_chunk` checked, or the budget's; never more than T."""
   b, t, hq, _ = q.shape
   if query_chunk is None:
     chunk = max(1, QUERY_CHUNK_ELEMENTS // max(1, b * hq * k.shape[1]))
@@ -194,8 +194,6 @@ def query_chunk_size(query_chunk, q, k, spec: Optional[CondensateSpec] = None) -
                      f"QUERY_CHUNK_ELEMENTS budget) or an int in [1, {INT32_MAX}].")
   else:
     chunk = int(query_chunk)
-  if spec is not None and spec.query_blocks:
-    chunk = max(spec.block_size, chunk - chunk % spec.block_size)
   return max(1, min(chunk, t))
 
 
@@ -213,6 +211,9 @@ def over_query_chunks(call: Callable, q, q_positions, chunk: int, *, return_stat
   m = n * chunk
   qs = q[:, :m].reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)
   ps = q_positions[:, :m].reshape(b, n, chunk).swapaxes(0, 1)
+  # not checkpointed: jax.checkpoint changed XLA's fusion of the chunk (dense and a
+  # covering spec then differed in bits). A backward pass keeps every chunk's residuals:
+  # chunking saves memory in forward passes (inference, parity), not in training.
   mapped = jax.lax.map(lambda a: call(*a), (qs, ps))
   outs = [(mapped[0] if return_stats else mapped).swapaxes(0, 1).reshape(
       b, m, *q.shape[2:])]
@@ -255,7 +256,7 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
       plus sizes is what a model's compiled program receives (`LanguageModel`), so one
       program serves every size.
     query_chunk: as in `dense_attention`; implementations in `CHUNKED` only (the Pallas
-      kernels hold no [T, S] scores and run whole).
+      kernels hold no [T, S] scores and run whole), and not for query_blocks specs.
   """
   check_spec(spec)
   name, fn = _resolve(implementation, spec)
@@ -287,8 +288,10 @@ def condensate_attention(q, k, v, spec: CondensateSpec, *, causal: bool = True,
                                sliding_window=window, summaries=summary_arrays,
                                bad_keys=extra_bad)
   k, v = finite.sanitize(k), finite.sanitize(v)
-  chunk = query_chunk_size(query_chunk, q, k, spec)
-  if name not in CHUNKED:
+  chunk = query_chunk_size(query_chunk, q, k)
+  if name not in CHUNKED or spec.query_blocks:
+    # query_blocks lists are built per block of the call's rows at positions q_positions
+    # [:, 0] + row: a chunk would move that origin (and split blocks); they run whole
     chunk = q.shape[1]
   elif chunk < q.shape[1]:    # build the structure once, not once per chunk
     if spec.uses_index and "index" not in kwargs:

@@ -4,6 +4,7 @@ fake_lm.py) that calls the real attention library."""
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -265,34 +266,44 @@ def test_sampled_parity_run_on_a_real_model(tmp_path):
     parity.run(config, tmp_path / "bad", progress=False)
 
 
-def _nudged_with_stats(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window,
-                       scale, return_stats):
-  """The masked path, off by 1e-3 only in the program that returns stats."""
-  res = attention_lib.resolve_implementation("xla_masked", spec)(
-      q, k, v, q_positions, kv_lengths, spec=spec, causal=causal,
-      sliding_window=sliding_window, scale=scale, return_stats=return_stats)
-  return (res[0] * (1 + 1e-3), res[1]) if return_stats else res
+def _stats_nudged(rel):
+  def fn(q, k, v, q_positions, kv_lengths, *, spec, causal, sliding_window, scale,
+         return_stats):
+    """The masked path, off by `rel` only in the program that returns stats."""
+    res = attention_lib.resolve_implementation("xla_masked", spec)(
+        q, k, v, q_positions, kv_lengths, spec=spec, causal=causal,
+        sliding_window=sliding_window, scale=scale, return_stats=return_stats)
+    return (res[0] * (1 + rel), res[1]) if return_stats else res
+  return fn
 
 
 def test_gate_reads_the_program_without_stats(tmp_path, monkeypatch):
-  """The covering row's logits (bitwise_frac, the gate) come from the no-stats program;
-  the stats program's own bits are recorded beside them."""
-  monkeypatch.setitem(attention_lib.REGISTERED, "stats_nudged_for_test", _nudged_with_stats)
+  """The covering row's logits (bitwise_frac) come from the no-stats program; the stats
+  program's own bits are recorded beside them and must match dense to float rounding:
+  a rounding-size difference there passes, a 1e-2 one fails the gate."""
   config = cli.load_config("smoke.py")
-  config.attention.implementation = "stats_nudged_for_test"
   config.prompts.num = 1
   config.plots = False
-  parity.run(config, tmp_path, progress=False)    # the registry's tiny-random model
-  covering = [r for r in _rows(tmp_path) if r.get("kind") == "condensate" and r["covers"]]
+  monkeypatch.setitem(attention_lib.REGISTERED, "stats_nudged_for_test", _stats_nudged(1e-6))
+  config.attention.implementation = "stats_nudged_for_test"
+  parity.run(config, tmp_path / "ulp", progress=False)    # the registry's tiny-random model
+  covering = [r for r in _rows(tmp_path / "ulp") if r.get("kind") == "condensate"
+              and r["covers"]]
   assert covering and all(r["exact"] and r["bitwise_frac"] == 1.0 for r in covering)
   assert all(r["stats_program_bitwise_frac"] < 1.0 for r in covering)
   assert all(r["stats_program_max_abs_logit_diff"] > 0 for r in covering)
+  # another name: the model's compiled programs are keyed by the implementation's name
+  monkeypatch.setitem(attention_lib.REGISTERED, "stats_broken_for_test", _stats_nudged(1e-2))
+  config.attention.implementation = "stats_broken_for_test"
+  with pytest.raises(GateFailure):
+    parity.run(config, tmp_path / "broken", progress=False)
 
 
 def test_gate_holds_with_attention_over_query_chunks(tmp_path, monkeypatch):
   """A budget that chunks every teacher-forced and prefill call (dense and condensate
   alike) keeps the covering point bitwise dense on the registry model."""
   monkeypatch.setattr(attention_lib, "QUERY_CHUNK_ELEMENTS", 64)
+  jax.clear_caches()     # the budget is read when a program is traced
   config = cli.load_config("smoke.py")
   config.prompts.num = 1
   config.plots = False

@@ -60,6 +60,30 @@ def test_a_learnable_task_is_learnt_under_condensate_attention():
 
 
 @pytest.mark.parametrize("spec", [
+    cj.CondensateSpec(anchor=2, window=4, top_k=40),
+    cj.CondensateSpec(anchor=2, window=4, selection="blocks", block_size=8, top_blocks=8),
+    cj.CondensateSpec(anchor=2, window=4, top_k=40, selection="indexed", candidates=40),
+    cj.CondensateSpec(anchor=2, window=4, top_k=40, selection="bounded", block_size=8),
+], ids=["exact", "blocks", "indexed", "bounded"])
+def test_gradients_with_a_covering_set_are_dense_gradients(spec):
+  """Where every set covers every visible key, each mode's backward pass (custom VJPs
+  over the selection loops included) must give dense attention's gradient for every
+  parameter: a missing or zeroed piece of it fails here, which no finite difference
+  along the gradient itself can see."""
+  fn = functional.Functional(tiny_random("llamalike", seed=3))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 41)), jnp.int32)
+  grad = lambda attention: jax.grad(lambda p: jnp.mean(functional.nll_rows(
+      fn.logits(p, tokens[:, :-1], attention), tokens[:, 1:])))(fn.params)
+  dense, cond = grad(None), grad(spec)
+  for (path, d), c in zip(jax.tree_util.tree_flatten_with_path(dense)[0],
+                          jax.tree.leaves(cond)):
+    scale = float(jnp.max(jnp.abs(d)))
+    assert scale > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(np.asarray(c), np.asarray(d), rtol=0, atol=1e-4 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("spec", [
     SPEC,
     cj.CondensateSpec(anchor=2, window=4, selection="blocks", block_size=8, top_blocks=2),
     cj.CondensateSpec(anchor=2, window=4, top_k=4, selection="indexed"),
