@@ -145,15 +145,14 @@ def gate_passes(row, greedy, implementation: str, dtype: str, dense_scale: float
   dense to that float tolerance in either case."""
   if not greedy["exact"]:
     return False
+  within_rounding = lambda diff: float(diff) <= GATE_RTOL[dtype] * float(dense_scale)
   # the stats program (every other row's statistics come from it): float rounding
   stats_diff = row.get("stats_program_max_abs_logit_diff")
-  if stats_diff is not None and not float(stats_diff) <= GATE_RTOL[dtype] * float(
-      dense_scale):
+  if stats_diff is not None and not within_rounding(stats_diff):
     return False
   if implementation in cj.attention.BITWISE_DENSE:
     return row["bitwise_frac"] == 1.0
-  diff = float(row["max_abs_logit_diff"])
-  return diff <= GATE_RTOL[dtype] * float(dense_scale)
+  return within_rounding(row["max_abs_logit_diff"])
 
 
 # Implementations that run a spec with top_k_capacity (one compiled program per grid).
